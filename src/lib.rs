@@ -1,0 +1,22 @@
+//! kflash's Rust core, compiled as the Python extension `kflash._core`.
+//!
+//! Domain modules are plain Rust and never touch pyo3; `py/` is the only layer that does.
+//! - `process`: running external commands safely (process groups, deadlines, output tails).
+//!
+//! The `#[pymodule]` below only declares what Python sees; the classes and functions live in
+//! `py/`.
+
+pub mod process;
+pub mod py;
+
+use pyo3::prelude::*;
+
+/// kflash's native core: build and flash every MCU of a Klipper printer.
+#[pymodule]
+mod _core {
+    #[pymodule_export]
+    use crate::py::errors::{
+        BuildError, CommandTimeout, ConfigError, DeviceNotFound, FlashError, KflashError,
+        PreflightRefused, RegistryError, ServiceError,
+    };
+}
