@@ -1,11 +1,13 @@
 //! kflash's Rust core, compiled as the Python extension `kflash._core`.
 //!
 //! Domain modules are plain Rust and never touch pyo3; `py/` is the only layer that does.
+//! - `events`: typed progress events and the one callback they go through.
 //! - `process`: running external commands safely (process groups, deadlines, output tails).
 //!
 //! The `#[pymodule]` below only declares what Python sees; the classes and functions live in
 //! `py/`.
 
+pub mod events;
 pub mod process;
 pub mod py;
 
