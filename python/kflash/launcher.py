@@ -308,6 +308,7 @@ def launch(python, home, only_outdated=False, device=None, method="auto",
     """
     env = dict(os.environ if env is None else env)
     env["KFLASH_HOME"] = str(home)
+    os.makedirs(str(home), exist_ok=True)
     argv = helper_argv(python, home, only_outdated, device, run_id)
     tried = []
     methods = choose(method, env)
