@@ -513,7 +513,10 @@ class KflashExtra:
     cmd_KFLASH_help = "Build and flash one MCU: KFLASH DEVICE=<key>"
 
     def cmd_KFLASH(self, gcmd):
-        device = gcmd.get("DEVICE")
+        device = gcmd.get("DEVICE", "").strip()
+        if not device:
+            raise gcmd.error("kflash: KFLASH needs DEVICE=<key> (KFLASH_PLAN "
+                             "lists the keys)")
         self._start_run(gcmd, False, device)
 
     cmd_KFLASH_STATUS_help = "Show the current or last kflash run"

@@ -215,3 +215,22 @@ def test_next_start_reports_an_interrupted_run_and_closes_dialog(
         k.wait_line(lambda s: "last run 20260101T000000Z-1" in s)
         assert not any(s.startswith("!!") for s in k.lines())
         assert kflash_status(k)["last_result"]["interrupted"] is True
+
+
+def test_macros_of_kflash_cfg_load_and_call_the_commands(tmp_path, home):
+    cfg = printer_cfg(tmp_path, home,
+                      f"[include {REPO / 'config' / 'kflash.cfg'}]\n")
+    with Klippy(tmp_path / "k", cfg) as k:
+        st = k.query({"gcode_macro KFLASH_UPDATE_ALL": None,
+                      "gcode_macro KFLASH_SHOW_PLAN": None})
+        assert set(st) == {"gcode_macro KFLASH_UPDATE_ALL",
+                           "gcode_macro KFLASH_SHOW_PLAN"}
+        assert k.gcode("KFLASH_LAST_RUN") is None
+        k.wait_line(lambda s: "no flash run yet" in s)
+        err = k.gcode("KFLASH_UPDATE_DEVICE")
+        assert err and "needs DEVICE=<key>" in err
+        err = k.gcode("KFLASH_UPDATE_DEVICE DEVICE=nope")
+        assert err and "unknown device 'nope'" in err
+        assert k.gcode("TEST_PRINT_STATE STATE=printing") is None
+        err = k.gcode("KFLASH_UPDATE_ALL")
+        assert err and "printing" in err
