@@ -353,6 +353,8 @@ def run(home, only_outdated=False, device=None, run_id=None,
                                   yes=True, on_event=progress)
         code = _exit_code_for(result)
     except Interrupted as e:
+        # the engine re-raises what interrupted it with the run's report
+        result = getattr(e, "report", None)
         interrupted = True
         error = f"the run was interrupted ({e})"
         hint = ("klipper was started again; run KFLASH_PLAN to see where "
@@ -362,6 +364,7 @@ def run(home, only_outdated=False, device=None, run_id=None,
         import kflash
 
         error = f"{type(e).__name__}: {e}"
+        result = getattr(e, "report", None)
         hint = getattr(e, "hint", None)
         code = _error_exit_code(e, kflash)
     finally:
