@@ -97,6 +97,7 @@ class KflashExtra:
         self.close_stale_prompt = False
         self.launching = False
         self.offset = 0
+        self.last_relayed = None
         self.last_result = None
         self.status = {}
         self.timer = None
@@ -282,6 +283,11 @@ class KflashExtra:
         if not msg:
             return
         dev = ev.get("device")
+        # progress-only repeats (same stage, device and message) stay quiet
+        key = (ev.get("stage"), dev, msg)
+        if key == self.last_relayed:
+            return
+        self.last_relayed = key
         text = "kflash {}{}: {}".format(ev.get("stage") or "",
                                     " " + dev if dev else "", _text(msg))
         if ev.get("level") == "error":
@@ -432,12 +438,13 @@ class KflashExtra:
         why = self._refusal(self.reactor.monotonic())
         if why:
             raise gcmd.error("kflash: refused: " + why)
-        if not os.path.exists(os.path.join(self.home, "devices.json")):
+        keys = self._registered_keys()
+        if not keys and (keys is not None or not os.path.exists(
+                os.path.join(self.home, "devices.json"))):
             raise gcmd.error(
                 f"kflash: no devices registered in {self.home}: add them with "
                 "`kflash devices import ~/printer_data/config/printer.cfg`"
                 " or `kflash devices add`")
-        keys = self._registered_keys()
         if device is not None:
             if not KEY_RE.match(device):
                 raise gcmd.error(f"kflash: invalid device key {device!r}")

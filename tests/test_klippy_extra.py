@@ -65,7 +65,9 @@ def home(tmp_path):
     h.mkdir()
     # a registry the extra accepts; the engine validates it for real
     (h / "devices.json").write_text(json.dumps(
-        {"version": 1, "devices": {"mcu": {"serial": "/dev/null"}}}))
+        {"version": 1, "settings": {}, "devices": [
+            {"key": "mcu", "identity": {"type": "serial",
+                                        "path": "/dev/null"}}]}))
     return h
 
 
@@ -148,6 +150,9 @@ def test_validates_device_and_registry(klippy, home):
     assert err and "unknown device 'EBB36'" in err and "mcu" in err
     err = klippy.gcode("KFLASH")
     assert err and "DEVICE" in err
+    (home / "devices.json").write_text('{"version": 1, "devices": []}')
+    err = klippy.gcode("KFLASH_ALL")
+    assert err and "no devices registered" in err
     (home / "devices.json").unlink()
     err = klippy.gcode("KFLASH_ALL")
     assert err and "no devices registered" in err
