@@ -96,7 +96,7 @@ class KflashExtra:
         self.launched_at = None
         self.close_stale_prompt = False
         self.launching = False
-        self.offset = 0
+        self.cursor = None
         self.last_relayed = None
         self.last_result = None
         self.status = {}
@@ -161,11 +161,14 @@ class KflashExtra:
                 and self.files.interrupted_run() is None):
             # klippy was started again by a helper that is still verifying
             self.run_id = st.get("run_id")
-            events, self.offset = self.files.read_events(0)
+            events, self.cursor = self.files.read_events(None)
             for ev in events:
                 self._apply_event(ev)
             if self.state not in ACTIVE:
                 self.state = VERIFYING
+        else:
+            # an old run's events are history: the summary covers them
+            self.cursor = self.files.end_cursor()
         self._publish()
         # Everything said now must reach Moonraker's console, which only
         # subscribes after it sees klippy ready: wait for the subscriber.
@@ -207,7 +210,7 @@ class KflashExtra:
             if code is not None:
                 self.process = None
                 self.exit_code = code
-        events, self.offset = self.files.read_events(self.offset)
+        events, self.cursor = self.files.read_events(self.cursor)
         for ev in events:
             if self.run_id and ev.get("run_id") not in (None, self.run_id):
                 continue
@@ -225,10 +228,12 @@ class KflashExtra:
             return self.reactor.NEVER
         if self.launching:
             return eventtime + self.poll_interval
-        if (self.process is None
-                and self.files.interrupted_run() is not None):
-            self._post_interrupted()
-            return self.reactor.NEVER
+        stale = self.files.interrupted_run()
+        if stale is not None and self.process is None:
+            ours = self.run_id in (None, stale.get("run_id"))
+            self._post_interrupted(stale, ours)
+            if ours:
+                return self.reactor.NEVER
         if self.state in ACTIVE:
             why = self._helper_never_started(eventtime)
             if why:
@@ -306,10 +311,8 @@ class KflashExtra:
         self.process = None
         self._publish()
 
-    def _post_interrupted(self):
-        st = self.files.interrupted_run()
-        if st is None:
-            return
+    def _post_interrupted(self, st, ours):
+        """Report a run whose helper died without a report (once)."""
         rep = {
             "version": 1, "run_id": st.get("run_id"), "ok": False,
             "exit_code": 1, "interrupted": True,
@@ -321,11 +324,10 @@ class KflashExtra:
                     "KFLASH_ALL again; the details are in "
                     f"{self.files.progress}",
         }
-        kflash_helper.write_json_atomic(self.files.report, rep)
-        st = dict(st, state="interrupted")
-        kflash_helper.write_json_atomic(self.files.status, st)
-        self.run_id = rep["run_id"]
-        self._finish(rep)
+        if ours:
+            kflash_helper.write_json_atomic(self.files.report, rep)
+            self.run_id = rep["run_id"]
+            self._finish(rep)
         self._post_report(rep)
         self.files.mark_posted(rep["run_id"])
 
@@ -462,7 +464,7 @@ class KflashExtra:
         self.progress = 0.0
         self.device = device
         self.message = "starting the helper"
-        self.offset = 0
+        self.cursor = self.files.end_cursor()
         self._publish()
         what = (f"device {device}" if device else
                 "every outdated MCU" if only_outdated else "every MCU")

@@ -71,8 +71,9 @@ def test_a_run_leaves_progress_status_and_report(run):
     assert st["state"] == "finished" and st["exit_code"] == 0
     # readers see the same through RunFiles
     files = helper.RunFiles(home)
-    evs, off = files.read_events(0)
-    assert len(evs) == 4 and off == files.progress_size()
+    evs, cur = files.read_events(None)
+    assert len(evs) == 4 and cur == files.end_cursor()
+    assert files.read_events(cur) == ([], cur)
     assert files.busy() is None and files.interrupted_run() is None
 
 

@@ -160,24 +160,27 @@ class RunFiles:
         """report.json as a dict, or None."""
         return _read_json(self.report)
 
-    def read_events(self, offset):
-        """New complete JSON lines of progress.jsonl from byte ``offset``.
+    def read_events(self, cursor=None):
+        """New complete JSON lines of progress.jsonl after ``cursor``.
 
-        Returns ``(events, new_offset)``; a partly written last line is left
-        for the next call; a file that shrank (a new run) is read from 0.
+        ``cursor`` is ``(inode, offset)`` from an earlier call or
+        ``end_cursor()``, or None for the start of the file. Returns
+        ``(events, new_cursor)``; a partly written last line is left for the
+        next call; a new file (a new run: new inode) is read from its start.
         """
         try:
             with open(self.progress, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                if size < offset:
-                    offset = 0
+                st = os.fstat(f.fileno())
+                offset = 0
+                if cursor is not None and cursor[0] == st.st_ino:
+                    offset = min(cursor[1], st.st_size)
                 f.seek(offset)
-                data = f.read(max(0, size - offset))
+                data = f.read(max(0, st.st_size - offset))
         except OSError:
-            return [], offset
+            return [], cursor
         end = data.rfind(b"\n")
         if end < 0:
-            return [], offset
+            return [], (st.st_ino, offset)
         events = []
         for line in data[:end].split(b"\n"):
             try:
@@ -186,13 +189,15 @@ class RunFiles:
                 continue
             if isinstance(ev, dict):
                 events.append(ev)
-        return events, offset + end + 1
+        return events, (st.st_ino, offset + end + 1)
 
-    def progress_size(self):
+    def end_cursor(self):
+        """A cursor past everything progress.jsonl holds now."""
         try:
-            return os.path.getsize(self.progress)
+            st = os.stat(self.progress)
         except OSError:
-            return 0
+            return None
+        return (st.st_ino, st.st_size)
 
     def _lock_held(self, path):
         try:
@@ -238,6 +243,8 @@ class RunFiles:
         rep = self.read_report()
         if rep and rep.get("run_id") == st.get("run_id"):
             return None
+        if self.read_posted() == st.get("run_id"):
+            return None  # already reported as interrupted
         return st
 
     def read_posted(self):
@@ -261,6 +268,11 @@ class _Progress:
     def __init__(self, path, run_id):
         self._lock = threading.Lock()
         self._run_id = run_id
+        # a new file (new inode) per run: readers notice the new run
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
         self._f = open(path, "w", encoding="utf-8")
 
     def __call__(self, ev):
