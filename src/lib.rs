@@ -8,6 +8,7 @@
 //! `py/`.
 
 pub mod events;
+pub mod flash;
 pub mod process;
 pub mod py;
 
