@@ -9,6 +9,7 @@
 
 pub mod events;
 pub mod flash;
+pub mod pipeline;
 pub mod process;
 pub mod py;
 
