@@ -7,9 +7,11 @@
 //! The `#[pymodule]` below only declares what Python sees; the classes and functions live in
 //! `py/`.
 
+pub mod discovery;
 pub mod events;
 pub mod process;
 pub mod py;
+pub mod registry;
 
 use pyo3::prelude::*;
 
