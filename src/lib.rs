@@ -7,11 +7,13 @@
 //! The `#[pymodule]` below only declares what Python sees; the classes and functions live in
 //! `py/`.
 
+pub mod discovery;
 pub mod events;
 pub mod flash;
 pub mod pipeline;
 pub mod process;
 pub mod py;
+pub mod registry;
 
 use pyo3::prelude::*;
 

@@ -8,6 +8,7 @@ use pyo3::exceptions::PyException;
 use pyo3::PyErr;
 
 use crate::process;
+use crate::registry;
 
 create_exception!(
     kflash._core,
@@ -73,6 +74,15 @@ impl From<process::Error> for PyErr {
     }
 }
 
+impl From<registry::Error> for PyErr {
+    fn from(err: registry::Error) -> PyErr {
+        match err {
+            registry::Error::UnknownDevice { .. } => DeviceNotFound::new_err(err.to_string()),
+            _ => RegistryError::new_err(err.to_string()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -99,6 +109,22 @@ mod tests {
             .into();
             assert!(failed.is_instance_of::<KflashError>(py));
             assert!(failed.to_string().contains("oops"));
+        });
+    }
+
+    #[test]
+    fn registry_errors_map_to_their_classes() {
+        Python::initialize();
+        Python::attach(|py| {
+            let bad_key: PyErr = registry::validate_key("a/b").unwrap_err().into();
+            assert!(bad_key.is_instance_of::<RegistryError>(py));
+            assert!(bad_key.to_string().contains("path separators"));
+            let unknown: PyErr = registry::Registry::default()
+                .get("EBB36")
+                .unwrap_err()
+                .into();
+            assert!(unknown.is_instance_of::<DeviceNotFound>(py));
+            assert!(unknown.is_instance_of::<KflashError>(py));
         });
     }
 }
