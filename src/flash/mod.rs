@@ -35,39 +35,8 @@ use crate::process::{self, Cancel};
 
 pub use methods::{find_flashtool, flashtool_verdict, FlashtoolVerdict};
 
-/// How a device is flashed (what the user registered).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum Method {
-    /// Serial: Katapult, then `make flash`; CAN: Katapult; linux: the linux method.
-    #[default]
-    Auto,
-    Katapult,
-    Make,
-    Linux,
-}
-
-impl Method {
-    /// Parse the registry/CLI spelling.
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "auto" => Some(Self::Auto),
-            "katapult" => Some(Self::Katapult),
-            "make" => Some(Self::Make),
-            "linux" => Some(Self::Linux),
-            _ => None,
-        }
-    }
-    /// The registry/CLI spelling.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Auto => "auto",
-            Self::Katapult => "katapult",
-            Self::Make => "make",
-            Self::Linux => "linux",
-        }
-    }
-}
+/// How a device is flashed (the registry's method: auto, katapult, make, linux).
+pub use crate::registry::FlashMethod as Method;
 
 /// Where a device is reached.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
