@@ -91,7 +91,11 @@ pub(super) fn katapult(
     cancel: &Cancel,
     sink: &Sink,
 ) -> Result<(), Error> {
-    let firmware = job.out_dir.join("klipper.bin");
+    let firmware = if job.image.extension().is_some_and(|e| e == "bin") {
+        job.image.to_path_buf()
+    } else {
+        job.out_dir.join("klipper.bin")
+    };
     if !firmware.is_file() {
         return Err(Error::NoFirmware(firmware));
     }
@@ -214,7 +218,11 @@ pub(super) fn linux(
     cancel: &Cancel,
     sink: &Sink,
 ) -> Result<(), Error> {
-    let elf = job.out_dir.join("klipper.elf");
+    let elf = if job.image.extension().is_some_and(|e| e == "elf") {
+        job.image.to_path_buf()
+    } else {
+        job.out_dir.join("klipper.elf")
+    };
     if !elf.is_file() {
         return Err(Error::NoFirmware(elf));
     }

@@ -194,8 +194,10 @@ pub struct Job<'a> {
     pub endpoint: &'a Endpoint,
     /// Kconfig `CONFIG_MCU` ("linux" for the linux target).
     pub mcu: &'a str,
-    /// The build's OUT directory (holds klipper.bin / .uf2 / .elf / .dict).
+    /// The build's OUT directory (what `make flash OUT=` needs).
     pub out_dir: &'a Path,
+    /// The image to flash (klipper.bin / .uf2 / .elf.hex, or klipper.elf for linux).
+    pub image: &'a Path,
     /// The device's Kconfig file.
     pub kconfig: &'a Path,
 }

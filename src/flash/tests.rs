@@ -107,6 +107,7 @@ fn job<'a>(
         endpoint,
         mcu: "stm32f446xx",
         out_dir: out,
+        image: Path::new("/nonexistent/klipper.uf2"),
         kconfig: cfg,
     }
 }

@@ -18,6 +18,7 @@
 //! the whole run is unit-testable with recording fakes; `wiring` builds the real ones.
 //! Thread-safety: a run blocks its thread; `Deps` members are `Send + Sync`.
 
+pub mod home;
 pub mod lock;
 pub mod report;
 
@@ -85,6 +86,8 @@ pub struct Built {
     /// `klipper.dict`'s version: what the MCU will report.
     pub version: String,
     pub out_dir: PathBuf,
+    /// The image to flash.
+    pub image: PathBuf,
     /// Nothing changed since the last build: not rebuilt.
     pub cached: bool,
 }
@@ -212,7 +215,7 @@ pub struct Options {
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("{0}")]
-    Registry(String),
+    Registry(#[from] crate::registry::Error),
     #[error(
         "no device matches `{pattern}`; registered devices: {}",
         list(candidates)
@@ -755,6 +758,42 @@ fn verify(
         } else {
             emit(sink, Stage::Verify, Some(&r.key), "verified");
         }
+    }
+}
+
+/// The real flasher behind the pipeline's `Flash` port.
+impl Flash for flash::Flasher {
+    fn check(&self, dev: &DeviceInfo) -> Result<(), String> {
+        let mcu = dev.target.as_ref().map_or("", |t| t.mcu.as_str());
+        let job = flash::Job {
+            key: &dev.key,
+            method: dev.method,
+            endpoint: &dev.endpoint,
+            mcu,
+            out_dir: std::path::Path::new(""),
+            image: std::path::Path::new(""),
+            kconfig: &dev.config,
+        };
+        flash::Flasher::check(self, &job)
+    }
+    fn flash(
+        &self,
+        dev: &DeviceInfo,
+        built: &Built,
+        cancel: &Cancel,
+        sink: &Sink,
+    ) -> Result<flash::Flashed, flash::Failure> {
+        let mcu = dev.target.as_ref().map_or("", |t| t.mcu.as_str());
+        let job = flash::Job {
+            key: &dev.key,
+            method: dev.method,
+            endpoint: &dev.endpoint,
+            mcu,
+            out_dir: &built.out_dir,
+            image: &built.image,
+            kconfig: &dev.config,
+        };
+        flash::Flasher::flash(self, &job, cancel, sink)
     }
 }
 

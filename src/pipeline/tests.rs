@@ -55,6 +55,7 @@ impl Firmware for FakeFirmware {
                     Ok(Built {
                         version: self.version.clone(),
                         out_dir: PathBuf::from("/out").join(&d.key),
+                        image: PathBuf::from("/out").join(&d.key).join("klipper.bin"),
                         cached: false,
                     })
                 }
