@@ -12,6 +12,7 @@ pub mod events;
 pub mod process;
 pub mod py;
 pub mod registry;
+pub mod versions;
 
 use pyo3::prelude::*;
 
@@ -23,4 +24,6 @@ mod _core {
         BuildError, CommandTimeout, ConfigError, DeviceNotFound, FlashError, KflashError,
         PreflightRefused, RegistryError, ServiceError,
     };
+    #[pymodule_export]
+    use crate::py::versions::compare_versions;
 }
