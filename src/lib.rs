@@ -9,6 +9,7 @@
 
 pub mod discovery;
 pub mod events;
+pub mod kconfig;
 pub mod process;
 pub mod py;
 pub mod registry;
