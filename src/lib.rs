@@ -10,10 +10,12 @@
 pub mod discovery;
 pub mod events;
 pub mod flash;
+pub mod kconfig;
 pub mod pipeline;
 pub mod process;
 pub mod py;
 pub mod registry;
+pub mod versions;
 
 use pyo3::prelude::*;
 
@@ -25,4 +27,6 @@ mod _core {
         BuildError, CommandTimeout, ConfigError, DeviceNotFound, FlashError, KflashError,
         PreflightRefused, RegistryError, ServiceError,
     };
+    #[pymodule_export]
+    use crate::py::versions::compare_versions;
 }

@@ -7,6 +7,7 @@ use pyo3::create_exception;
 use pyo3::exceptions::PyException;
 use pyo3::PyErr;
 
+use crate::kconfig;
 use crate::process;
 use crate::registry;
 
@@ -83,6 +84,12 @@ impl From<registry::Error> for PyErr {
     }
 }
 
+impl From<kconfig::Error> for PyErr {
+    fn from(err: kconfig::Error) -> PyErr {
+        ConfigError::new_err(err.to_string())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -125,6 +132,19 @@ mod tests {
                 .into();
             assert!(unknown.is_instance_of::<DeviceNotFound>(py));
             assert!(unknown.is_instance_of::<KflashError>(py));
+        });
+    }
+
+    #[test]
+    fn kconfig_errors_map_to_config_error() {
+        Python::initialize();
+        Python::attach(|py| {
+            let config = kconfig::KConfig::parse("CONFIG_MCU=\"stm32f103xe\"\n");
+            let wrong: PyErr = kconfig::check_mcu("rp2040", &config).unwrap_err().into();
+            assert!(wrong.is_instance_of::<ConfigError>(py));
+            assert!(wrong.to_string().contains("stm32f103xe"));
+            let none: PyErr = kconfig::KConfig::parse("").target().unwrap_err().into();
+            assert!(none.is_instance_of::<ConfigError>(py));
         });
     }
 }
