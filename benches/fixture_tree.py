@@ -42,7 +42,8 @@ CROSS_PREFIX := $(patsubst "%",%,$(CONFIG_CROSS_PREFIX))
 CC := $(CROSS_PREFIX)gcc
 LD := $(CROSS_PREFIX)ld
 
-$(shell echo "$(if $(MAKECMDGOALS),$(MAKECMDGOALS),all) OUT=$(OUT)" >> $(CURDIR)/make.log)
+GOALS := $(if $(MAKECMDGOALS),$(MAKECMDGOALS),all)
+$(shell echo "$(GOALS) OUT=$(OUT)" >> $(CURDIR)/make.log)
 
 SRCS := $(sort $(wildcard src/*.c))
 OBJS := $(patsubst src/%.c,$(OUT)src/%.o,$(SRCS))
@@ -137,7 +138,7 @@ for line in open(sys.argv[1]):
 open(sys.argv[2], "w").write("\n".join(lines) + "\n")
 '''
 
-BUILDCOMMANDS = r'''"""Generate compile_time_request.c and klipper.dict (like Klipper's)."""
+BUILDCOMMANDS = r'''"""Write compile_time_request.c and klipper.dict, like Klipper."""
 import json
 import os
 import socket
@@ -221,11 +222,11 @@ def source_c(i, work):
     body = []
     for j in range(work):
         body.append(
-            "static int f%d_%d(int x) { int s = 0; for (int k = 0; k < x; k++)"
-            " s += (k * %d) ^ (s >> 3); return s; }" % (i, j, j + 1)
+            f"static int f{i}_{j}(int x) {{ int s = 0; for (int k = 0; k < x; k++)"
+            f" s += (k * {j + 1}) ^ (s >> 3); return s; }}"
         )
-    calls = " + ".join("f%d_%d(n)" % (i, j) for j in range(work)) or "0"
-    body.append("int work_%d(int n) { return %s; }" % (i, calls))
+    calls = " + ".join(f"f{i}_{j}(n)" for j in range(work)) or "0"
+    body.append(f"int work_{i}(int n) {{ return {calls}; }}")
     return "\n".join(body) + "\n"
 
 
@@ -258,13 +259,13 @@ def generate(tree, sources=4, work=2):
     (tree / "scripts" / "buildcommands.py").write_text(BUILDCOMMANDS)
     (tree / "scripts" / "mkimage.py").write_text(MKIMAGE)
     (tree / "src" / "main.c").write_text(MAIN_C)
-    decls = "".join("int work_%d(int n);\n" % i for i in range(sources))
-    total = " + ".join("work_%d(n)" % i for i in range(sources)) or "0"
+    decls = "".join(f"int work_{i}(int n);\n" for i in range(sources))
+    total = " + ".join(f"work_{i}(n)" for i in range(sources)) or "0"
     (tree / "src" / "total.c").write_text(
-        decls + "int work_total(void) { int n = 3; return %s; }\n" % total
+        decls + f"int work_total(void) {{ int n = 3; return {total}; }}\n"
     )
     for i in range(sources):
-        (tree / "src" / ("mod%02d.c" % i)).write_text(source_c(i, work))
+        (tree / "src" / f"mod{i:02d}.c").write_text(source_c(i, work))
     (tree / "docs" / "README.md").write_text("Fixture firmware tree.\n")
     (tree / ".gitignore").write_text("make.log\nout/\n.config\n")
     git(tree, "init", "-q")
