@@ -7,6 +7,7 @@ use pyo3::create_exception;
 use pyo3::exceptions::PyException;
 use pyo3::PyErr;
 
+use crate::build;
 use crate::kconfig;
 use crate::process;
 use crate::registry;
@@ -90,6 +91,16 @@ impl From<kconfig::Error> for PyErr {
     }
 }
 
+impl From<build::Error> for PyErr {
+    fn from(err: build::Error) -> PyErr {
+        match err {
+            build::Error::Timeout { .. } => CommandTimeout::new_err(err.to_string()),
+            build::Error::ConfigMissing { .. } => ConfigError::new_err(err.to_string()),
+            _ => BuildError::new_err(err.to_string()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -145,6 +156,48 @@ mod tests {
             assert!(wrong.to_string().contains("stm32f103xe"));
             let none: PyErr = kconfig::KConfig::parse("").target().unwrap_err().into();
             assert!(none.is_instance_of::<ConfigError>(py));
+        });
+    }
+
+    #[test]
+    fn build_errors_map_to_their_classes() {
+        Python::initialize();
+        Python::attach(|py| {
+            let timeout: PyErr = build::Error::Timeout {
+                key: "ebb".into(),
+                cmd: "make -C klipper".into(),
+                after: Duration::from_secs(600),
+                tail: "Compiling".into(),
+            }
+            .into();
+            assert!(timeout.is_instance_of::<CommandTimeout>(py));
+            assert!(timeout.to_string().contains("make -C klipper"));
+            let failed: PyErr = build::Error::Make {
+                key: "ebb".into(),
+                source: process::Error::Failed {
+                    cmd: "make".into(),
+                    status: process::Status::Exited(2),
+                    tail: "error: foo.c".into(),
+                },
+            }
+            .into();
+            assert!(failed.is_instance_of::<BuildError>(py));
+            assert!(failed.to_string().contains("error: foo.c"));
+            let toolchain: PyErr = build::Error::ToolchainMissing {
+                key: "ebb".into(),
+                compiler: "arm-none-eabi-gcc".into(),
+                packages: "gcc-arm-none-eabi".into(),
+            }
+            .into();
+            assert!(toolchain.is_instance_of::<BuildError>(py));
+            let config: PyErr = build::Error::ConfigMissing {
+                key: "ebb".into(),
+                path: "/x/ebb.config".into(),
+                source: std::io::Error::from(std::io::ErrorKind::NotFound),
+            }
+            .into();
+            assert!(config.is_instance_of::<ConfigError>(py));
+            assert!(config.is_instance_of::<KflashError>(py));
         });
     }
 }
