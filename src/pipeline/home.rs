@@ -19,6 +19,7 @@ use serde_json::{json, Value};
 
 use super::{DeviceInfo, Error, Link, Target};
 use crate::flash::Endpoint;
+use crate::kconfig::{Interface, KConfig};
 use crate::registry::{self, Device, FlashMethod, Identity, Registry, StateDir};
 
 /// A device to add (the CLI's `devices add`).
@@ -232,44 +233,18 @@ pub fn endpoint_of(d: &Device) -> Endpoint {
 
 /// Read a device's config: its MCU and interface, checked against how it is registered.
 pub fn read_target(config: &Path, identity: &Identity) -> Result<Target, String> {
-    let text = match std::fs::read_to_string(config) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(format!(
-                "no config at {} (create it with `kflash config KEY` or `kflash devices add ... --config FILE`)",
-                config.display()
-            ))
-        }
-        Err(e) => return Err(format!("cannot read {}: {e}", config.display())),
-    };
-    let mut vars = BTreeMap::new();
-    for line in text.lines() {
-        let line = line.trim();
-        if let Some((k, v)) = line.split_once('=') {
-            if k.starts_with("CONFIG_") {
-                vars.insert(k.to_owned(), v.trim_matches('"').to_owned());
-            }
-        }
-    }
-    let on = |k: &str| vars.get(k).is_some_and(|v| v == "y");
-    let mcu = match vars.get("CONFIG_MCU") {
-        Some(m) if !m.is_empty() => m.clone(),
-        _ if on("CONFIG_MACH_LINUX") => "linux".to_owned(),
-        _ => {
-            return Err(format!(
-                "{} names no MCU (no CONFIG_MCU); run `kflash config KEY` to choose the board",
-                config.display()
-            ))
-        }
-    };
+    let target = KConfig::load(config)
+        .and_then(|k| k.target())
+        .map_err(|e| e.to_string())?;
+    let mcu = target.mcu;
     let link = if mcu == "linux" {
         Link::Linux
-    } else if on("CONFIG_USBCANBUS") {
-        Link::UsbCanBridge
-    } else if on("CONFIG_CANSERIAL") || on("CONFIG_CANBUS") {
-        Link::Can
     } else {
-        Link::Serial
+        match target.interface {
+            Interface::UsbCanBridge => Link::UsbCanBridge,
+            Interface::Can => Link::Can,
+            Interface::Usb | Interface::Serial | Interface::Unknown => Link::Serial,
+        }
     };
     match (identity, link) {
         (Identity::Linux { .. }, Link::Linux)
