@@ -7,6 +7,7 @@ use pyo3::create_exception;
 use pyo3::exceptions::PyException;
 use pyo3::PyErr;
 
+use crate::discovery;
 use crate::kconfig;
 use crate::process;
 use crate::registry;
@@ -90,6 +91,15 @@ impl From<kconfig::Error> for PyErr {
     }
 }
 
+impl From<discovery::Error> for PyErr {
+    fn from(err: discovery::Error) -> PyErr {
+        match err {
+            discovery::Error::Cancelled { .. } => KflashError::new_err(err.to_string()),
+            _ => DeviceNotFound::new_err(err.to_string()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -145,6 +155,26 @@ mod tests {
             assert!(wrong.to_string().contains("stm32f103xe"));
             let none: PyErr = kconfig::KConfig::parse("").target().unwrap_err().into();
             assert!(none.is_instance_of::<ConfigError>(py));
+        });
+    }
+
+    #[test]
+    fn discovery_errors_map_to_device_not_found() {
+        Python::initialize();
+        Python::attach(|py| {
+            let none = discovery::Discovery::at("/nonexistent/dev", "/nonexistent/sys");
+            let missing: PyErr = none.resolve("usb-Klipper_*").unwrap_err().into();
+            assert!(missing.is_instance_of::<DeviceNotFound>(py));
+            let ambiguous: PyErr = discovery::Error::Ambiguous {
+                pattern: "usb-*".into(),
+                candidates: "a, b".into(),
+            }
+            .into();
+            assert!(ambiguous.is_instance_of::<DeviceNotFound>(py));
+            assert!(ambiguous.to_string().contains("a, b"));
+            let stopped: PyErr = discovery::Error::Cancelled { id: "x".into() }.into();
+            assert!(!stopped.is_instance_of::<DeviceNotFound>(py));
+            assert!(stopped.is_instance_of::<KflashError>(py));
         });
     }
 }
