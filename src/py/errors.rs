@@ -8,6 +8,7 @@ use pyo3::exceptions::PyException;
 use pyo3::PyErr;
 
 use crate::build;
+use crate::discovery;
 use crate::kconfig;
 use crate::process;
 use crate::registry;
@@ -97,6 +98,15 @@ impl From<build::Error> for PyErr {
             build::Error::Timeout { .. } => CommandTimeout::new_err(err.to_string()),
             build::Error::ConfigMissing { .. } => ConfigError::new_err(err.to_string()),
             _ => BuildError::new_err(err.to_string()),
+        }
+    }
+}
+
+impl From<discovery::Error> for PyErr {
+    fn from(err: discovery::Error) -> PyErr {
+        match err {
+            discovery::Error::Cancelled { .. } => KflashError::new_err(err.to_string()),
+            _ => DeviceNotFound::new_err(err.to_string()),
         }
     }
 }
@@ -198,6 +208,25 @@ mod tests {
             .into();
             assert!(config.is_instance_of::<ConfigError>(py));
             assert!(config.is_instance_of::<KflashError>(py));
+        });
+    }
+
+    fn discovery_errors_map_to_device_not_found() {
+        Python::initialize();
+        Python::attach(|py| {
+            let none = discovery::Discovery::at("/nonexistent/dev", "/nonexistent/sys");
+            let missing: PyErr = none.resolve("usb-Klipper_*").unwrap_err().into();
+            assert!(missing.is_instance_of::<DeviceNotFound>(py));
+            let ambiguous: PyErr = discovery::Error::Ambiguous {
+                pattern: "usb-*".into(),
+                candidates: "a, b".into(),
+            }
+            .into();
+            assert!(ambiguous.is_instance_of::<DeviceNotFound>(py));
+            assert!(ambiguous.to_string().contains("a, b"));
+            let stopped: PyErr = discovery::Error::Cancelled { id: "x".into() }.into();
+            assert!(!stopped.is_instance_of::<DeviceNotFound>(py));
+            assert!(stopped.is_instance_of::<KflashError>(py));
         });
     }
 }
