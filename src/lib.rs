@@ -8,14 +8,18 @@
 //! `py/`.
 
 pub mod events;
+pub mod moonraker;
 pub mod process;
 pub mod py;
+pub mod service;
 
 use pyo3::prelude::*;
 
 /// kflash's native core: build and flash every MCU of a Klipper printer.
 #[pymodule]
 mod _core {
+    #[pymodule_export]
+    use crate::py::errors::MoonrakerError;
     #[pymodule_export]
     use crate::py::errors::{
         BuildError, CommandTimeout, ConfigError, DeviceNotFound, FlashError, KflashError,

@@ -8,6 +8,7 @@ use pyo3::exceptions::PyException;
 use pyo3::PyErr;
 
 use crate::process;
+use crate::{moonraker, service};
 
 create_exception!(
     kflash._core,
@@ -64,12 +65,31 @@ create_exception!(
     "A run was refused before anything was stopped (printing, lock held, no service control)."
 );
 
+create_exception!(
+    kflash._core,
+    MoonrakerError,
+    KflashError,
+    "Moonraker is unreachable, answered with an error, or sent something unexpected."
+);
+
 impl From<process::Error> for PyErr {
     fn from(err: process::Error) -> PyErr {
         match err {
             process::Error::Timeout { .. } => CommandTimeout::new_err(err.to_string()),
             _ => KflashError::new_err(err.to_string()),
         }
+    }
+}
+
+impl From<service::Error> for PyErr {
+    fn from(err: service::Error) -> PyErr {
+        ServiceError::new_err(err.to_string())
+    }
+}
+
+impl From<moonraker::Error> for PyErr {
+    fn from(err: moonraker::Error) -> PyErr {
+        MoonrakerError::new_err(err.to_string())
     }
 }
 
@@ -99,6 +119,30 @@ mod tests {
             .into();
             assert!(failed.is_instance_of::<KflashError>(py));
             assert!(failed.to_string().contains("oops"));
+        });
+    }
+
+    #[test]
+    fn service_and_moonraker_errors_map_to_their_classes() {
+        Python::initialize();
+        Python::attach(|py| {
+            let err: PyErr = service::Error::Unavailable {
+                service: "klipper".into(),
+                reason: "sudo refused".into(),
+            }
+            .into();
+            assert!(err.is_instance_of::<ServiceError>(py));
+            assert!(err.is_instance_of::<KflashError>(py));
+            assert!(err.to_string().contains("sudo refused"));
+            let err: PyErr = moonraker::Error::Unreachable {
+                url: "http://127.0.0.1:7125/server/info".into(),
+                reason: "connection refused".into(),
+            }
+            .into();
+            assert!(err.is_instance_of::<MoonrakerError>(py));
+            assert!(err.is_instance_of::<KflashError>(py));
+            assert!(!err.is_instance_of::<ServiceError>(py));
+            assert!(err.to_string().contains("127.0.0.1:7125"));
         });
     }
 }
