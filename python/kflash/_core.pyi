@@ -15,3 +15,4 @@ def compare_versions(mcu: str, target: str) -> str:
 
     Returns "current", "outdated", "newer" or "unknown".
     """
+class MoonrakerError(KflashError): ...

@@ -12,6 +12,7 @@ use crate::discovery;
 use crate::kconfig;
 use crate::process;
 use crate::registry;
+use crate::{moonraker, service};
 
 create_exception!(
     kflash._core,
@@ -68,6 +69,13 @@ create_exception!(
     "A run was refused before anything was stopped (printing, lock held, no service control)."
 );
 
+create_exception!(
+    kflash._core,
+    MoonrakerError,
+    KflashError,
+    "Moonraker is unreachable, answered with an error, or sent something unexpected."
+);
+
 impl From<process::Error> for PyErr {
     fn from(err: process::Error) -> PyErr {
         match err {
@@ -108,6 +116,18 @@ impl From<discovery::Error> for PyErr {
             discovery::Error::Cancelled { .. } => KflashError::new_err(err.to_string()),
             _ => DeviceNotFound::new_err(err.to_string()),
         }
+    }
+}
+
+impl From<service::Error> for PyErr {
+    fn from(err: service::Error) -> PyErr {
+        ServiceError::new_err(err.to_string())
+    }
+}
+
+impl From<moonraker::Error> for PyErr {
+    fn from(err: moonraker::Error) -> PyErr {
+        MoonrakerError::new_err(err.to_string())
     }
 }
 
@@ -227,6 +247,29 @@ mod tests {
             let stopped: PyErr = discovery::Error::Cancelled { id: "x".into() }.into();
             assert!(!stopped.is_instance_of::<DeviceNotFound>(py));
             assert!(stopped.is_instance_of::<KflashError>(py));
+        });
+    }
+
+    fn service_and_moonraker_errors_map_to_their_classes() {
+        Python::initialize();
+        Python::attach(|py| {
+            let err: PyErr = service::Error::Unavailable {
+                service: "klipper".into(),
+                reason: "sudo refused".into(),
+            }
+            .into();
+            assert!(err.is_instance_of::<ServiceError>(py));
+            assert!(err.is_instance_of::<KflashError>(py));
+            assert!(err.to_string().contains("sudo refused"));
+            let err: PyErr = moonraker::Error::Unreachable {
+                url: "http://127.0.0.1:7125/server/info".into(),
+                reason: "connection refused".into(),
+            }
+            .into();
+            assert!(err.is_instance_of::<MoonrakerError>(py));
+            assert!(err.is_instance_of::<KflashError>(py));
+            assert!(!err.is_instance_of::<ServiceError>(py));
+            assert!(err.to_string().contains("127.0.0.1:7125"));
         });
     }
 }
