@@ -231,6 +231,7 @@ mod tests {
         });
     }
 
+    #[test]
     fn discovery_errors_map_to_device_not_found() {
         Python::initialize();
         Python::attach(|py| {
@@ -250,6 +251,7 @@ mod tests {
         });
     }
 
+    #[test]
     fn service_and_moonraker_errors_map_to_their_classes() {
         Python::initialize();
         Python::attach(|py| {
