@@ -27,6 +27,8 @@ use pyo3::prelude::*;
 #[pymodule]
 mod _core {
     #[pymodule_export]
+    use crate::py::engine::Engine;
+    #[pymodule_export]
     use crate::py::errors::MoonrakerError;
     #[pymodule_export]
     use crate::py::errors::{

@@ -38,9 +38,23 @@ pub struct NewDevice {
 }
 
 /// A state directory and what can be done with it.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Home {
     pub state: StateDir,
+    /// The Python interpreter that runs `kflash.watchdog` (the host's `sys.executable`).
+    pub python: Option<PathBuf>,
+    /// The native Katapult serial flasher, when wired (replaces flashtool.py for serial).
+    pub native_katapult: Option<crate::flash::NativeKatapult>,
+}
+
+impl std::fmt::Debug for Home {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Home")
+            .field("state", &self.state)
+            .field("python", &self.python)
+            .field("native_katapult", &self.native_katapult.is_some())
+            .finish()
+    }
 }
 
 impl Home {
@@ -50,7 +64,11 @@ impl Home {
             Some(path) => StateDir::at(path),
             None => StateDir::resolve().ok_or(registry::Error::NoStateDir)?,
         };
-        Ok(Home { state })
+        Ok(Home {
+            state,
+            python: None,
+            native_katapult: None,
+        })
     }
 
     pub fn registry(&self) -> Result<Registry, Error> {

@@ -21,6 +21,7 @@
 pub mod home;
 pub mod lock;
 pub mod report;
+pub mod wiring;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

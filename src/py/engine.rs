@@ -10,7 +10,10 @@
 //!
 //! Thread-safety: `Engine` is frozen and holds only the state dir path.
 
-use std::path::PathBuf;
+// pyo3 hands method arguments over by value; borrowing them is not an option there.
+#![allow(clippy::needless_pass_by_value)]
+
+use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -79,7 +82,7 @@ fn ser<'py>(py: Python<'py>, value: &impl Serialize) -> PyResult<Bound<'py, PyAn
 /// work to unwind, then return `Err((exception, result))`.
 fn run_detached<T: Send + 'static>(
     py: Python<'_>,
-    on_event: Option<Py<PyAny>>,
+    on_event: Option<&Py<PyAny>>,
     work: impl FnOnce(Cancel, Sink) -> T + Send + 'static,
 ) -> Result<T, (PyErr, Option<T>)> {
     let cancel = Cancel::new();
@@ -92,18 +95,27 @@ fn run_detached<T: Send + 'static>(
     });
     let worker_cancel = cancel.clone();
     let handle = std::thread::spawn(move || work(worker_cancel, sink));
+    // Mutex: the detached closure borrows it from another "thread" as far as Send goes.
+    let rx = std::sync::Mutex::new(rx);
+    let drain = |rx: &std::sync::Mutex<mpsc::Receiver<Event>>| -> Vec<Event> {
+        rx.lock()
+            .map(|r| r.try_iter().collect())
+            .unwrap_or_default()
+    };
     let mut interrupted: Option<PyErr> = None;
     loop {
         let (events, finished) = py.detach(|| {
             let mut events = Vec::new();
-            if let Ok(e) = rx.recv_timeout(TICK) {
-                events.push(e);
-                events.extend(rx.try_iter());
+            if let Ok(r) = rx.lock() {
+                if let Ok(e) = r.recv_timeout(TICK) {
+                    events.push(e);
+                    events.extend(r.try_iter());
+                }
             }
             (events, handle.is_finished())
         });
         for event in &events {
-            deliver(py, on_event.as_ref(), event, &cancel, &mut interrupted);
+            deliver(py, on_event, event, &cancel, &mut interrupted);
         }
         if finished {
             break;
@@ -116,15 +128,17 @@ fn run_detached<T: Send + 'static>(
         }
     }
     let result = py.detach(|| handle.join());
-    for event in rx.try_iter() {
-        deliver(py, on_event.as_ref(), &event, &cancel, &mut interrupted);
+    for event in drain(&rx) {
+        deliver(py, on_event, &event, &cancel, &mut interrupted);
     }
     match (result, interrupted) {
         (Ok(value), None) => Ok(value),
         (Ok(value), Some(err)) => Err((err, Some(value))),
         (Err(_), Some(err)) => Err((err, None)),
         (Err(_), None) => Err((
-            PyRuntimeError::new_err("kflash: the run panicked (klipper was restarted by its guard)"),
+            PyRuntimeError::new_err(
+                "kflash: the run panicked (klipper was restarted by its guard)",
+            ),
             None,
         )),
     }
@@ -174,7 +188,7 @@ impl Engine {
         on_event: Option<Py<PyAny>>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let home = self.home.clone();
-        let outcome = run_detached(py, on_event, move |cancel, sink| {
+        let outcome = run_detached(py, on_event.as_ref(), move |cancel, sink| {
             let deps = home.deps()?;
             pipeline::flash_all(&deps, &opts, &cancel, &sink)
         });
@@ -197,10 +211,14 @@ impl Engine {
 impl Engine {
     #[new]
     #[pyo3(signature = (home=None))]
-    fn new(home: Option<PathBuf>) -> PyResult<Self> {
-        Ok(Engine {
-            home: Home::open(home)?,
-        })
+    fn new(py: Python<'_>, home: Option<PathBuf>) -> PyResult<Self> {
+        let mut home = Home::open(home)?;
+        home.python = py
+            .import("sys")?
+            .getattr("executable")?
+            .extract::<Option<PathBuf>>()?
+            .filter(|p| !p.as_os_str().is_empty());
+        Ok(Engine { home })
     }
 
     /// The state directory this engine works in.
@@ -215,7 +233,12 @@ impl Engine {
     }
 
     /// Change one setting (validated first; a rejected value changes nothing).
-    fn set_setting<'py>(&self, py: Python<'py>, key: &str, value: &str) -> PyResult<Bound<'py, PyAny>> {
+    fn set_setting<'py>(
+        &self,
+        py: Python<'py>,
+        key: &str,
+        value: &str,
+    ) -> PyResult<Bound<'py, PyAny>> {
         ser(py, &self.home.set_setting(key, value)?)
     }
 
@@ -262,8 +285,8 @@ impl Engine {
     }
 
     /// Register every `[mcu ...]` of a printer.cfg that is not registered yet.
-    fn import_printer_cfg<'py>(&self, py: Python<'py>, path: PathBuf) -> PyResult<Bound<'py, PyAny>> {
-        ser(py, &self.home.import_printer_cfg(&path)?)
+    fn import_printer_cfg<'py>(&self, py: Python<'py>, path: &str) -> PyResult<Bound<'py, PyAny>> {
+        ser(py, &self.home.import_printer_cfg(Path::new(path))?)
     }
 
     /// Path of a device's firmware config (`configs/<key>.config`).
@@ -273,7 +296,12 @@ impl Engine {
 
     /// What flash-all would do, per device, and why. Changes nothing.
     #[pyo3(signature = (keys=None, only_outdated=false))]
-    fn plan<'py>(&self, py: Python<'py>, keys: Option<Vec<String>>, only_outdated: bool) -> PyResult<Bound<'py, PyAny>> {
+    fn plan<'py>(
+        &self,
+        py: Python<'py>,
+        keys: Option<Vec<String>>,
+        only_outdated: bool,
+    ) -> PyResult<Bound<'py, PyAny>> {
         let home = self.home.clone();
         let opts = Options {
             keys: keys_of(keys),
@@ -289,10 +317,15 @@ impl Engine {
 
     /// Build the selected devices' firmware (no stop window).
     #[pyo3(signature = (keys=None, on_event=None))]
-    fn build<'py>(&self, py: Python<'py>, keys: Option<Vec<String>>, on_event: Option<Py<PyAny>>) -> PyResult<Bound<'py, PyAny>> {
+    fn build<'py>(
+        &self,
+        py: Python<'py>,
+        keys: Option<Vec<String>>,
+        on_event: Option<Py<PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
         let home = self.home.clone();
         let keys = keys_of(keys);
-        let outcome = run_detached(py, on_event, move |cancel, sink| {
+        let outcome = run_detached(py, on_event.as_ref(), move |cancel, sink| {
             let deps = home.deps()?;
             pipeline::build(&deps, keys.as_deref(), &cancel, &sink)
         });
@@ -305,7 +338,13 @@ impl Engine {
 
     /// Build and flash one device inside one stop window; returns the report.
     #[pyo3(signature = (key, on_event=None, yes=false))]
-    fn flash<'py>(&self, py: Python<'py>, key: String, on_event: Option<Py<PyAny>>, yes: bool) -> PyResult<Bound<'py, PyAny>> {
+    fn flash<'py>(
+        &self,
+        py: Python<'py>,
+        key: String,
+        on_event: Option<Py<PyAny>>,
+        yes: bool,
+    ) -> PyResult<Bound<'py, PyAny>> {
         let opts = Options {
             keys: Some(vec![key]),
             only_outdated: false,
