@@ -49,6 +49,11 @@ STAGES = {
 }
 
 KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# make's per-file lines (Compiling, Linking, ...) stay in the helper's
+# progress file; the console gets the per-device milestones.
+MAKE_LINE_RE = re.compile(
+    r"^\s*(Compiling|Linking|Building|Preprocessing|Creating|Generating"
+    r"|Assembling|Copying|Version:)\b")
 STATE_RANK = {"outdated": 0, "unknown": 1, "newer": 2, "current": 3}
 LAUNCHERS = ("auto", "systemd-run", "moonraker", "session")
 # How long to wait for a console subscriber (Moonraker) after klippy:ready
@@ -103,9 +108,16 @@ class KflashExtra:
         self.timer = None
         # Plan dialog
         self.planning = False
-        self.announce_base = None
-        self.announce_deadline = 0.0
-        self._publish()
+        self.announce_base = self._subscriber_count()
+        self.announce_deadline = None
+        self.announced = False
+        try:
+            self._load_state()
+        except Exception:
+            logging.exception("kflash: reading the helper's state failed")
+            self._publish()
+        self.reactor.register_timer(self._check_startup,
+                                    self.reactor.monotonic() + 1.0)
         for name, fn in (("KFLASH_ALL", self.cmd_KFLASH_ALL),
                          ("KFLASH", self.cmd_KFLASH),
                          ("KFLASH_PLAN", self.cmd_KFLASH_PLAN),
@@ -144,19 +156,37 @@ class KflashExtra:
 
     def _handle_ready(self):
         try:
-            self._resume_after_start()
+            self._announce_start()
         except Exception:
             logging.exception("kflash: reading the helper's state failed")
+
+    def _check_startup(self, eventtime):
+        # klippy may never get ready (an MCU left in its bootloader): the
+        # console (Moonraker subscribes in the error state too) must still
+        # hear about the last run.
+        try:
+            category = self.printer.get_state_message()[1]
+        except Exception:
+            return self.reactor.NEVER
+        if category == "startup":
+            return eventtime + 1.0
+        if category != "ready" and not self.announced:
+            try:
+                self._announce_start()
+            except Exception:
+                logging.exception("kflash: reading the helper's state "
+                                  "failed")
+        return self.reactor.NEVER
 
     def _subscriber_count(self):
         return len(getattr(self.gcode, "output_callbacks", ()))
 
-    def _resume_after_start(self):
+    def _load_state(self):
+        """The last run and a run still going, from the state dir."""
         rep = self.files.read_report()
         if rep is not None:
             self.last_result = self._result_summary(rep)
         st = self.files.read_status()
-        self.close_stale_prompt = True
         if (st and st.get("state") == "running"
                 and self.files.interrupted_run() is None):
             # klippy was started again by a helper that is still verifying
@@ -170,6 +200,13 @@ class KflashExtra:
             # an old run's events are history: the summary covers them
             self.cursor = self.files.end_cursor()
         self._publish()
+
+    def _announce_start(self):
+        """Post what happened while klippy was down, close a stale dialog."""
+        if self.announced:
+            return
+        self.announced = True
+        self.close_stale_prompt = True
         # Everything said now must reach Moonraker's console, which only
         # subscribes after it sees klippy ready: wait for the subscriber.
         self.announce_deadline = self.reactor.monotonic() + ANNOUNCE_TIMEOUT
@@ -287,6 +324,8 @@ class KflashExtra:
         msg = ev.get("message")
         if not msg:
             return
+        if ev.get("level") == "info" and MAKE_LINE_RE.match(msg):
+            return
         dev = ev.get("device")
         # progress-only repeats (same stage, device and message) stay quiet
         key = (ev.get("stage"), dev, msg)
@@ -295,7 +334,8 @@ class KflashExtra:
         self.last_relayed = key
         text = "kflash {}{}: {}".format(ev.get("stage") or "",
                                     " " + dev if dev else "", _text(msg))
-        if ev.get("level") == "error":
+        if ev.get("level") == "error" and ev.get("stage") != "helper":
+            # the helper's own end is in the summary that follows
             self.gcode.respond_raw("!! " + text)
         elif ev.get("level") == "warning":
             self.gcode.respond_info("warning: " + text, log=False)

@@ -348,7 +348,7 @@ def run(home, only_outdated=False, device=None, run_id=None,
     progress = _Progress(files.progress, run_id)
     write_json_atomic(files.status, status)
     progress({"stage": "helper", "message":
-              f"kflash helper started (pid {os.getpid()})"})
+              f"started (pid {os.getpid()})"})
     result = None
     error = None
     hint = None
@@ -387,7 +387,7 @@ def run(home, only_outdated=False, device=None, run_id=None,
     ok = code == 0
     progress({"stage": "helper",
               "level": "info" if ok else "error",
-              "message": f"kflash helper finished: exit {code}"
+              "message": f"finished (exit {code})"
               + (f" ({error})" if error else "")})
     progress.close()
     finished = time.time()
