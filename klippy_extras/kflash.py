@@ -353,13 +353,21 @@ class KflashExtra:
 
     def _post_interrupted(self, st, ours):
         """Report a run whose helper died without a report (once)."""
+        where = ""
+        events, _ = self.files.read_events(None)
+        for ev in events:
+            if (ev.get("run_id") == st.get("run_id")
+                    and ev.get("stage") not in (None, "helper")):
+                dev = ev.get("device")
+                where = f" during {ev['stage']}" + (f" of {dev}"
+                                                   if dev else "")
         rep = {
             "version": 1, "run_id": st.get("run_id"), "ok": False,
             "exit_code": 1, "interrupted": True,
             "started": st.get("started"), "finished": None,
             "options": st.get("options"), "result": None,
-            "error": f"the helper (pid {st.get('pid')}) stopped without "
-                     "a report: the run was interrupted",
+            "error": f"the helper (pid {st.get('pid')}) stopped{where} "
+                     "without a report: the run was interrupted",
             "hint": "check that every MCU is back (KFLASH_PLAN) and run "
                     "KFLASH_ALL again; the details are in "
                     f"{self.files.progress}",

