@@ -98,6 +98,37 @@ def gcode(p, script):
     return p.api("POST", "/printer/gcode/script", {"script": script})
 
 
+def prompt_lines(lines):
+    return [m[len("// action:"):] for m in lines
+            if m.startswith("// action:")]
+
+
+def test_plan_dialog_lists_each_mcu_and_closes(bench):
+    p, eng, state = bench
+    plan = {d["key"]: d for d in eng.plan()["devices"]}
+    start = len(console(p))
+    assert gcode(p, "KFLASH_PLAN") == "ok"
+    wait_for(lambda: "prompt_show" in prompt_lines(console(p)[start:]), 30,
+             "the dialog")
+    lines = prompt_lines(console(p)[start:])
+    assert lines[0] == "prompt_begin kflash: MCU firmware"
+    assert lines[-1] == "prompt_show"
+    for key, d in plan.items():
+        assert d["state"] == "outdated"
+        assert (f"prompt_text {key} ({d['mcu']}): {d['version_before']} -> "
+                f"{d['version_target']}: outdated") in lines
+        assert f"prompt_button Flash {key}|KFLASH DEVICE={key}|warning" \
+            in lines
+    assert (f"prompt_footer_button Update all outdated ({len(plan)})|"
+            "KFLASH_ALL ONLY_OUTDATED=1|primary") in lines
+    assert "prompt_footer_button Close|KFLASH_PLAN CLOSE=1|secondary" \
+        in lines
+    # every line a separate console message, none left open
+    assert gcode(p, "KFLASH_PLAN CLOSE=1") == "ok"
+    wait_for(lambda: prompt_lines(console(p)[start:])[-1] == "prompt_end",
+             10, "prompt_end")
+
+
 def test_kflash_all_through_moonraker(bench):
     p, eng, state = bench
     section = {d["key"]: d["mcu_section"] for d in eng.devices()}
@@ -107,7 +138,14 @@ def test_kflash_all_through_moonraker(bench):
     before = p.versions()
     assert all(before[s] != target[s] for s in target), (before, target)
     start = len(console(p))
-    assert gcode(p, "KFLASH_ALL") == "ok"
+    assert gcode(p, "KFLASH_PLAN") == "ok"
+    wait_for(lambda: "prompt_show" in prompt_lines(console(p)[start:]), 30,
+             "the dialog")
+    # the dialog's "Update all outdated" button
+    assert gcode(p, "KFLASH_ALL ONLY_OUTDATED=1") == "ok"
+    log = console(p)[start:]
+    assert prompt_lines(log)[-1] == "prompt_end"  # closed before the run
+    assert "kflash: flashing every outdated MCU" in log[-1]
     # answered at once; klipper still up while firmware builds
     assert kflash_status(p)["state"] in ("building", "stopping")
     # klipper goes down ...
@@ -120,7 +158,6 @@ def test_kflash_all_through_moonraker(bench):
     assert "all good" in lines[0], console(p)[start:]
     assert p.versions() == target
     log = console(p)[start:]
-    assert any("kflash: flashing every MCU" in m for m in log)
     assert any(m.startswith("// kflash build") for m in log)
     assert not any(m.startswith("!!") for m in log), log
     st = kflash_status(p)
