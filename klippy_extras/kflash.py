@@ -103,6 +103,7 @@ class KflashExtra:
         self.launching = False
         self.cursor = None
         self.last_relayed = None
+        self.posted_ids = set()
         self.last_result = None
         self.status = {}
         self.timer = None
@@ -257,16 +258,17 @@ class KflashExtra:
             self._publish()
         rep = self.files.read_report()
         if (rep is not None and rep.get("run_id")
-                and rep.get("run_id") != self.files.read_posted()
+                and not self._posted(rep.get("run_id"))
                 and self.run_id in (None, rep.get("run_id"))):
             self._finish(rep)
             self._post_report(rep)
-            self.files.mark_posted(rep.get("run_id"))
+            self._mark_posted(rep.get("run_id"))
             return self.reactor.NEVER
         if self.launching:
             return eventtime + self.poll_interval
         stale = self.files.interrupted_run()
-        if stale is not None and self.process is None:
+        if (stale is not None and self.process is None
+                and stale.get("run_id") not in self.posted_ids):
             ours = self.run_id in (None, stale.get("run_id"))
             self._post_interrupted(stale, ours)
             if ours:
@@ -377,7 +379,19 @@ class KflashExtra:
             self.run_id = rep["run_id"]
             self._finish(rep)
         self._post_report(rep)
-        self.files.mark_posted(rep["run_id"])
+        self._mark_posted(rep["run_id"])
+
+    def _posted(self, run_id):
+        return (run_id in self.posted_ids
+                or self.files.read_posted() == run_id)
+
+    def _mark_posted(self, run_id):
+        # in memory first: an unwritable state dir must not repeat reports
+        self.posted_ids.add(run_id)
+        try:
+            self.files.mark_posted(run_id)
+        except OSError:
+            logging.exception("kflash: cannot record the posted report")
 
     def _result_summary(self, rep):
         result = rep.get("result") or {}
