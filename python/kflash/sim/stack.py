@@ -421,7 +421,9 @@ dev_mode: True
             timeout=30,
         )
         if check and res.returncode not in (0, 3):
-            raise RuntimeError(f"supervisorctl {' '.join(args)}: {res.stdout}{res.stderr}")
+            raise RuntimeError(
+                f"supervisorctl {' '.join(args)}: {res.stdout}{res.stderr}"
+            )
         return res.stdout
 
     def prepare(self) -> None:
@@ -476,8 +478,7 @@ dev_mode: True
                 os.kill(pid, signal.SIGTERM)
             try:
                 wait_for(
-                    lambda: not os.path.exists(f"/proc/{pid}")
-                    or _is_zombie(pid),
+                    lambda: not os.path.exists(f"/proc/{pid}") or _is_zombie(pid),
                     timeout,
                     "supervisord to exit",
                 )
@@ -485,6 +486,67 @@ dev_mode: True
                 os.kill(pid, signal.SIGKILL)
         if os.path.islink(self.linux_serial):
             os.unlink(self.linux_serial)
+
+    # ------------------------------------------------------------ the boards
+
+    def by_id(self, b: BoardSpec, katapult: bool = False) -> str:
+        maker = "katapult" if katapult else "Klipper"
+        return os.path.join(
+            self.dev_root, "serial", "by-id", f"usb-{maker}_{b.mcu}_{b.serial}-if00"
+        )
+
+    def by_path(self, b: BoardSpec) -> str:
+        return os.path.join(
+            self.dev_root,
+            "serial",
+            "by-path",
+            f"platform-xhci-hcd.0-usb-0:{b.port}:1.0",
+        )
+
+    def usb_ids(self, b: BoardSpec) -> Optional[dict[str, str]]:
+        """The sysfs USB device files of a board (None when it is unplugged)."""
+        d = os.path.join(self.sys_root, "bus", "usb", "devices", "1-" + b.port)
+        out = {}
+        for key in ("idVendor", "idProduct", "manufacturer", "product", "serial"):
+            try:
+                with open(os.path.join(d, key)) as f:
+                    out[key] = f.read().strip()
+            except OSError:
+                return None
+        return out
+
+    def enter_bootloader(self, b: BoardSpec, timeout: float = 5.0) -> str:
+        """1200-baud touch on the board's tty; returns its Katapult by-id path."""
+        from kflash.sim.client import touch
+
+        touch(self.wait_app(b, timeout))
+        path = self.by_id(b, katapult=True)
+        wait_for(lambda: os.path.exists(path), timeout, f"{b.name} in Katapult")
+        return path
+
+    def wait_app(self, b: BoardSpec, timeout: float = 5.0) -> str:
+        path = self.by_id(b)
+        wait_for(lambda: os.path.exists(path), timeout, f"{b.name} running Klipper")
+        return path
+
+    def stop_klipper(self, timeout: float = 20.0) -> None:
+        """Stop the klipper service through Moonraker, as kflash does."""
+        self.api("POST", "/machine/services/stop?service=klipper")
+        wait_for(
+            lambda: self.program_state("klipper") == "STOPPED",
+            timeout,
+            "klipper stopped",
+            0.1,
+        )
+
+    def program_state(self, name: str) -> str:
+        """supervisord's state of a program: RUNNING, STOPPED, STARTING, ..."""
+        parts = self.supervisorctl("status", name, check=False).split()
+        return parts[1] if len(parts) > 1 else "UNKNOWN"
+
+    def start_klipper(self, timeout: float = 60.0) -> dict[str, Optional[str]]:
+        self.api("POST", "/machine/services/start?service=klipper")
+        return self.wait_ready(timeout)
 
     # ------------------------------------------------------------ Moonraker
 
