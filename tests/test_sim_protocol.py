@@ -1,4 +1,4 @@
-"""The bench's wire codecs and protocol state machines, against the reference vectors."""
+"""The bench's wire codecs and protocol state machines, against reference vectors."""
 
 import struct
 

@@ -1,14 +1,14 @@
-"""The virtual printer: boards, linux MCU, real klippy and real Moonraker under supervisord.
+"""The virtual printer: boards, linux MCU, real klippy and Moonraker under supervisord.
 
 `Printer` lays out a bench directory and runs it (see reference/runtime.md):
 
-    <dir>/dev, <dir>/sys          sandbox device and sysfs roots (KFLASH_DEV_ROOT/SYS_ROOT)
-    <dir>/klipper                 the Klipper-like source tree (git, tag v0.13.0 + commits)
-    <dir>/sim/                    board spec, control file, flashed images, event logs
-    <dir>/bin/klipper_mcu         the linux MCU's "firmware" (its klipper.elf)
-    <dir>/printer_data/           config/printer.cfg, config/moonraker.conf, logs/, comms/
-    <dir>/supervisord.conf        programs: sim_boards, klipper_mcu, klipper, moonraker
-    /tmp/klipper_host_<id>        the linux MCU's pty (klippy treats this prefix as a pipe)
+    <dir>/dev, <dir>/sys     sandbox device and sysfs roots (KFLASH_DEV_ROOT/SYS_ROOT)
+    <dir>/klipper            the Klipper-like source tree (git, tag v0.13.0 + commits)
+    <dir>/sim/               board spec, control file, flashed images, event logs
+    <dir>/bin/klipper_mcu    the linux MCU's "firmware" (its klipper.elf)
+    <dir>/printer_data/      config/printer.cfg, config/moonraker.conf, logs/, comms/
+    <dir>/supervisord.conf   programs: sim_boards, klipper_mcu, klipper, moonraker
+    /tmp/klipper_host_<id>   the linux MCU's pty (klippy treats this prefix as a pipe)
 
 `up()` builds the firmware the boards start with (by default the tree's tag, i.e.
 outdated against HEAD; cached per tree commit and board), starts supervisord and waits
@@ -208,7 +208,7 @@ class Printer:
             tree.materialise(self.tree)
 
     def build_firmware(self, ref: str, b: BoardSpec) -> str:
-        """Build ``b``'s firmware at ``ref`` of the tree (cached); returns the artefact."""
+        """Build ``b``'s firmware at ``ref`` of the tree (cached); returns it."""
         commit = tree.git(self.tree, "rev-parse", ref + "^{commit}")
         out = os.path.join(self.build_cache, commit[:12], b.name)
         artefact = os.path.join(out, "klipper.elf" if b.is_linux else "klipper.bin")
@@ -569,7 +569,7 @@ dev_mode: True
         return [b.section for b in self.boards]
 
     def query(self) -> Optional[dict[str, Any]]:
-        """webhooks state and every MCU's status, or None while klippy is unreachable."""
+        """webhooks and every MCU's status; None while klippy is unreachable."""
         objs = ["webhooks"] + self.mcu_objects()
         qs = "&".join(urllib.parse.quote(o) for o in objs)
         try:
@@ -578,7 +578,7 @@ dev_mode: True
             return None
 
     def versions(self) -> dict[str, Optional[str]]:
-        """mcu_version per printer.cfg section, as klippy reports it through Moonraker."""
+        """mcu_version per printer.cfg section, as Moonraker reports it."""
         status = self.query() or {}
         return {s: (status.get(s) or {}).get("mcu_version") for s in self.mcu_objects()}
 
