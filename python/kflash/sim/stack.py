@@ -95,9 +95,12 @@ def find_tool(env: str, venv: str, name: str) -> str:
     path = os.environ.get(env)
     if path:
         return path
-    cand = os.path.join(REPO, venv, "bin", name)
-    if os.path.exists(cand):
-        return cand
+    for cand in (
+        os.path.join(REPO, venv, "bin", name),
+        os.path.join(os.path.dirname(sys.executable), name),
+    ):
+        if os.path.exists(cand):
+            return cand
     found = shutil.which(name)
     if found:
         return found
