@@ -31,7 +31,7 @@ import fixture_tree  # noqa: E402
 
 KFLASH = [sys.executable, "-m", "kflash.cli"]
 
-FLASHTOOL = r'''"""Fake Katapult flashtool.py for kflash's tests (imitates the real one)."""
+FLASHTOOL = r'''"""Fake Katapult flashtool.py for kflash's tests (imitates the real)."""
 import argparse, json, os, sys, time
 
 sandbox = os.environ["KFLASH_TEST_SANDBOX"]
@@ -349,7 +349,7 @@ class Sandbox:
         for proc in self.procs:
             if proc.poll() is None:
                 proc.kill()
-                proc.wait()
+            proc.communicate()
         hanging = self.root / "hanging"
         if hanging.exists():
             try:
