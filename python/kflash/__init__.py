@@ -10,11 +10,14 @@ from kflash._core import (
     CommandTimeout,
     ConfigError,
     DeviceNotFound,
+    Engine,
     FlashError,
     KflashError,
+    MoonrakerError,
     PreflightRefused,
     RegistryError,
     ServiceError,
+    compare_versions,
 )
 
 __all__ = [
@@ -22,9 +25,12 @@ __all__ = [
     "CommandTimeout",
     "ConfigError",
     "DeviceNotFound",
+    "Engine",
     "FlashError",
     "KflashError",
+    "MoonrakerError",
     "PreflightRefused",
     "RegistryError",
     "ServiceError",
+    "compare_versions",
 ]
