@@ -527,7 +527,21 @@ pub fn flash_all(
         });
     }
     if report.service.restarted {
-        verify(deps, &devices, &built, &mut report, cancel, sink);
+        // Moonraker was unreachable before the run: do not wait long for it now.
+        let ready_timeout = if plan.moonraker {
+            deps.ready_timeout
+        } else {
+            deps.ready_timeout.min(Duration::from_secs(2))
+        };
+        verify(
+            deps,
+            &devices,
+            &built,
+            &mut report,
+            ready_timeout,
+            cancel,
+            sink,
+        );
     }
     Ok(finish(deps, report, sink))
 }
@@ -704,6 +718,7 @@ fn verify(
     devices: &[DeviceInfo],
     built: &[(usize, Built)],
     report: &mut Report,
+    ready_timeout: Duration,
     cancel: &Cancel,
     sink: &Sink,
 ) {
@@ -715,7 +730,7 @@ fn verify(
         return;
     }
     emit(sink, Stage::Verify, None, "waiting for klippy to be ready");
-    let ready = deps.printer.wait_ready(deps.ready_timeout, cancel);
+    let ready = deps.printer.wait_ready(ready_timeout, cancel);
     let versions = deps.printer.mcu_versions();
     for (i, b) in flashed {
         let r = &mut report.devices[*i];

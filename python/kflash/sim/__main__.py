@@ -1,10 +1,10 @@
 """``python -m kflash.sim``: the virtual printer bench from the command line.
 
-  up --dir D [--boards mainboard,toolhead,host]   start the printer, wait for ready
-  down --dir D                                     stop it, leave no process behind
-  demo [--dir D]                                   the `make demo` walk-through
-  boards --spec FILE                               (supervisord program) the USB boards
-  linux-mcu --firmware F --serial PATH             (supervisord program) klipper_mcu
+up --dir D [--boards mainboard,toolhead,host]   start the printer, wait for ready
+down --dir D                                     stop it, leave no process behind
+demo [--dir D]                                   the `make demo` walk-through
+boards --spec FILE                               (supervisord program) the USB boards
+linux-mcu --firmware F --serial PATH             (supervisord program) klipper_mcu
 """
 
 from __future__ import annotations
@@ -14,8 +14,11 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m kflash.sim", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m kflash.sim",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     up = sub.add_parser("up", help="start a virtual printer")
     up.add_argument("--dir", required=True)

@@ -12,7 +12,6 @@ through the ``write`` callback. Not thread-safe; driven by one event loop.
 from __future__ import annotations
 
 import time
-import zlib
 from typing import Any, Callable, Optional
 
 from kflash.sim import proto
@@ -31,7 +30,7 @@ _RUN_IN_SHUTDOWN = {
 
 
 class KlipperApp:
-    """Klipper's application protocol for one MCU, running the given firmware dictionary."""
+    """Klipper's application protocol for one MCU running a firmware dictionary."""
 
     def __init__(
         self,
@@ -52,12 +51,6 @@ class KlipperApp:
             for f, mid in dictionary["responses"].items()
         }
         self.clock_freq = int(dictionary["config"]["CLOCK_FREQ"])
-        self.strings = {
-            v: k
-            for k, v in dictionary.get("enumerations", {})
-            .get("static_string_id", {})
-            .items()
-        }
         self._string_ids = dictionary.get("enumerations", {}).get(
             "static_string_id", {}
         )
@@ -68,7 +61,7 @@ class KlipperApp:
         return str(self.dictionary.get("version", "?"))
 
     def reset_state(self) -> None:
-        """Forget everything a reset forgets: seq, sync, configuration, shutdown, clock."""
+        """Forget what a reset forgets: seq, sync, configuration, shutdown, clock."""
         self.next_seq = 0
         self.need_sync = False
         self.buf = bytearray()
@@ -145,7 +138,7 @@ class KlipperApp:
             self._write(proto.frame_block(self.next_seq))
 
     def _dispatch(self, payload: bytes) -> bool:
-        """Run every command of a block; True when a reset happened (stop processing)."""
+        """Run every command of a block; True when a reset happened (stop)."""
         pos = 0
         while pos < len(payload):
             msgid, pos = proto.decode_vlq(payload, pos)
@@ -212,7 +205,3 @@ class KlipperApp:
             return True
         return False
 
-
-def dictionary_crc(blob: bytes) -> int:
-    """crc32 of the identify blob (handy for logging which firmware runs)."""
-    return zlib.crc32(blob) & 0xFFFFFFFF

@@ -248,10 +248,10 @@ class Board:
         n = 0
         while True:
             if n != self.last_tty_num and not os.path.lexists(
-                os.path.join(self.dev_root, "%s%d" % (prefix, n))
+                os.path.join(self.dev_root, f"{prefix}{n}")
             ):
                 self.last_tty_num = n
-                return "%s%d" % (prefix, n)
+                return f"{prefix}{n}"
             n += 1
 
     def _write_usb_ids(self, vid: str, pid: str, maker: str, product: str, serial: str):

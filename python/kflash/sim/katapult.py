@@ -35,7 +35,7 @@ PAGE_SIZE = 1024
 
 def write_atomic(path: str, data: bytes) -> None:
     """Write a file atomically: temp in the same directory, fsync, rename, fsync dir."""
-    tmp = "%s.tmp%d" % (path, os.getpid())
+    tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()

@@ -128,7 +128,7 @@ def frame_block(seq: int, payload: bytes = b"") -> bytes:
 
 
 def parse_block(buf: bytes) -> tuple[str, int]:
-    """Classify the start of ``buf``: ("more", 0), ("sync", 1), ("bad", 0) or ("ok", len)."""
+    """Classify the start of ``buf``: more, sync (skip 1), bad or ok (with length)."""
     if len(buf) < MESSAGE_MIN:
         return "more", 0
     n = buf[0]
@@ -149,7 +149,7 @@ def parse_block(buf: bytes) -> tuple[str, int]:
 
 
 def katapult_frame(cmd: int, payload: bytes = b"") -> bytes:
-    """Build a Katapult frame (either direction); payload length must be a multiple of 4."""
+    """Build a Katapult frame (either direction); payload is whole 32-bit words."""
     if len(payload) % 4:
         raise ValueError("Katapult payload must be whole 32-bit words")
     body = bytes([cmd, len(payload) // 4]) + payload

@@ -43,7 +43,7 @@ def _make_raw(fd: int) -> None:
 
 def symlink_atomic(target: str, link: str) -> None:
     """Point ``link`` at ``target``, replacing any existing link atomically."""
-    tmp = "%s.tmp%d" % (link, os.getpid())
+    tmp = f"{link}.tmp{os.getpid()}"
     try:
         os.unlink(tmp)
     except FileNotFoundError:
@@ -84,7 +84,7 @@ class Pty:
         return True
 
     def read(self) -> Optional[bytes]:
-        """Bytes from the host; b"" when none; None when the port is closed (hang-up)."""
+        """Bytes from the host; b"" when none; None when the port is closed."""
         try:
             return os.read(self.master, 4096)
         except BlockingIOError:
@@ -95,7 +95,7 @@ class Pty:
             raise
 
     def write(self, data: bytes) -> None:
-        """Send to the host; dropped when nobody reads (like a USB FIFO nobody drains)."""
+        """Send to the host; dropped when nobody reads (an undrained USB FIFO)."""
         try:
             os.write(self.master, data)
         except OSError:

@@ -1,14 +1,14 @@
-"""The virtual printer: boards, linux MCU, real klippy and real Moonraker under supervisord.
+"""The virtual printer: boards, linux MCU, real klippy and Moonraker under supervisord.
 
 `Printer` lays out a bench directory and runs it (see reference/runtime.md):
 
-    <dir>/dev, <dir>/sys          sandbox device and sysfs roots (KFLASH_DEV_ROOT/SYS_ROOT)
-    <dir>/klipper                 the Klipper-like source tree (git, tag v0.13.0 + commits)
-    <dir>/sim/                    board spec, control file, flashed images, event logs
-    <dir>/bin/klipper_mcu         the linux MCU's "firmware" (its klipper.elf)
-    <dir>/printer_data/           config/printer.cfg, config/moonraker.conf, logs/, comms/
-    <dir>/supervisord.conf        programs: sim_boards, klipper_mcu, klipper, moonraker
-    /tmp/klipper_host_<id>        the linux MCU's pty (klippy treats this prefix as a pipe)
+    <dir>/dev, <dir>/sys     sandbox device and sysfs roots (KFLASH_DEV_ROOT/SYS_ROOT)
+    <dir>/klipper            the Klipper-like source tree (git, tag v0.13.0 + commits)
+    <dir>/sim/               board spec, control file, flashed images, event logs
+    <dir>/bin/klipper_mcu    the linux MCU's "firmware" (its klipper.elf)
+    <dir>/printer_data/      config/printer.cfg, config/moonraker.conf, logs/, comms/
+    <dir>/supervisord.conf   programs: sim_boards, klipper_mcu, klipper, moonraker
+    /tmp/klipper_host_<id>   the linux MCU's pty (klippy treats this prefix as a pipe)
 
 `up()` builds the firmware the boards start with (by default the tree's tag, i.e.
 outdated against HEAD; cached per tree commit and board), starts supervisord and waits
@@ -95,9 +95,12 @@ def find_tool(env: str, venv: str, name: str) -> str:
     path = os.environ.get(env)
     if path:
         return path
-    cand = os.path.join(REPO, venv, "bin", name)
-    if os.path.exists(cand):
-        return cand
+    for cand in (
+        os.path.join(REPO, venv, "bin", name),
+        os.path.join(os.path.dirname(sys.executable), name),
+    ):
+        if os.path.exists(cand):
+            return cand
     found = shutil.which(name)
     if found:
         return found
@@ -208,7 +211,7 @@ class Printer:
             tree.materialise(self.tree)
 
     def build_firmware(self, ref: str, b: BoardSpec) -> str:
-        """Build ``b``'s firmware at ``ref`` of the tree (cached); returns the artefact."""
+        """Build ``b``'s firmware at ``ref`` of the tree (cached); returns it."""
         commit = tree.git(self.tree, "rev-parse", ref + "^{commit}")
         out = os.path.join(self.build_cache, commit[:12], b.name)
         artefact = os.path.join(out, "klipper.elf" if b.is_linux else "klipper.bin")
@@ -421,7 +424,9 @@ dev_mode: True
             timeout=30,
         )
         if check and res.returncode not in (0, 3):
-            raise RuntimeError(f"supervisorctl {' '.join(args)}: {res.stdout}{res.stderr}")
+            raise RuntimeError(
+                f"supervisorctl {' '.join(args)}: {res.stdout}{res.stderr}"
+            )
         return res.stdout
 
     def prepare(self) -> None:
@@ -476,8 +481,7 @@ dev_mode: True
                 os.kill(pid, signal.SIGTERM)
             try:
                 wait_for(
-                    lambda: not os.path.exists(f"/proc/{pid}")
-                    or _is_zombie(pid),
+                    lambda: not os.path.exists(f"/proc/{pid}") or _is_zombie(pid),
                     timeout,
                     "supervisord to exit",
                 )
@@ -485,6 +489,67 @@ dev_mode: True
                 os.kill(pid, signal.SIGKILL)
         if os.path.islink(self.linux_serial):
             os.unlink(self.linux_serial)
+
+    # ------------------------------------------------------------ the boards
+
+    def by_id(self, b: BoardSpec, katapult: bool = False) -> str:
+        maker = "katapult" if katapult else "Klipper"
+        return os.path.join(
+            self.dev_root, "serial", "by-id", f"usb-{maker}_{b.mcu}_{b.serial}-if00"
+        )
+
+    def by_path(self, b: BoardSpec) -> str:
+        return os.path.join(
+            self.dev_root,
+            "serial",
+            "by-path",
+            f"platform-xhci-hcd.0-usb-0:{b.port}:1.0",
+        )
+
+    def usb_ids(self, b: BoardSpec) -> Optional[dict[str, str]]:
+        """The sysfs USB device files of a board (None when it is unplugged)."""
+        d = os.path.join(self.sys_root, "bus", "usb", "devices", "1-" + b.port)
+        out = {}
+        for key in ("idVendor", "idProduct", "manufacturer", "product", "serial"):
+            try:
+                with open(os.path.join(d, key)) as f:
+                    out[key] = f.read().strip()
+            except OSError:
+                return None
+        return out
+
+    def enter_bootloader(self, b: BoardSpec, timeout: float = 5.0) -> str:
+        """1200-baud touch on the board's tty; returns its Katapult by-id path."""
+        from kflash.sim.client import touch
+
+        touch(self.wait_app(b, timeout))
+        path = self.by_id(b, katapult=True)
+        wait_for(lambda: os.path.exists(path), timeout, f"{b.name} in Katapult")
+        return path
+
+    def wait_app(self, b: BoardSpec, timeout: float = 5.0) -> str:
+        path = self.by_id(b)
+        wait_for(lambda: os.path.exists(path), timeout, f"{b.name} running Klipper")
+        return path
+
+    def stop_klipper(self, timeout: float = 20.0) -> None:
+        """Stop the klipper service through Moonraker, as kflash does."""
+        self.api("POST", "/machine/services/stop?service=klipper")
+        wait_for(
+            lambda: self.program_state("klipper") == "STOPPED",
+            timeout,
+            "klipper stopped",
+            0.1,
+        )
+
+    def program_state(self, name: str) -> str:
+        """supervisord's state of a program: RUNNING, STOPPED, STARTING, ..."""
+        parts = self.supervisorctl("status", name, check=False).split()
+        return parts[1] if len(parts) > 1 else "UNKNOWN"
+
+    def start_klipper(self, timeout: float = 60.0) -> dict[str, Optional[str]]:
+        self.api("POST", "/machine/services/start?service=klipper")
+        return self.wait_ready(timeout)
 
     # ------------------------------------------------------------ Moonraker
 
@@ -507,7 +572,7 @@ dev_mode: True
         return [b.section for b in self.boards]
 
     def query(self) -> Optional[dict[str, Any]]:
-        """webhooks state and every MCU's status, or None while klippy is unreachable."""
+        """webhooks and every MCU's status; None while klippy is unreachable."""
         objs = ["webhooks"] + self.mcu_objects()
         qs = "&".join(urllib.parse.quote(o) for o in objs)
         try:
@@ -516,7 +581,7 @@ dev_mode: True
             return None
 
     def versions(self) -> dict[str, Optional[str]]:
-        """mcu_version per printer.cfg section, as klippy reports it through Moonraker."""
+        """mcu_version per printer.cfg section, as Moonraker reports it."""
         status = self.query() or {}
         return {s: (status.get(s) or {}).get("mcu_version") for s in self.mcu_objects()}
 

@@ -45,7 +45,7 @@ def git(tree: str, *args: str, date: Optional[str] = None) -> str:
 
 
 def materialise(dest: str, tag: str = BASE_TAG, commits_after_tag: int = 1) -> str:
-    """Copy the tree to ``dest``, ``git init``, tag ``tag``, add commits; returns dest."""
+    """Copy the tree to ``dest``, git init, tag ``tag``, add commits; returns dest."""
     shutil.copytree(
         FIRMWARE_DIR,
         dest,
@@ -56,12 +56,12 @@ def materialise(dest: str, tag: str = BASE_TAG, commits_after_tag: int = 1) -> s
     git(dest, "commit", "-q", "-m", "Klipper-like tree", date="2026-01-01T00:00:00Z")
     git(dest, "tag", tag)
     for i in range(commits_after_tag):
-        add_commit(dest, "update %d" % (i + 1), day=2 + i)
+        add_commit(dest, f"update {i + 1}", day=2 + i)
     return dest
 
 
 def add_commit(tree: str, message: str, day: int = 2) -> str:
-    """A firmware-source change (a new static string) committed; returns the new describe."""
+    """Commit a firmware-source change (a new static string); returns git describe."""
     path = os.path.join(tree, "src", "changes.c")
     with open(path, "a") as f:
         f.write('DECL_STATIC_STR("{}");\n'.format(message.replace('"', "'")))
@@ -72,7 +72,7 @@ def add_commit(tree: str, message: str, day: int = 2) -> str:
         "-q",
         "-m",
         message,
-        date="2026-01-%02dT00:00:00Z" % min(day, 28),
+        date=f"2026-01-{min(day, 28):02d}T00:00:00Z",
     )
     return describe(tree)
 
@@ -98,7 +98,7 @@ def build(tree: str, config: str, out: str, jobs: int = 2) -> str:
     out = os.path.join(os.path.abspath(out), "")
     config = os.path.abspath(config)
     base = ["make", "-C", tree, "OUT=" + out, "KCONFIG_CONFIG=" + config]
-    for args in (["olddefconfig"], ["-j%d" % jobs]):
+    for args in (["olddefconfig"], [f"-j{jobs}"]):
         res = subprocess.run(base + args, capture_output=True, text=True)
         if res.returncode != 0:
             raise RuntimeError(
