@@ -24,17 +24,15 @@ fn main() -> ExitCode {
             "--builds" => builds = args.next().map(PathBuf::from),
             "--jobs" => jobs = args.next().and_then(|j| j.parse().ok()).unwrap_or(jobs),
             "--timeout" => {
-                timeout =
-                    Duration::from_secs(args.next().and_then(|t| t.parse().ok()).unwrap_or(600));
+                let secs = args.next().and_then(|t| t.parse().ok()).unwrap_or(600);
+                timeout = Duration::from_secs(secs);
             }
             other => {
-                match other.split_once('=') {
-                    Some((key, config)) => devices.push((key.to_owned(), PathBuf::from(config))),
-                    None => {
-                        eprintln!("usage: build_firmware --klipper DIR --builds DIR [--jobs N] KEY=CONFIG...");
-                        return ExitCode::from(2);
-                    }
-                }
+                let Some((key, config)) = other.split_once('=') else {
+                    eprintln!("usage: build_firmware --klipper DIR --builds DIR KEY=CONFIG...");
+                    return ExitCode::from(2);
+                };
+                devices.push((key.to_owned(), PathBuf::from(config)));
             }
         }
     }
