@@ -2,7 +2,8 @@
 //!
 //! Owns everything under `<state>/builds/<key>/` for each device:
 //! - `config`: the working copy of the device's config after `make olddefconfig` (the user's
-//!   saved config is only ever read; `config.new` is the scratch copy olddefconfig runs on);
+//!   saved config is only ever read; `config.new` is the scratch copy olddefconfig runs on,
+//!   with `query-out/` as its OUT so the real OUT keeps its dependency files);
 //! - `out/`: Klipper's `OUT` for this device, kept between runs so that after a Klipper
 //!   update only the changed sources recompile (never `make clean`);
 //! - `firmware/current/` (image + `klipper.dict` of the last good build) and
@@ -371,6 +372,10 @@ struct Layout {
     out: PathBuf,
     /// `out` as make wants it: absolute, with a trailing slash.
     out_arg: String,
+    /// OUT for olddefconfig and the toolchain query: Klipper's Makefile re-creates
+    /// `$(OUT)board-link` and deletes the `.d` dependency files in OUT whenever the config
+    /// it is given is newer, so those must never run against the real OUT.
+    query_out_arg: String,
     work_config: PathBuf,
     record: PathBuf,
     current: PathBuf,
@@ -382,12 +387,14 @@ impl Layout {
         let dir = builds.join(key);
         let out = dir.join("out");
         let out_arg = format!("{}/", out.display());
+        let query_out_arg = format!("{}/", dir.join("query-out").display());
         Self {
             work_config: dir.join("config"),
             record: dir.join("build.json"),
             current: dir.join("firmware").join("current"),
             out,
             out_arg,
+            query_out_arg,
             dir,
         }
     }
@@ -591,11 +598,18 @@ fn cached_firmware(prep: &Prepared, record: &Record, cache_key: &str) -> Option<
     })
 }
 
-fn make_cmd(ctx: &Context, prep: &Prepared, make: &Path, config: &Path, deadline: Instant) -> Cmd {
+/// `make -C <tree> OUT=<out> KCONFIG_CONFIG=<config>`, bounded by the build's deadline.
+fn make_cmd(
+    ctx: &Context,
+    prep: &Prepared,
+    make: &Path,
+    (out, config): (&str, &Path),
+    deadline: Instant,
+) -> Cmd {
     Cmd::new(make)
         .arg("-C")
         .arg(&prep.klipper_dir)
-        .arg(format!("OUT={}", prep.layout.out_arg))
+        .arg(format!("OUT={out}"))
         .arg(format!("KCONFIG_CONFIG={}", config.display()))
         // A make we run is not a sub-make of whoever started kflash.
         .env("MAKEFLAGS", "")
@@ -621,7 +635,13 @@ fn build_one(ctx: &Context, prep: &Prepared) -> Result<Firmware, Error> {
 
     let tools = toolchain::identify(
         key,
-        &make_cmd(ctx, prep, make, &layout.work_config, deadline),
+        &make_cmd(
+            ctx,
+            prep,
+            make,
+            (&layout.query_out_arg, &layout.work_config),
+            deadline,
+        ),
         deadline,
     )?;
     let identity: String = tools
@@ -722,7 +742,7 @@ fn olddefconfig(
     let layout = &prep.layout;
     let scratch = layout.dir.join("config.new");
     fs::write(&scratch, &prep.raw_config).map_err(io_err(key, "write", &scratch))?;
-    make_cmd(ctx, prep, make, &scratch, deadline)
+    make_cmd(ctx, prep, make, (&layout.query_out_arg, &scratch), deadline)
         .arg("olddefconfig")
         .run()
         .map_err(|e| Error::from_process(key, e))?;
@@ -748,20 +768,26 @@ fn compile(ctx: &Context, prep: &Prepared, make: &Path, deadline: Instant) -> Re
     let sink = ctx.sink.clone();
     let line_key = key.to_owned();
     let counter = compiled.clone();
-    make_cmd(ctx, prep, make, &layout.work_config, deadline)
-        .arg(format!("-j{}", ctx.make_jobs))
-        .on_line(move |line| {
-            if line.trim_start().starts_with("Compiling ") {
-                let n = counter.fetch_add(1, Ordering::Relaxed) + 1;
-                let mut event = Event::info(Stage::Build, Some(&line_key), line.trim());
-                if total > 0 {
-                    event = event.with_fraction((n as f64 / total as f64).min(0.95));
-                }
-                sink(&event);
+    make_cmd(
+        ctx,
+        prep,
+        make,
+        (&layout.out_arg, &layout.work_config),
+        deadline,
+    )
+    .arg(format!("-j{}", ctx.make_jobs))
+    .on_line(move |line| {
+        if line.trim_start().starts_with("Compiling ") {
+            let n = counter.fetch_add(1, Ordering::Relaxed) + 1;
+            let mut event = Event::info(Stage::Build, Some(&line_key), line.trim());
+            if total > 0 {
+                event = event.with_fraction((n as f64 / total as f64).min(0.95));
             }
-        })
-        .run()
-        .map_err(|e| Error::from_process(key, e))?;
+            sink(&event);
+        }
+    })
+    .run()
+    .map_err(|e| Error::from_process(key, e))?;
     Ok(compiled.load(Ordering::Relaxed))
 }
 

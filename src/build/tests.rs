@@ -84,6 +84,7 @@ fn object_mtimes(out: &Path) -> HashMap<String, SystemTime> {
     fs::read_dir(out.join("src"))
         .unwrap()
         .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".o"))
         .map(|e| {
             (
                 e.file_name().to_string_lossy().into_owned(),
@@ -231,6 +232,25 @@ fn a_changed_source_recompiles_only_that_file() {
     let previous = fx.builds.join("a/firmware/previous/klipper.dict");
     assert_eq!(dict_version(&previous), first.version);
     assert_eq!(dict_version(&second.dict_path), second.version);
+}
+
+#[test]
+fn a_changed_header_recompiles_the_files_that_include_it() {
+    let fx = fixture();
+    let a = fx.config("a", "CONFIG_MCU=\"rp2040\"\n");
+    ok(&build(&[fx.req("a", &a)])[0]);
+    // A second, cached run must not lose make's header dependencies either.
+    assert!(ok(&build(&[fx.req("a", &a)])[0]).cached);
+    let before = object_mtimes(&fx.out("a"));
+    fx.commit_file("src/board.h", "#define BOARD_SCALE 5\n", "board.h");
+    let fw = ok(&build(&[fx.req("a", &a)])[0]).clone();
+    assert_eq!(fw.version, source_version(&fx.tree));
+    let after = object_mtimes(&fx.out("a"));
+    assert_ne!(
+        after["mod00.o"], before["mod00.o"],
+        "header change not recompiled"
+    );
+    assert_eq!(after["mod01.o"], before["mod01.o"]);
 }
 
 #[test]
