@@ -438,9 +438,11 @@ pub fn build_all(
     for (i, req) in reqs.iter().enumerate() {
         let started = Instant::now();
         if !seen.insert(req.key.clone()) {
-            results[i] = Some(Err(Error::DuplicateKey {
+            let err = Error::DuplicateKey {
                 key: req.key.clone(),
-            }));
+            };
+            report_error(sink, &err);
+            results[i] = Some(Err(err));
             continue;
         }
         match prepare(req, &mut versions, started) {
@@ -454,16 +456,15 @@ pub fn build_all(
                 }
                 None => todo.push((i, prep)),
             },
-            Err(e) => results[i] = Some(Err(e)),
+            Err(e) => {
+                report_error(sink, &e);
+                results[i] = Some(Err(e));
+            }
         }
     }
     for (i, result) in run_builds(todo, jobs, cancel, sink) {
         if let Err(e) = &result {
-            sink(
-                &Event::info(Stage::Build, e.key(), e.to_string())
-                    .with_level(Level::Error)
-                    .with_fraction(1.0),
-            );
+            report_error(sink, e);
         }
         results[i] = Some(result);
     }
@@ -479,6 +480,14 @@ pub fn build_all(
             })
         })
         .collect()
+}
+
+fn report_error(sink: &Sink, err: &Error) {
+    sink(
+        &Event::info(Stage::Build, err.key(), err.to_string())
+            .with_level(Level::Error)
+            .with_fraction(1.0),
+    );
 }
 
 fn run_builds(
@@ -675,15 +684,7 @@ fn build_one(ctx: &Context, prep: &Prepared) -> Result<Firmware, Error> {
         }
     }
 
-    // The TRAP: force the version object and the linked outputs to be made again when the
-    // tree's version or the config changed since this OUT was last built.
-    let stale = prep
-        .record
-        .as_ref()
-        .is_none_or(|r| r.source_version != prep.version || r.config_sha256 != config_sha);
-    if stale {
-        remove_linked_outputs(key, &layout.out)?;
-    }
+    invalidate_out(ctx, prep, &tools, &config_sha)?;
 
     let compiled = compile(ctx, prep, make, deadline)?;
 
@@ -828,6 +829,39 @@ fn check_outputs(prep: &Prepared, config: &[u8]) -> Result<(String, String, &'st
     Ok((version, mcu, image))
 }
 
+/// Remove what an incremental make would wrongly keep: every object when the toolchain
+/// changed (make does not track the compiler), and the version object plus the linked
+/// outputs when the tree's version or the config changed (the TRAP).
+fn invalidate_out(
+    ctx: &Context,
+    prep: &Prepared,
+    tools: &[Tool],
+    config_sha: &str,
+) -> Result<(), Error> {
+    let key = prep.req.key.as_str();
+    let layout = &prep.layout;
+    // make does not know the compiler: objects from another toolchain must all go.
+    if prep.record.as_ref().is_some_and(|r| r.toolchain != tools) && layout.out.exists() {
+        (ctx.sink)(&Event::info(
+            Stage::Build,
+            Some(key),
+            "toolchain changed since the last build: building from scratch",
+        ));
+        fs::remove_dir_all(&layout.out).map_err(io_err(key, "remove", &layout.out))?;
+    }
+    // The TRAP: force the version object and the linked outputs to be made again when the
+    // tree's version or the config changed since this OUT was last built.
+    let stale = prep
+        .record
+        .as_ref()
+        .is_none_or(|r| r.source_version != prep.version || r.config_sha256 != config_sha);
+    if stale {
+        remove_linked_outputs(key, &layout.out)?;
+    }
+
+    Ok(())
+}
+
 fn remove_linked_outputs(key: &str, out: &Path) -> Result<(), Error> {
     let mut victims: Vec<PathBuf> = LINKED_OUTPUTS.iter().map(|n| out.join(n)).collect();
     if let Ok(entries) = fs::read_dir(out) {
@@ -868,7 +902,19 @@ fn count_objects(dir: &Path) -> usize {
 }
 
 /// Copy image + dictionary to `firmware/new`, then `current` -> `previous`, `new` -> `current`.
+/// When make relinked nothing (the outputs equal `current`), nothing moves, so `previous`
+/// stays the last-known-good that differs from `current`.
 fn publish(key: &str, layout: &Layout, image: &str) -> Result<(), Error> {
+    let same = |name: &str| match (
+        fs::read(layout.out.join(name)),
+        fs::read(layout.current.join(name)),
+    ) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    };
+    if same(image) && same("klipper.dict") {
+        return Ok(());
+    }
     let firmware = layout.dir.join("firmware");
     let new = firmware.join("new");
     let previous = firmware.join("previous");

@@ -449,3 +449,73 @@ fn config_mcu_is_linux_for_the_linux_process() {
     assert_eq!(config_mcu(b"CONFIG_MACH_LINUX=y\n"), "linux");
     assert_eq!(config_mcu(b"# c\nCONFIG_MCU=\"rp2040\"\n"), "rp2040");
 }
+
+/// A compiler and linker that wrap the system ones but report `version` for `--version`.
+fn fake_toolchain(dir: &Path, version: &str) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    fs::create_dir_all(dir).unwrap();
+    for (tool, real) in [("gcc", "gcc"), ("ld", "ld")] {
+        let path = dir.join(format!("tc-{tool}"));
+        let script = format!(
+            "#!/bin/sh\nif [ \"$1\" = --version ]; then echo 'tc-{tool} {version}'; exit 0; fi\n\
+             exec {real} \"$@\"\n"
+        );
+        fs::write(&path, script).unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    format!("{}/tc-", dir.display())
+}
+
+#[test]
+fn a_new_compiler_version_rebuilds_from_scratch() {
+    let fx = fixture();
+    let prefix = fake_toolchain(&fx.tmp.path().join("tc"), "12.2");
+    let a = fx.config(
+        "a",
+        &format!("CONFIG_MCU=\"rp2040\"\nCONFIG_CROSS_PREFIX=\"{prefix}\"\n"),
+    );
+    let first = ok(&build(&[fx.req("a", &a)])[0]).clone();
+    let record = fs::read_to_string(fx.builds.join("a/build.json")).unwrap();
+    assert!(record.contains("tc-gcc 12.2"), "{record}");
+    // Rewritten with the same identity (new mtime): the quick check misses, the full key
+    // matches, nothing is compiled.
+    fake_toolchain(&fx.tmp.path().join("tc"), "12.2");
+    let runs = fx.make_runs().len();
+    assert!(ok(&build(&[fx.req("a", &a)])[0]).cached);
+    assert!(fx.make_runs()[runs..]
+        .iter()
+        .all(|r| !r.starts_with("all ")));
+    // An upgraded compiler: every object is rebuilt with it.
+    let before = object_mtimes(&fx.out("a"));
+    fake_toolchain(&fx.tmp.path().join("tc"), "13.1");
+    let second = ok(&build(&[fx.req("a", &a)])[0]).clone();
+    assert!(!second.cached);
+    assert_ne!(second.cache_key, first.cache_key);
+    let after = object_mtimes(&fx.out("a"));
+    assert_eq!(after.len(), before.len());
+    assert!(
+        after.iter().all(|(name, t)| before[name] != *t),
+        "stale objects kept"
+    );
+}
+
+#[test]
+fn rerunning_make_that_changes_nothing_keeps_the_last_known_good() {
+    let fx = fixture();
+    let a = fx.config("a", "CONFIG_MCU=\"rp2040\"\n");
+    let source = fx.tree.join("src/mod01.c");
+    fs::write(&source, "int work_1(int n) { return n; }\n").unwrap();
+    let first = ok(&build(&[fx.req("a", &a)])[0]).clone();
+    let first_image = fs::read(&first.image).unwrap();
+    fs::write(&source, "int work_1(int n) { return n + 1; }\n").unwrap();
+    let second = ok(&build(&[fx.req("a", &a)])[0]).clone();
+    let previous = fx.builds.join("a/firmware/previous/klipper.bin");
+    assert_eq!(fs::read(&previous).unwrap(), first_image);
+    assert_ne!(fs::read(&second.image).unwrap(), first_image);
+    // Dirty tree, nothing changed: make runs (a dirty tree cannot be trusted) but relinks
+    // nothing, and the last-known-good is not overwritten by a copy of current.
+    let third = ok(&build(&[fx.req("a", &a)])[0]).clone();
+    assert!(!third.cached);
+    assert_eq!(third.version, second.version);
+    assert_eq!(fs::read(&previous).unwrap(), first_image);
+}
