@@ -3,6 +3,10 @@
 //! Domain modules are plain Rust and never touch pyo3; `py/` is the only layer that does.
 //! - `events`: typed progress events and the one callback they go through.
 //! - `process`: running external commands safely (process groups, deadlines, output tails).
+//! - `registry`: the state dir, devices.json (devices + settings), atomic writes, import.
+//! - `kconfig`: firmware `.config` files and the target they build for.
+//! - `versions`: Klipper/Kalico version strings and firmware dictionary comparison.
+//! - `discovery`: serial devices under the device root and sysfs, across re-enumeration.
 //!
 //! The `#[pymodule]` below only declares what Python sees; the classes and functions live in
 //! `py/`.

@@ -230,6 +230,32 @@ impl Device {
     }
 }
 
+impl Device {
+    /// The identity is usable: a non-empty path, or a normalised uuid on a named interface.
+    fn check_identity(&self) -> Result<(), Error> {
+        let bad = |reason: &str| Error::BadValue {
+            key: format!("identity of {}", self.key),
+            value: self.identity.describe(),
+            reason: reason.into(),
+        };
+        match &self.identity {
+            Identity::Serial { path } | Identity::Linux { path } if path.trim().is_empty() => {
+                Err(bad("the serial path is empty"))
+            }
+            Identity::Can { uuid, interface } => {
+                if normalise_uuid(uuid)? != *uuid {
+                    return Err(Error::InvalidUuid { uuid: uuid.clone() });
+                }
+                if interface.trim().is_empty() {
+                    return Err(bad("the CAN interface is empty"));
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
 /// Check a device key: non-empty, at most 64 ASCII characters from `[A-Za-z0-9_.-]`, not
 /// `.` or `..`. The error says which rule was broken.
 pub fn validate_key(key: &str) -> Result<(), Error> {
@@ -323,7 +349,15 @@ impl Registry {
             None => return Err(invalid("missing \"version\"".into())),
         }
         // Deserialise from the text (not the Value) so errors carry line and column.
-        let registry: Registry = serde_json::from_str(text).map_err(|e| malformed(&e))?;
+        let mut registry: Registry = serde_json::from_str(text).map_err(|e| malformed(&e))?;
+        // Hand-edited uuids may be uppercase or 0x-prefixed: normalise what is valid.
+        for device in &mut registry.devices {
+            if let Identity::Can { uuid, .. } = &mut device.identity {
+                if let Ok(normal) = normalise_uuid(uuid) {
+                    *uuid = normal;
+                }
+            }
+        }
         registry.check().map_err(|e| invalid(e.to_string()))?;
         Ok(registry)
     }
@@ -335,11 +369,7 @@ impl Registry {
             if !seen.insert(device.key.as_str()) {
                 return Err(Error::DuplicateKey(device.key.clone()));
             }
-            if let Identity::Can { uuid, .. } = &device.identity {
-                if normalise_uuid(uuid)? != *uuid {
-                    return Err(Error::InvalidUuid { uuid: uuid.clone() });
-                }
-            }
+            device.check_identity()?;
         }
         Ok(())
     }
@@ -382,6 +412,7 @@ impl Registry {
         if let Identity::Can { uuid, interface } = &device.identity {
             device.identity = Identity::can(uuid, interface)?;
         }
+        device.check_identity()?;
         self.devices.push(device);
         Ok(())
     }
@@ -597,6 +628,33 @@ mod tests {
                 uuid: "aabbccddeeff".into(),
                 interface: "can1".into()
             }
+        );
+    }
+
+    #[test]
+    fn empty_serial_paths_are_refused() {
+        let mut reg = Registry::default();
+        let err = reg
+            .add(Device::new("mcu", serial(" ")).unwrap())
+            .unwrap_err();
+        assert!(err.to_string().contains("serial path is empty"), "{err}");
+        let can = |uuid: &str| {
+            format!(
+                r#"{{"version": 1, "devices": [{{"key": "t", "identity": {{"type": "can", "uuid": "{uuid}", "interface": "can0"}}}}]}}"#
+            )
+        };
+        let path = std::path::Path::new("devices.json");
+        let reg = Registry::parse(&can("0xAABBCCDDEEFF"), path).unwrap();
+        assert_eq!(
+            reg.devices[0].identity,
+            Identity::can("aabbccddeeff", "can0").unwrap()
+        );
+        let msg = Registry::parse(&can("12345"), path)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("devices.json") && msg.contains("12345"),
+            "{msg}"
         );
     }
 

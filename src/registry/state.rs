@@ -31,6 +31,11 @@ impl StateDir {
         Self::resolve_with(|name| std::env::var_os(name))
     }
 
+    /// `resolve()`, or `Error::NoStateDir` when it cannot be resolved.
+    pub fn from_env() -> Result<StateDir, super::Error> {
+        Self::resolve().ok_or(super::Error::NoStateDir)
+    }
+
     /// Resolve with an explicit environment lookup (for tests and embedding).
     pub fn resolve_with(env: impl Fn(&str) -> Option<OsString>) -> Option<StateDir> {
         let set = |name: &str| env(name).filter(|v| !v.is_empty());
