@@ -300,6 +300,15 @@ pub struct Registry {
     pub devices: Vec<Device>,
 }
 
+/// What `Registry::add_imported` did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ImportReport {
+    /// Keys added.
+    pub added: Vec<String>,
+    /// Keys skipped, with the reason.
+    pub skipped: Vec<(String, String)>,
+}
+
 #[derive(Serialize)]
 struct OnDisk<'a> {
     version: u32,
@@ -415,6 +424,32 @@ impl Registry {
         device.check_identity()?;
         self.devices.push(device);
         Ok(())
+    }
+
+    /// Add the MCUs found in printer.cfg. An MCU whose key or endpoint is already
+    /// registered is skipped with the reason; nothing already registered changes.
+    pub fn add_imported(&mut self, mcus: &[ImportedMcu]) -> ImportReport {
+        let mut report = ImportReport::default();
+        for mcu in mcus {
+            let device = mcu.to_device();
+            if let Some(existing) = self.devices.iter().find(|d| d.identity == device.identity) {
+                report.skipped.push((
+                    device.key,
+                    format!(
+                        "{} is already registered as {}",
+                        device.identity.describe(),
+                        existing.key
+                    ),
+                ));
+                continue;
+            }
+            let key = device.key.clone();
+            match self.add(device) {
+                Ok(()) => report.added.push(key),
+                Err(err) => report.skipped.push((key, err.to_string())),
+            }
+        }
+        report
     }
 
     /// Remove and return a device; an unknown key lists the known ones.
@@ -656,6 +691,25 @@ mod tests {
             msg.contains("devices.json") && msg.contains("12345"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn import_adds_new_mcus_and_skips_known_ones() {
+        let mut reg = sample();
+        let mcus = import_printer_cfg(
+            "[mcu]\nserial: /dev/serial/by-id/usb-Klipper_stm32f446xx_1-if00\n\
+             [mcu EBB36]\ncanbus_uuid: 112233445566\n\
+             [mcu nozzle]\ncanbus_uuid: 0a1b2c3d4e5f\n\
+             [mcu sb2040]\ncanbus_uuid: 665544332211\n",
+        )
+        .unwrap();
+        let report = reg.add_imported(&mcus);
+        assert_eq!(report.added, ["sb2040"]);
+        let skipped: Vec<&str> = report.skipped.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(skipped, ["mcu", "EBB36", "nozzle"]);
+        assert!(report.skipped[2].1.contains("already registered as EBB36"));
+        assert!(report.skipped[1].1.contains("already exists"));
+        assert_eq!(reg.get("sb2040").unwrap().mcu_section, "mcu sb2040");
     }
 
     #[test]
