@@ -334,7 +334,14 @@ impl Registry {
             path: path.into(),
             line: err.line(),
             column: err.column(),
-            message: err.to_string(),
+            // serde_json appends " at line L column C"; the position is shown separately.
+            message: {
+                let text = err.to_string();
+                match text.rfind(" at line ") {
+                    Some(i) => text[..i].to_string(),
+                    None => text,
+                }
+            },
         };
         let value: serde_json::Value = serde_json::from_str(text).map_err(|e| malformed(&e))?;
         let invalid = |message: String| Error::Invalid {
@@ -565,6 +572,7 @@ mod tests {
         assert!(msg.contains("devices.json"), "{msg}");
         assert!(msg.contains("line 3"), "{msg}");
         assert!(matches!(err, Error::Malformed { line: 3, .. }));
+        assert_eq!(msg.matches("line 3").count(), 1, "{msg}");
         assert_eq!(fs::read_to_string(dir.devices_json()).unwrap(), broken);
     }
 
