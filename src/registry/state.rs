@@ -90,6 +90,14 @@ impl StateDir {
         self.root.join("runs")
     }
 
+    /// Create the directory with `configs/`, `builds/` and `runs/` (idempotent).
+    pub fn create_all(&self) -> io::Result<()> {
+        for dir in [self.configs_dir(), self.builds_dir(), self.runs_dir()] {
+            fs::create_dir_all(dir)?;
+        }
+        Ok(())
+    }
+
     /// `lock`: held by the one run allowed at a time.
     pub fn lock_path(&self) -> PathBuf {
         self.root.join("lock")
@@ -206,6 +214,15 @@ mod tests {
         assert_eq!(dir.builds_dir(), Path::new("/s/builds"));
         assert_eq!(dir.runs_dir(), Path::new("/s/runs"));
         assert_eq!(dir.lock_path(), Path::new("/s/lock"));
+    }
+
+    #[test]
+    fn create_all_makes_the_layout() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = StateDir::at(tmp.path().join("kflash"));
+        dir.create_all().unwrap();
+        dir.create_all().unwrap();
+        assert!(dir.configs_dir().is_dir() && dir.builds_dir().is_dir() && dir.runs_dir().is_dir());
     }
 
     #[test]
