@@ -15,6 +15,7 @@ from kflash._core import (
     PreflightRefused,
     RegistryError,
     ServiceError,
+    compare_versions,
 )
 
 __all__ = [
@@ -27,4 +28,5 @@ __all__ = [
     "PreflightRefused",
     "RegistryError",
     "ServiceError",
+    "compare_versions",
 ]

@@ -42,6 +42,7 @@ use std::time::{Duration, Instant};
 use sha2::{Digest, Sha256};
 
 use crate::events::{Event, Level, Sink, Stage};
+use crate::kconfig;
 use crate::process::{self, Cancel, Cmd};
 use record::Record;
 use toolchain::Tool;
@@ -321,16 +322,12 @@ fn sha256_hex(parts: &[&[u8]]) -> String {
 }
 
 /// The MCU a config targets: `CONFIG_MCU`, or "linux" for the linux-process target
-/// (which defines none).
-fn config_mcu(config: &[u8]) -> String {
-    String::from_utf8_lossy(config)
-        .lines()
-        .find_map(|line| {
-            line.trim()
-                .strip_prefix("CONFIG_MCU=")
-                .map(|v| v.trim().trim_matches('"').to_owned())
-        })
-        .unwrap_or_else(|| "linux".to_owned())
+/// (which defines none); `None` when the config names neither.
+fn config_mcu(config: &[u8]) -> Option<String> {
+    kconfig::KConfig::parse(&String::from_utf8_lossy(config))
+        .target()
+        .ok()
+        .map(|t| t.mcu)
 }
 
 /// Read a dictionary: (json, version, config.MCU).
@@ -805,8 +802,7 @@ fn check_outputs(prep: &Prepared, config: &[u8]) -> Result<(String, String, &'st
             out: layout.out.clone(),
         });
     }
-    let expected_mcu = config_mcu(config);
-    if mcu != expected_mcu {
+    if let Some(expected_mcu) = config_mcu(config).filter(|m| !m.eq_ignore_ascii_case(&mcu)) {
         return Err(Error::McuMismatch {
             key: key.to_owned(),
             config: prep.req.config.clone(),

@@ -446,8 +446,12 @@ fn dictionary_versions_match_modulo_the_date_host_suffix() {
 
 #[test]
 fn config_mcu_is_linux_for_the_linux_process() {
-    assert_eq!(config_mcu(b"CONFIG_MACH_LINUX=y\n"), "linux");
-    assert_eq!(config_mcu(b"# c\nCONFIG_MCU=\"rp2040\"\n"), "rp2040");
+    assert_eq!(config_mcu(b"CONFIG_MACH_LINUX=y\n").unwrap(), "linux");
+    assert_eq!(
+        config_mcu(b"# c\nCONFIG_MCU=\"rp2040\"\n").unwrap(),
+        "rp2040"
+    );
+    assert_eq!(config_mcu(b"# not a firmware config\n"), None);
 }
 
 /// A compiler and linker that wrap the system ones but report `version` for `--version`.
