@@ -745,6 +745,8 @@ fn olddefconfig(
         .run()
         .map_err(|e| Error::from_process(key, e))?;
     let config = fs::read(&scratch).map_err(io_err(key, "read", &scratch))?;
+    // kconfiglib keeps a backup of a config it rewrote; the scratch copy needs none.
+    let _ = fs::remove_file(layout.dir.join("config.new.old"));
     if fs::read(&layout.work_config).ok().as_deref() == Some(&config[..]) {
         let _ = fs::remove_file(&scratch);
     } else {

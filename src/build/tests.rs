@@ -523,3 +523,26 @@ fn rerunning_make_that_changes_nothing_keeps_the_last_known_good() {
     assert_eq!(third.version, second.version);
     assert_eq!(fs::read(&previous).unwrap(), first_image);
 }
+
+#[test]
+fn cancelling_stops_running_builds() {
+    let fx = fixture();
+    let a = fx.config("a", "CONFIG_MCU=\"rp2040\"\nCONFIG_FIXTURE_SLEEP=60\n");
+    let cancel = Cancel::new();
+    let trigger = cancel.clone();
+    // Cancel while make is compiling (as Ctrl+C would); the fixture then hangs for 60 s.
+    let sink: Sink = Arc::new(move |e: &Event| {
+        if e.message.contains("Compiling") {
+            trigger.cancel();
+        }
+    });
+    let started = Instant::now();
+    let results = build_all(&[fx.req("a", &a)], 2, &cancel, &sink);
+    assert!(
+        matches!(results[0], Err(Error::Cancelled { .. })),
+        "{:?}",
+        results[0]
+    );
+    assert!(started.elapsed() < Duration::from_secs(30));
+    assert!(!fx.builds.join("a/firmware/current").exists());
+}
