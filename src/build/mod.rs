@@ -479,6 +479,13 @@ pub fn build_all(
         .collect()
 }
 
+/// The firmware `build_all` would return as cached for `req`, found without running
+/// anything but `git describe` (for `kflash plan`); `None` when it would build.
+pub fn up_to_date(req: &BuildRequest) -> Option<Firmware> {
+    let prep = prepare(req, &mut HashMap::new(), Instant::now()).ok()?;
+    try_cached(&prep)
+}
+
 fn report_error(sink: &Sink, err: &Error) {
     sink(
         &Event::info(Stage::Build, err.key(), err.to_string())

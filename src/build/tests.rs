@@ -174,8 +174,11 @@ fn unchanged_devices_are_not_rebuilt_and_make_is_not_run() {
     let a = fx.config("a", "CONFIG_MCU=\"rp2040\"\n");
     let b = fx.config("b", "CONFIG_MCU=\"stm32f103xe\"\n");
     let reqs = [fx.req("a", &a), fx.req("b", &b)];
+    assert_eq!(up_to_date(&reqs[0]), None);
     let first: Vec<Firmware> = build(&reqs).iter().map(|r| ok(r).clone()).collect();
     let runs = fx.make_runs().len();
+    let planned = up_to_date(&reqs[0]).expect("built firmware is up to date");
+    assert_eq!((planned.cached, &planned.image), (true, &first[0].image));
     let image_before = fs::read(&first[0].image).unwrap();
     let second = build(&reqs);
     for (fw1, result) in first.iter().zip(&second) {
