@@ -79,6 +79,7 @@ pub struct BuildRequest {
 /// A built (or cached) firmware, ready to flash.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Firmware {
+    /// The device key.
     pub key: String,
     /// Klipper's `OUT` for this device (`<builds>/<key>/out`).
     pub out_dir: PathBuf,
@@ -109,8 +110,11 @@ impl Firmware {
 /// Why a device's firmware could not be built. Every variant says what to do about it.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("`make` was not found on PATH; install it with `sudo apt install build-essential`")]
-    MakeMissing,
+    #[error(
+        "{key}: `make` was not found on PATH; install it with \
+         `sudo apt install build-essential`"
+    )]
+    MakeMissing { key: String },
     #[error(
         "{key}: the compiler `{compiler}` was not found; install it with \
          `sudo apt install {packages}`"
@@ -204,11 +208,11 @@ pub enum Error {
 }
 
 impl Error {
-    /// The device the error is about (`None` for `MakeMissing`).
-    pub fn key(&self) -> Option<&str> {
+    /// The device the error is about.
+    pub fn key(&self) -> &str {
         match self {
-            Error::MakeMissing => None,
-            Error::ToolchainMissing { key, .. }
+            Error::MakeMissing { key }
+            | Error::ToolchainMissing { key, .. }
             | Error::KlipperDirMissing { key, .. }
             | Error::ConfigMissing { key, .. }
             | Error::Make { key, .. }
@@ -220,7 +224,7 @@ impl Error {
             | Error::McuMismatch { key, .. }
             | Error::ImageMissing { key, .. }
             | Error::Io { key, .. }
-            | Error::DuplicateKey { key } => Some(key),
+            | Error::DuplicateKey { key } => key,
         }
     }
 
@@ -488,7 +492,7 @@ pub fn up_to_date(req: &BuildRequest) -> Option<Firmware> {
 
 fn report_error(sink: &Sink, err: &Error) {
     sink(
-        &Event::info(Stage::Build, err.key(), err.to_string())
+        &Event::info(Stage::Build, Some(err.key()), err.to_string())
             .with_level(Level::Error)
             .with_fraction(1.0),
     );
@@ -639,7 +643,9 @@ fn build_one(ctx: &Context, prep: &Prepared) -> Result<Firmware, Error> {
             key: key.to_owned(),
         });
     }
-    let make = ctx.make.as_deref().ok_or(Error::MakeMissing)?;
+    let make = ctx.make.as_deref().ok_or_else(|| Error::MakeMissing {
+        key: key.to_owned(),
+    })?;
     let deadline = prep.started + prep.req.timeout;
     (ctx.sink)(&Event::info(Stage::Build, Some(key), "building firmware").with_fraction(0.0));
     fs::create_dir_all(&layout.dir).map_err(io_err(key, "create", &layout.dir))?;
