@@ -19,10 +19,13 @@
 //!   dictionary would keep the old version. Whenever the tree's version (or the config) differs
 //!   from what `out/` was built from, the version object and the linked outputs are removed
 //!   first; after every build the dictionary's version is checked against the tree's.
-//! - `firmware/current` changes only after a build fully succeeded; a failure leaves it alone.
+//! - A toolchain whose identity changed empties `out/` first (make does not track the compiler).
+//! - `firmware/current` changes only after a build fully succeeded; a failure leaves it alone,
+//!   and so does a make that relinked nothing (so `previous` stays a different, older build).
 //!
 //! Thread-safety: `build_all` runs up to `jobs` builds on scoped threads, one directory per
-//! device, so builds never share files; events are sent from those threads.
+//! device, so builds never share files; events are sent from those threads. Two processes
+//! must not build the same device at once (the state dir's run lock prevents it).
 
 mod record;
 mod toolchain;
