@@ -115,13 +115,22 @@ impl Watchdog {
             log: log.clone(),
         };
         if let Some(Err(e)) = written {
-            let reason = format!("cannot hand over the settings: {e}");
+            // Usually the watchdog died at once (broken pipe): its exit and log say why.
+            let reason = match dog.wait_armed(offset) {
+                Err(reason) => reason,
+                Ok(()) => format!("cannot hand over the settings: {e}"),
+            };
             return Err(dog.abort(reason));
         }
         match dog.wait_armed(offset) {
             Ok(()) => Ok(dog),
             Err(reason) => Err(dog.abort(reason)),
         }
+    }
+
+    /// The usual launch: `[python, -m, kflash.watchdog]` (pass `sys.executable`).
+    pub fn python_launch(python: impl Into<OsString>) -> Vec<OsString> {
+        vec![python.into(), "-m".into(), "kflash.watchdog".into()]
     }
 
     /// The watchdog's log file.
