@@ -16,6 +16,7 @@ from kflash._core import (
     PreflightRefused,
     RegistryError,
     ServiceError,
+    compare_versions,
 )
 
 __all__ = [
@@ -29,4 +30,5 @@ __all__ = [
     "PreflightRefused",
     "RegistryError",
     "ServiceError",
+    "compare_versions",
 ]
