@@ -14,6 +14,11 @@
 //! crash path (the pipe closes and the watchdog restarts the service), so disarm only after
 //! the service is running again.
 //!
+//! Limit: a new session does not leave the runner's cgroup. If the runner is itself a
+//! systemd unit (e.g. started with `systemd-run`) with the default `KillMode=control-group`,
+//! systemd kills the watchdog together with the runner; such a runner must be started with
+//! `-p KillMode=process` (or the watchdog given its own unit).
+//!
 //! Thread-safety: a `Watchdog` is owned by the runner thread; it is `Send`.
 
 use std::ffi::OsString;
