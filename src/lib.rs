@@ -16,9 +16,11 @@ pub mod build;
 pub mod discovery;
 pub mod events;
 pub mod kconfig;
+pub mod moonraker;
 pub mod process;
 pub mod py;
 pub mod registry;
+pub mod service;
 pub mod versions;
 
 use pyo3::prelude::*;
@@ -26,6 +28,8 @@ use pyo3::prelude::*;
 /// kflash's native core: build and flash every MCU of a Klipper printer.
 #[pymodule]
 mod _core {
+    #[pymodule_export]
+    use crate::py::errors::MoonrakerError;
     #[pymodule_export]
     use crate::py::errors::{
         BuildError, CommandTimeout, ConfigError, DeviceNotFound, FlashError, KflashError,

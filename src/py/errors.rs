@@ -12,6 +12,7 @@ use crate::discovery;
 use crate::kconfig;
 use crate::process;
 use crate::registry;
+use crate::{moonraker, service};
 
 create_exception!(
     kflash._core,
@@ -68,6 +69,13 @@ create_exception!(
     "A run was refused before anything was stopped (printing, lock held, no service control)."
 );
 
+create_exception!(
+    kflash._core,
+    MoonrakerError,
+    KflashError,
+    "Moonraker is unreachable, answered with an error, or sent something unexpected."
+);
+
 impl From<process::Error> for PyErr {
     fn from(err: process::Error) -> PyErr {
         match err {
@@ -84,6 +92,18 @@ impl From<build::Error> for PyErr {
             build::Error::ConfigMissing { .. } => ConfigError::new_err(err.to_string()),
             _ => BuildError::new_err(err.to_string()),
         }
+    }
+}
+
+impl From<service::Error> for PyErr {
+    fn from(err: service::Error) -> PyErr {
+        ServiceError::new_err(err.to_string())
+    }
+}
+
+impl From<moonraker::Error> for PyErr {
+    fn from(err: moonraker::Error) -> PyErr {
+        MoonrakerError::new_err(err.to_string())
     }
 }
 
@@ -179,6 +199,30 @@ mod tests {
             .into();
             assert!(config.is_instance_of::<ConfigError>(py));
             assert!(config.is_instance_of::<KflashError>(py));
+        });
+    }
+
+    #[test]
+    fn service_and_moonraker_errors_map_to_their_classes() {
+        Python::initialize();
+        Python::attach(|py| {
+            let err: PyErr = service::Error::Unavailable {
+                service: "klipper".into(),
+                reason: "sudo refused".into(),
+            }
+            .into();
+            assert!(err.is_instance_of::<ServiceError>(py));
+            assert!(err.is_instance_of::<KflashError>(py));
+            assert!(err.to_string().contains("sudo refused"));
+            let err: PyErr = moonraker::Error::Unreachable {
+                url: "http://127.0.0.1:7125/server/info".into(),
+                reason: "connection refused".into(),
+            }
+            .into();
+            assert!(err.is_instance_of::<MoonrakerError>(py));
+            assert!(err.is_instance_of::<KflashError>(py));
+            assert!(!err.is_instance_of::<ServiceError>(py));
+            assert!(err.to_string().contains("127.0.0.1:7125"));
         });
     }
 
