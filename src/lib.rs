@@ -4,6 +4,12 @@
 //! - `build`: out-of-tree parallel firmware builds with a content-hash cache.
 //! - `events`: typed progress events and the one callback they go through.
 //! - `process`: running external commands safely (process groups, deadlines, output tails).
+//! - `registry`: the state dir, devices.json (devices + settings), atomic writes, import.
+//! - `kconfig`: firmware `.config` files and the target they build for.
+//! - `versions`: Klipper/Kalico version strings and firmware dictionary comparison.
+//! - `discovery`: serial devices under the device root and sysfs, across re-enumeration.
+//! - `flash`: flash methods (Katapult, make flash, linux MCU) and the fallback chain.
+//! - `pipeline`: plan -> pre-flight -> build -> one stop window -> restart -> verify -> report.
 //!
 //! The `#[pymodule]` below only declares what Python sees; the classes and functions live in
 //! `py/`.
