@@ -672,15 +672,21 @@ class KflashExtra:
         if isinstance(plan, dict) and plan.get("target_version"):
             target = _text(plan["target_version"])
             lines.append(f"prompt_text Firmware kflash builds: {target}")
+        if isinstance(plan, dict) and plan.get("moonraker") is False:
+            lines.append("prompt_text Moonraker is unreachable: the MCUs' "
+                         "current versions are unknown.")
         if not devices:
             lines.append("prompt_text No devices registered: run `kflash "
                          "devices import` on the host.")
         todo = 0
         for d in devices:
             mcu = f" ({d['mcu']})" if d.get("mcu") else ""
+            why = ""
+            if d.get("reason") and d.get("action") not in (None, "flash"):
+                why = f" ({_text(d['reason'])})"
             lines.append(f"prompt_text {d['key']}{mcu}: "
                          f"{_text(d['current'])} -> {_text(d['target'])}: "
-                         f"{d['state']}")
+                         f"{d['state']}{why}")
             if d["state"] in ("outdated", "unknown"):
                 todo += 1
         if devices:

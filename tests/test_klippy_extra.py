@@ -9,15 +9,18 @@ extra's status object.
 import fcntl
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
 import pytest
 
+import kflash
 from kflash import helper
 from klippy_support import REPO, Klippy, plugins
 
 HERE = Path(__file__).resolve().parent
+FIRMWARE = REPO / "python" / "kflash" / "sim" / "firmware"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -158,9 +161,39 @@ def test_validates_device_and_registry(klippy, home):
     assert err and "no devices registered" in err
 
 
-def test_plan_close_ends_the_dialog(klippy, home):
+def test_plan_dialog_from_the_real_engine(klippy, home, tmp_path):
+    """A registry made with the engine, Moonraker unreachable: the dialog
+    still lists the device, says why its version is unknown, and closes."""
+    (home / "devices.json").unlink()
+    eng = kflash.Engine(home=str(home))
+    eng.set_setting("moonraker_url", "http://127.0.0.1:9")
+    eng.set_setting("klipper_dir", str(FIRMWARE))
+    eng.add_device("host", linux=str(tmp_path / "host"), method="linux")
+    cfg = Path(eng.config_path("host"))
+    cfg.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(FIRMWARE / "config" / "linux.config", cfg)
+    target = eng.plan()["devices"][0]["version_target"]
+    assert klippy.gcode("KFLASH_PLAN") is None
+    klippy.wait_line(lambda s: s == "// action:prompt_show")
+    lines = [s[len("// action:"):] for s in klippy.lines()
+             if s.startswith("// action:")]
+    assert lines == [
+        "prompt_begin kflash: MCU firmware",
+        "prompt_text Moonraker is unreachable: the MCUs' current versions "
+        "are unknown.",
+        f"prompt_text host (linux): ? -> {target}: unknown",
+        "prompt_button_group_start",
+        "prompt_button Flash host|KFLASH DEVICE=host|warning",
+        "prompt_button_group_end",
+        "prompt_footer_button Update all outdated (1)|"
+        "KFLASH_ALL ONLY_OUTDATED=1|primary",
+        "prompt_footer_button Close|KFLASH_PLAN CLOSE=1|secondary",
+        "prompt_show",
+    ]
+    assert (home / "helper" / "prompt_open").exists()
     assert klippy.gcode("KFLASH_PLAN CLOSE=1") is None
     klippy.wait_line(lambda s: s == "// action:prompt_end")
+    assert not (home / "helper" / "prompt_open").exists()
 
 
 def test_run_whose_helper_fails_posts_errors(klippy, home):

@@ -81,6 +81,7 @@ def test_systemd_branch_uses_sudo_systemd_run(systemd_env, tmp_path):
     assert got.method == "systemd-run"
     args = rec.read_text().splitlines()
     assert "--unit=kflash-helper" in args and "--collect" in args
+    assert "--property=KillMode=process" in args
     assert f"--uid={os.getuid()}" in args
     assert f"--setenv=KFLASH_HOME={home}" in args
     tail = args[args.index("--") + 1:]

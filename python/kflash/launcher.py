@@ -241,7 +241,10 @@ def _launch_systemd_run(argv, env, cwd, timeout):
     sudo = shutil.which("sudo", path=env.get("PATH"))
     if not exe or not sudo:
         return None, "systemd-run or sudo not found"
+    # KillMode=process: when the helper dies, the engine's watchdog (a
+    # process of the same unit) must live on to start klipper again.
     cmd = [sudo, "-n", exe, "--unit=" + HELPER_UNIT, "--collect", "--quiet",
+           "--property=KillMode=process",
            f"--uid={os.getuid()}", f"--gid={os.getgid()}"]
     if cwd:
         cmd.append("--working-directory=" + str(cwd))
