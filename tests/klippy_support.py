@@ -75,9 +75,12 @@ def plugins(links):
     try:
         for name, src in links.items():
             dst = d / f"{name}.py"
+            src = Path(src).resolve()
+            if dst.is_symlink() and dst.resolve() == src:
+                continue  # already there (not ours to remove)
             if dst.is_symlink() or dst.exists():
-                dst.unlink()
-            dst.symlink_to(Path(src).resolve())
+                raise RuntimeError(f"{dst} exists and is not {src}")
+            dst.symlink_to(src)
             made.append(dst)
         yield d
     finally:
