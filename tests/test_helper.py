@@ -75,6 +75,12 @@ def test_a_run_leaves_progress_status_and_report(run):
     assert len(evs) == 4 and cur == files.end_cursor()
     assert files.read_events(cur) == ([], cur)
     assert files.busy() is None and files.interrupted_run() is None
+    # the next run's file is a new one: a reader's cursor starts over
+    p = start()
+    (marks / "go").touch()
+    assert p.wait(10) == 0
+    evs2, _ = files.read_events(cur)
+    assert [e["stage"] for e in evs2] == ["helper", "build", "stop", "helper"]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])

@@ -268,12 +268,11 @@ class _Progress:
     def __init__(self, path, run_id):
         self._lock = threading.Lock()
         self._run_id = run_id
-        # a new file (new inode) per run: readers notice the new run
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-        self._f = open(path, "w", encoding="utf-8")
+        # A new file per run, created while the old one still exists (so
+        # its inode differs) and renamed over it: readers see a new run.
+        tmp = path + ".new"
+        self._f = open(tmp, "w", encoding="utf-8")
+        os.replace(tmp, path)
 
     def __call__(self, ev):
         if not isinstance(ev, dict):
