@@ -8,6 +8,7 @@
 //! `py/`.
 
 pub mod events;
+pub mod katapult;
 pub mod process;
 pub mod py;
 
