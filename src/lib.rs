@@ -3,6 +3,7 @@
 //! Domain modules are plain Rust and never touch pyo3; `py/` is the only layer that does.
 //! - `events`: typed progress events and the one callback they go through.
 //! - `process`: running external commands safely (process groups, deadlines, output tails).
+//! - `katapult`: Katapult's protocol and the native serial flasher.
 //!
 //! The `#[pymodule]` below only declares what Python sees; the classes and functions live in
 //! `py/`.
@@ -22,4 +23,6 @@ mod _core {
         BuildError, CommandTimeout, ConfigError, DeviceNotFound, FlashError, KflashError,
         PreflightRefused, RegistryError, ServiceError,
     };
+    #[pymodule_export]
+    use crate::py::katapult::{katapult_flash, katapult_status};
 }

@@ -9,3 +9,20 @@ class FlashError(KflashError): ...
 class ServiceError(KflashError): ...
 class CommandTimeout(KflashError): ...
 class PreflightRefused(KflashError): ...
+
+# Native Katapult flasher (src/py/katapult.rs).
+import os as _os  # noqa: E402
+from typing import Any as _Any  # noqa: E402
+from typing import Callable as _Callable  # noqa: E402
+
+def katapult_flash(
+    device: str | _os.PathLike[str],
+    firmware: str | _os.PathLike[str],
+    baud: int | None = None,
+    on_event: _Callable[[dict[str, _Any]], object] | None = None,
+) -> dict[str, _Any]: ...
+def katapult_status(
+    device: str | _os.PathLike[str],
+    baud: int | None = None,
+    on_event: _Callable[[dict[str, _Any]], object] | None = None,
+) -> dict[str, _Any]: ...

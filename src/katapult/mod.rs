@@ -31,7 +31,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub use flasher::{
-    flash_serial, status_serial, BootloaderInfo, FlashReport, SerialFlashOptions, Timing,
+    flash_serial, status_serial, BootloaderInfo, FlashReport, SerialFlashOptions,
+    SerialStatusOptions, Timing,
 };
 pub use image::{image_info, ImageInfo};
 
