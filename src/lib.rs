@@ -3,15 +3,23 @@
 //! Domain modules are plain Rust and never touch pyo3; `py/` is the only layer that does.
 //! - `events`: typed progress events and the one callback they go through.
 //! - `process`: running external commands safely (process groups, deadlines, output tails).
+//! - `registry`: the state dir, devices.json (devices + settings), atomic writes, import.
+//! - `kconfig`: firmware `.config` files and the target they build for.
+//! - `versions`: Klipper/Kalico version strings and firmware dictionary comparison.
+//! - `discovery`: serial devices under the device root and sysfs, across re-enumeration.
 //! - `katapult`: Katapult's protocol and the native serial flasher.
 //!
 //! The `#[pymodule]` below only declares what Python sees; the classes and functions live in
 //! `py/`.
 
+pub mod discovery;
 pub mod events;
 pub mod katapult;
+pub mod kconfig;
 pub mod process;
 pub mod py;
+pub mod registry;
+pub mod versions;
 
 use pyo3::prelude::*;
 
@@ -25,4 +33,6 @@ mod _core {
     };
     #[pymodule_export]
     use crate::py::katapult::{katapult_flash, katapult_status};
+    #[pymodule_export]
+    use crate::py::versions::compare_versions;
 }

@@ -15,6 +15,7 @@ from kflash._core import (
     PreflightRefused,
     RegistryError,
     ServiceError,
+    compare_versions,
     katapult_flash,
     katapult_status,
 )
@@ -29,6 +30,7 @@ __all__ = [
     "PreflightRefused",
     "RegistryError",
     "ServiceError",
+    "compare_versions",
     "katapult_flash",
     "katapult_status",
 ]

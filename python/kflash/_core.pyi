@@ -10,6 +10,12 @@ class ServiceError(KflashError): ...
 class CommandTimeout(KflashError): ...
 class PreflightRefused(KflashError): ...
 
+def compare_versions(mcu: str, target: str) -> str:
+    """Compare an MCU's version with the firmware kflash would build.
+
+    Returns "current", "outdated", "newer" or "unknown".
+    """
+
 # Native Katapult flasher (src/py/katapult.rs).
 import os as _os  # noqa: E402
 from typing import Any as _Any  # noqa: E402

@@ -7,8 +7,11 @@ use pyo3::create_exception;
 use pyo3::exceptions::PyException;
 use pyo3::PyErr;
 
+use crate::discovery;
 use crate::katapult;
+use crate::kconfig;
 use crate::process;
+use crate::registry;
 
 create_exception!(
     kflash._core,
@@ -74,6 +77,30 @@ impl From<process::Error> for PyErr {
     }
 }
 
+impl From<registry::Error> for PyErr {
+    fn from(err: registry::Error) -> PyErr {
+        match err {
+            registry::Error::UnknownDevice { .. } => DeviceNotFound::new_err(err.to_string()),
+            _ => RegistryError::new_err(err.to_string()),
+        }
+    }
+}
+
+impl From<kconfig::Error> for PyErr {
+    fn from(err: kconfig::Error) -> PyErr {
+        ConfigError::new_err(err.to_string())
+    }
+}
+
+impl From<discovery::Error> for PyErr {
+    fn from(err: discovery::Error) -> PyErr {
+        match err {
+            discovery::Error::Cancelled { .. } => KflashError::new_err(err.to_string()),
+            _ => DeviceNotFound::new_err(err.to_string()),
+        }
+    }
+}
+
 impl From<katapult::Error> for PyErr {
     fn from(err: katapult::Error) -> PyErr {
         if err.is_timeout() {
@@ -110,6 +137,55 @@ mod tests {
             .into();
             assert!(failed.is_instance_of::<KflashError>(py));
             assert!(failed.to_string().contains("oops"));
+        });
+    }
+
+    #[test]
+    fn registry_errors_map_to_their_classes() {
+        Python::initialize();
+        Python::attach(|py| {
+            let bad_key: PyErr = registry::validate_key("a/b").unwrap_err().into();
+            assert!(bad_key.is_instance_of::<RegistryError>(py));
+            assert!(bad_key.to_string().contains("path separators"));
+            let unknown: PyErr = registry::Registry::default()
+                .get("EBB36")
+                .unwrap_err()
+                .into();
+            assert!(unknown.is_instance_of::<DeviceNotFound>(py));
+            assert!(unknown.is_instance_of::<KflashError>(py));
+        });
+    }
+
+    #[test]
+    fn kconfig_errors_map_to_config_error() {
+        Python::initialize();
+        Python::attach(|py| {
+            let config = kconfig::KConfig::parse("CONFIG_MCU=\"stm32f103xe\"\n");
+            let wrong: PyErr = kconfig::check_mcu("rp2040", &config).unwrap_err().into();
+            assert!(wrong.is_instance_of::<ConfigError>(py));
+            assert!(wrong.to_string().contains("stm32f103xe"));
+            let none: PyErr = kconfig::KConfig::parse("").target().unwrap_err().into();
+            assert!(none.is_instance_of::<ConfigError>(py));
+        });
+    }
+
+    #[test]
+    fn discovery_errors_map_to_device_not_found() {
+        Python::initialize();
+        Python::attach(|py| {
+            let none = discovery::Discovery::at("/nonexistent/dev", "/nonexistent/sys");
+            let missing: PyErr = none.resolve("usb-Klipper_*").unwrap_err().into();
+            assert!(missing.is_instance_of::<DeviceNotFound>(py));
+            let ambiguous: PyErr = discovery::Error::Ambiguous {
+                pattern: "usb-*".into(),
+                candidates: "a, b".into(),
+            }
+            .into();
+            assert!(ambiguous.is_instance_of::<DeviceNotFound>(py));
+            assert!(ambiguous.to_string().contains("a, b"));
+            let stopped: PyErr = discovery::Error::Cancelled { id: "x".into() }.into();
+            assert!(!stopped.is_instance_of::<DeviceNotFound>(py));
+            assert!(stopped.is_instance_of::<KflashError>(py));
         });
     }
 

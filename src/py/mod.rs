@@ -7,3 +7,4 @@
 
 pub mod errors;
 pub mod katapult;
+pub mod versions;
