@@ -18,6 +18,10 @@ use super::codec::{
     Ack, Command, ConnectInfo, DecodeError, Decoder, Response, DEVICE_MAX_FRAME, PROTO_1_1_0,
 };
 use super::port::Port;
+use crate::discovery::Discovery;
+use std::fs;
+use std::os::unix::fs::symlink;
+use std::path::Path;
 
 /// Faults to inject; counters are 1-based over valid command frames.
 #[derive(Debug, Clone, Default)]
@@ -373,5 +377,102 @@ impl Drop for PtyDevice {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+/// The one-hop tty name of a by-id/by-path link.
+fn link_tty(path: &Path) -> Option<String> {
+    fs::read_link(path)
+        .ok()
+        .and_then(|t| t.file_name().map(|n| n.to_string_lossy().into_owned()))
+}
+
+/// A sandbox laid out like the virtual printer bench for one USB board.
+pub(crate) struct Sandbox {
+    pub dir: tempfile::TempDir,
+    pub discovery: Discovery,
+}
+
+impl Sandbox {
+    pub(crate) fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let discovery = Discovery::at(dir.path().join("dev"), dir.path().join("sys"));
+        let (dev, sys) = (&discovery.dev.0, &discovery.sys.0);
+        fs::create_dir_all(dev.join("serial/by-id")).unwrap();
+        fs::create_dir_all(dev.join("serial/by-path")).unwrap();
+        fs::create_dir_all(sys.join("class/tty")).unwrap();
+        fs::create_dir_all(sys.join("bus/usb/devices")).unwrap();
+        Self { dir, discovery }
+    }
+
+    /// Present `tty` (pointing at `target`) as a USB device with these ids on `port`.
+    pub(crate) fn plug(&self, tty: &str, target: &Path, port: &str, vid_pid: &str, mfr: &str) {
+        let dev = &self.discovery.dev.0;
+        let _ = fs::remove_file(dev.join(tty));
+        symlink(target, dev.join(tty)).unwrap();
+        let by_id = dev.join("serial/by-id");
+        for e in fs::read_dir(&by_id).unwrap().flatten() {
+            if link_tty(&e.path()).as_deref() == Some(tty) {
+                fs::remove_file(e.path()).unwrap();
+            }
+        }
+        symlink(
+            format!("../../{tty}"),
+            by_id.join(format!("usb-{mfr}_stm32f103xe_ABC-if00")),
+        )
+        .unwrap();
+        let by_path = dev.join(format!("serial/by-path/platform-usb-0:{port}:1.0"));
+        let _ = fs::remove_file(&by_path);
+        symlink(format!("../../{tty}"), by_path).unwrap();
+        let usbdir = self.discovery.sys.0.join("devices").join(port);
+        let iface = usbdir.join(format!("{port}:1.0"));
+        fs::create_dir_all(&iface).unwrap();
+        let (vid, pid) = vid_pid.split_once(':').unwrap();
+        fs::write(usbdir.join("idVendor"), format!("{vid}\n")).unwrap();
+        fs::write(usbdir.join("idProduct"), format!("{pid}\n")).unwrap();
+        fs::write(usbdir.join("manufacturer"), format!("{mfr}\n")).unwrap();
+        fs::write(usbdir.join("product"), "stm32f103xe\n").unwrap();
+        let class = self.discovery.sys.0.join("class/tty").join(tty);
+        fs::create_dir_all(&class).unwrap();
+        let _ = fs::remove_file(class.join("device"));
+        symlink(&iface, class.join("device")).unwrap();
+        let bus = self.discovery.sys.0.join("bus/usb/devices").join(port);
+        if !bus.exists() {
+            symlink(&usbdir, bus).unwrap();
+        }
+    }
+
+    /// The tty vanished (the board resets and re-enumerates).
+    pub(crate) fn unplug(&self, tty: &str) {
+        let _ = fs::remove_file(self.discovery.dev.0.join(tty));
+        for sub in ["serial/by-id", "serial/by-path"] {
+            for e in fs::read_dir(self.discovery.dev.0.join(sub))
+                .unwrap()
+                .flatten()
+            {
+                if link_tty(&e.path()).as_deref() == Some(tty) {
+                    fs::remove_file(e.path()).unwrap();
+                }
+            }
+        }
+        let _ = fs::remove_dir_all(self.discovery.sys.0.join("class/tty").join(tty));
+    }
+
+    /// The board fell into a ROM loader: no tty, just USB ids on the port.
+    pub(crate) fn rom(&self, tty: &str, port: &str, vid_pid: &str) {
+        let _ = fs::remove_file(self.discovery.dev.0.join(tty));
+        for sub in ["serial/by-id", "serial/by-path"] {
+            for e in fs::read_dir(self.discovery.dev.0.join(sub))
+                .unwrap()
+                .flatten()
+            {
+                fs::remove_file(e.path()).unwrap();
+            }
+        }
+        let usbdir = self.discovery.sys.0.join("devices").join(port);
+        let (vid, pid) = vid_pid.split_once(':').unwrap();
+        fs::write(usbdir.join("idVendor"), format!("{vid}\n")).unwrap();
+        fs::write(usbdir.join("idProduct"), format!("{pid}\n")).unwrap();
+        fs::write(usbdir.join("manufacturer"), "STMicroelectronics\n").unwrap();
     }
 }

@@ -29,8 +29,8 @@ use crate::process::Cancel;
 use super::codec::{code, Ack, Command, ConnectInfo, Decoder, Response};
 use super::image::{image_info, ImageInfo};
 use super::port::{uart_request_bootloader, usb_touch_1200, Port, SerialPort};
-use super::usb::{self, Mode, Roots};
-use super::{Error, Step};
+use super::{Error, RomLoader, Step};
+use crate::discovery::{usb_mode, Discovery, StableId, UsbMode};
 
 /// Default UART baud (flashtool's default, Klipper's usual).
 pub const DEFAULT_BAUD: u32 = 250_000;
@@ -82,10 +82,10 @@ pub struct SerialStatusOptions {
     pub device: PathBuf,
     /// `Some(baud)`: a UART board; `None`: USB (the baud does not matter).
     pub baud: Option<u32>,
-    /// A link that follows the board across re-enumeration (by-path); found when `None`.
-    pub stable: Option<PathBuf>,
-    /// Device and sysfs roots (`$KFLASH_DEV_ROOT`, `$KFLASH_SYS_ROOT` by default).
-    pub roots: Roots,
+    /// The board's identity across re-enumeration; `StableId::of` the device when `None`.
+    pub stable: Option<StableId>,
+    /// Where devices are found (`$KFLASH_DEV_ROOT`, `$KFLASH_SYS_ROOT` by default).
+    pub discovery: Discovery,
     pub timing: Timing,
 }
 
@@ -96,7 +96,7 @@ impl SerialStatusOptions {
             device: device.into(),
             baud: None,
             stable: None,
-            roots: Roots::from_env(),
+            discovery: Discovery::from_env(),
             timing: Timing::default(),
         }
     }
@@ -109,8 +109,8 @@ pub struct SerialFlashOptions {
     /// The image (klipper.bin).
     pub firmware: PathBuf,
     pub baud: Option<u32>,
-    pub stable: Option<PathBuf>,
-    pub roots: Roots,
+    pub stable: Option<StableId>,
+    pub discovery: Discovery,
     pub timing: Timing,
 }
 
@@ -122,7 +122,7 @@ impl SerialFlashOptions {
             firmware: firmware.into(),
             baud: None,
             stable: None,
-            roots: Roots::from_env(),
+            discovery: Discovery::from_env(),
             timing: Timing::default(),
         }
     }
@@ -132,7 +132,7 @@ impl SerialFlashOptions {
             device: self.device.clone(),
             baud: self.baud,
             stable: self.stable.clone(),
-            roots: self.roots.clone(),
+            discovery: self.discovery.clone(),
             timing: self.timing.clone(),
         }
     }
@@ -727,49 +727,34 @@ fn enter_bootloader(
     if let Some(baud) = opts.baud {
         return enter_uart(opts, baud, cancel, sink);
     }
-    let roots = &opts.roots;
-    let name = usb::tty_name(device);
-    let info = name.as_deref().and_then(|n| usb::tty_usb_info(roots, n));
-    let Some(info) = info else {
-        // Not a USB tty we can identify: talk to it as it is (like flashtool.py).
+    let disc = &opts.discovery;
+    // Not a device discovery knows: talk to it as it is (like flashtool.py).
+    let Ok(port) = disc.resolve(&device.to_string_lossy()) else {
         return Ok(Entered {
             path: device.clone(),
             prime: false,
         });
     };
-    match usb::mode_of(&info) {
-        Mode::Katapult | Mode::Other(_) => Ok(Entered {
+    let product = port.usb.as_ref().and_then(|u| u.product_name.clone());
+    if usb_mode(&port) != UsbMode::Klipper {
+        return Ok(Entered {
             path: device.clone(),
-            prime: needs_priming(&info.product),
-        }),
-        Mode::Rom(loader, usb_id) => Err(Error::RomLoader {
-            device: device.clone(),
-            loader,
-            usb_id,
-        }),
-        Mode::Application => {
-            let name = name.unwrap_or_default();
-            let stable = opts
-                .stable
-                .clone()
-                .or_else(|| usb::by_path_link(roots, &name));
-            let port_name = info
-                .dir
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned());
-            say(
-                sink,
-                device,
-                "requesting the USB bootloader (1200-baud touch)".into(),
-            );
-            usb_touch_1200(device).map_err(|source| Error::Io {
-                path: device.clone(),
-                step: Step::EnterBootloader,
-                source,
-            })?;
-            wait_for_katapult(opts, stable.as_deref(), port_name.as_deref(), cancel, sink)
-        }
+            prime: product.as_deref().is_some_and(needs_priming),
+        });
     }
+    let stable = opts.stable.clone().unwrap_or_else(|| StableId::of(&port));
+    let roms_before = disc.find_rom_loaders();
+    say(
+        sink,
+        device,
+        "requesting the USB bootloader (1200-baud touch)".into(),
+    );
+    usb_touch_1200(device).map_err(|source| Error::Io {
+        path: device.clone(),
+        step: Step::EnterBootloader,
+        source,
+    })?;
+    wait_for_katapult(opts, &stable, &roms_before, cancel, sink)
 }
 
 /// UART: probe first (a board already in Katapult answers CONNECT at once), else send the
@@ -813,16 +798,16 @@ fn enter_uart(
     })
 }
 
-/// After the touch: wait until the board is back as Katapult (through its stable link, or
-/// any tty on the same USB port), or fell into a ROM loader, or the time is up.
+/// After the touch: wait until the board is back as Katapult under its stable identity,
+/// or a new ROM loader appeared (it fell into DFU/BOOTSEL), or the time is up.
 fn wait_for_katapult(
     opts: &SerialStatusOptions,
-    stable: Option<&Path>,
-    port_name: Option<&str>,
+    stable: &StableId,
+    roms_before: &[crate::discovery::RomLoader],
     cancel: &Cancel,
     sink: &Sink,
 ) -> Result<Entered, Error> {
-    let (device, roots) = (&opts.device, &opts.roots);
+    let (device, disc) = (&opts.device, &opts.discovery);
     let started = Instant::now();
     loop {
         if cancel.is_cancelled() {
@@ -830,15 +815,11 @@ fn wait_for_katapult(
                 step: Step::EnterBootloader,
             });
         }
-        let found = match stable {
-            Some(link) => usb::tty_name(link)
-                .and_then(|n| usb::tty_usb_info(roots, &n))
-                .filter(|i| usb::mode_of(i) == Mode::Katapult)
-                .map(|i| (link.to_owned(), i)),
-            None => katapult_on_port(roots, port_name),
-        };
-        if let Some((path, now)) = found {
-            if path.exists() {
+        if let Some(port) = disc.find(stable) {
+            let path = port
+                .path()
+                .map_or_else(|| disc.dev.0.join(&port.tty), Path::to_path_buf);
+            if usb_mode(&port) == UsbMode::Katapult && path.exists() {
                 say(
                     sink,
                     device,
@@ -848,17 +829,27 @@ fn wait_for_katapult(
                         started.elapsed().as_secs_f64()
                     ),
                 );
+                let product = port.usb.as_ref().and_then(|u| u.product_name.as_deref());
                 return Ok(Entered {
                     path,
-                    prime: needs_priming(&now.product),
+                    prime: product.is_some_and(needs_priming),
                 });
             }
         }
-        if let Some(Mode::Rom(loader, usb_id)) = port_name.and_then(|p| usb::port_mode(roots, p)) {
+        if let Some(rom) = disc
+            .find_rom_loaders()
+            .into_iter()
+            .find(|r| !roms_before.contains(r))
+        {
+            let (loader, usb_id) = match rom.family {
+                "stm32-dfu" => (RomLoader::StmDfu, "0483:df11"),
+                "rp2350-bootsel" => (RomLoader::RpBootsel, "2e8a:000f"),
+                _ => (RomLoader::RpBootsel, "2e8a:0003"),
+            };
             return Err(Error::RomLoader {
                 device: device.clone(),
                 loader,
-                usb_id,
+                usb_id: usb_id.into(),
             });
         }
         if started.elapsed() >= opts.timing.reenumerate {
@@ -869,18 +860,6 @@ fn wait_for_katapult(
         }
         std::thread::sleep(opts.timing.poll);
     }
-}
-
-/// Without a stable link: any tty whose USB device is `port` and runs Katapult.
-fn katapult_on_port(roots: &Roots, port: Option<&str>) -> Option<(PathBuf, usb::UsbInfo)> {
-    let port = port?;
-    let entries = std::fs::read_dir(roots.sys.join("class/tty")).ok()?;
-    entries.filter_map(Result::ok).find_map(|e| {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let info = usb::tty_usb_info(roots, &name)?;
-        let same_port = info.dir.file_name().is_some_and(|n| n == port);
-        (same_port && usb::mode_of(&info) == Mode::Katapult).then(|| (roots.dev.join(&name), info))
-    })
 }
 
 fn open_session_port(path: &Path, baud: Option<u32>) -> Result<SerialPort, Error> {

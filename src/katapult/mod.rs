@@ -2,12 +2,13 @@
 //!
 //! Owns everything kflash needs to flash a board that runs the Katapult bootloader without
 //! Katapult's `flashtool.py`: the wire format (`codec`), reading the MCU and version out of a
-//! `klipper.bin` (`image`), raw ttys and the two bootloader requests (`port`), the USB
-//! identity of a tty across re-enumeration (`usb`), the flash/verify session (`flasher`) and
-//! the CAN admin sequence over a transport seam (`can`).
+//! `klipper.bin` (`image`), raw ttys and the two bootloader requests (`port`), the
+//! flash/verify session and the serial flasher (`flasher`; it finds a board again after
+//! re-enumeration through `crate::discovery`), and the CAN admin sequence over a transport
+//! seam (`can`).
 //!
-//! Public entry points: [`flash_serial`] and [`status_serial`]; `flashtool.py` stays the
-//! fallback, chosen by `flash/`.
+//! Public entry points: [`flash_serial`], [`status_serial`], and [`flash_device`] (the shape
+//! of `flash::NativeKatapult`); `flashtool.py` stays the fallback, chosen by `flash/`.
 //!
 //! Invariants: nothing is written to a board before its bootloader's MCU was compared with
 //! the image's embedded dictionary; a flash is reported done only after every block was read
@@ -20,7 +21,6 @@ pub mod codec;
 pub mod flasher;
 pub mod image;
 pub mod port;
-pub mod usb;
 
 #[cfg(test)]
 pub(crate) mod fake;
@@ -35,6 +35,22 @@ pub use flasher::{
     SerialStatusOptions, Timing,
 };
 pub use image::{image_info, ImageInfo};
+
+/// Flash `firmware` to the serial board `device` with every default: discovery from the
+/// environment, default timeouts (`baud`: `Some` for a UART board). The shape of the
+/// pipeline's native Katapult seam (`flash::NativeKatapult`); `Ok` only after a verified
+/// write.
+pub fn flash_device(
+    device: &std::path::Path,
+    baud: Option<u32>,
+    firmware: &std::path::Path,
+    cancel: &crate::process::Cancel,
+    sink: &crate::events::Sink,
+) -> Result<FlashReport, Error> {
+    let mut opts = SerialFlashOptions::new(device, firmware);
+    opts.baud = baud;
+    flash_serial(&opts, cancel, sink)
+}
 
 /// Where in the flashing sequence something happened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -4,10 +4,10 @@
 use super::*;
 use crate::events;
 use crate::katapult::codec::Command;
+use crate::katapult::fake::Sandbox;
 use crate::katapult::fake::{FakeBootloader, FakePort, Faults, PtyDevice};
 use crate::katapult::image::tests::fake_image;
 use crate::katapult::port::pty;
-use crate::katapult::usb::tests::Sandbox;
 use crate::katapult::RomLoader;
 use std::sync::{Arc, Mutex};
 
@@ -441,22 +441,19 @@ fn quick_timing() -> Timing {
     }
 }
 
-fn opts_for(device: &Path, firmware: &Path, roots: &Roots) -> SerialFlashOptions {
+fn opts_for(device: &Path, firmware: &Path, roots: &Discovery) -> SerialFlashOptions {
     SerialFlashOptions {
         device: device.to_owned(),
         firmware: firmware.to_owned(),
         baud: None,
         stable: None,
-        roots: roots.clone(),
+        discovery: roots.clone(),
         timing: quick_timing(),
     }
 }
 
-fn empty_roots(dir: &Path) -> Roots {
-    Roots {
-        dev: dir.join("dev"),
-        sys: dir.join("sys"),
-    }
+fn empty_roots(dir: &Path) -> Discovery {
+    Discovery::at(dir.join("dev"), dir.join("sys"))
 }
 
 #[test]
@@ -478,7 +475,7 @@ fn pty_flash_of_one_mib_in_64_byte_blocks() {
     pty_flash(dir.path(), &empty_roots(dir.path()), 64, 1 << 20);
 }
 
-fn pty_flash(dir: &Path, roots: &Roots, bs: u32, len: usize) {
+fn pty_flash(dir: &Path, roots: &Discovery, bs: u32, len: usize) {
     {
         {
             let p = pty::open();
@@ -583,7 +580,7 @@ fn pty_usb_board_is_touched_found_again_by_path_and_flashed() {
     let p = pty::open();
     let pts = p.slave_path.clone();
     sb.plug("ttyACM0", &pts, "1-1.2", "1d50:614e", "Klipper");
-    let roots = sb.roots.clone();
+    let roots = sb.discovery.clone();
     let sb = Arc::new(sb);
     let sb2 = sb.clone();
     let flip: Box<dyn FnOnce() + Send> = Box::new(move || {
@@ -596,12 +593,16 @@ fn pty_usb_board_is_touched_found_again_by_path_and_flashed() {
     std::fs::write(&fw, &image).unwrap();
     let by_id = roots
         .dev
+        .0
         .join("serial/by-id/usb-Klipper_stm32f103xe_ABC-if00");
     let (sink, events) = collect();
     let report = flash_serial(&opts_for(&by_id, &fw, &roots), &Cancel::new(), &sink).unwrap();
     assert_eq!(
         report.device,
-        roots.dev.join("serial/by-path/platform-usb-0:1-1.2:1.0")
+        roots
+            .dev
+            .0
+            .join("serial/by-id/usb-katapult_stm32f103xe_ABC-if00")
     );
     assert_eq!(
         report.firmware_version.as_deref(),
@@ -630,11 +631,12 @@ fn pty_usb_board_that_falls_into_dfu_is_reported_with_recovery_steps() {
     let fw = sb.dir.path().join("klipper.bin");
     std::fs::write(&fw, image_of(100)).unwrap();
     let by_id = sb
-        .roots
+        .discovery
         .dev
+        .0
         .join("serial/by-id/usb-Klipper_stm32f103xe_ABC-if00");
     let err = flash_serial(
-        &opts_for(&by_id, &fw, &sb.roots),
+        &opts_for(&by_id, &fw, &sb.discovery),
         &Cancel::new(),
         &events::discard(),
     )
@@ -666,10 +668,11 @@ fn pty_usb_board_that_never_comes_back_is_not_in_bootloader() {
     let fw = sb.dir.path().join("klipper.bin");
     std::fs::write(&fw, image_of(100)).unwrap();
     let by_id = sb
-        .roots
+        .discovery
         .dev
+        .0
         .join("serial/by-id/usb-Klipper_stm32f103xe_ABC-if00");
-    let mut opts = opts_for(&by_id, &fw, &sb.roots);
+    let mut opts = opts_for(&by_id, &fw, &sb.discovery);
     opts.timing.reenumerate = Duration::from_millis(300);
     let err = flash_serial(&opts, &Cancel::new(), &events::discard()).unwrap_err();
     assert!(err.is_timeout());
@@ -709,7 +712,7 @@ fn pty_status_connects_reports_and_completes() {
         device: p.slave_path.clone(),
         baud: None,
         stable: None,
-        roots: empty_roots(dir.path()),
+        discovery: empty_roots(dir.path()),
         timing: quick_timing(),
     };
     let info = status_serial(&opts, &Cancel::new(), &events::discard()).unwrap();
