@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use crate::events::Sink;
 use crate::process::Cancel;
 
-use super::flasher::{flash_connected, FlashReport, Session, Timing};
+use super::flasher::{flash_connected, sleep_cancellable, FlashReport, Session, Timing};
 use super::image::image_info;
 use super::port::Port;
 use super::{Error, Step};
@@ -232,9 +232,9 @@ pub fn flash_can(
     }
     let dictionary = image_info(&image).ok();
     request_bootloader(t, uuid)?;
-    std::thread::sleep(can_timing.after_request);
+    sleep_cancellable(can_timing.after_request, Step::CanAdmin, cancel)?;
     clear_node_ids(t)?;
-    std::thread::sleep(can_timing.after_clear);
+    sleep_cancellable(can_timing.after_clear, Step::CanAdmin, cancel)?;
     set_node_id(t, uuid, FLASH_NODE_ID)?;
     let label: std::path::PathBuf = format!("can:{}", hex(&uuid)).into();
     let mut port = CanPort::new(t, FLASH_NODE_ID);

@@ -302,10 +302,12 @@ impl<'a> Session<'a> {
         Ok(t0.elapsed().min(budget))
     }
 
-    /// Throw away whatever the device still sends (late answers to earlier tries).
+    /// Throw away whatever the device still sends (late answers to earlier tries): read
+    /// until the line is quiet for `timing.settle`, for at most about a second.
     fn settle(&mut self, step: Step) -> Result<(), Error> {
         let mut total = Duration::ZERO;
         while total < Duration::from_secs(1) {
+            let t0 = Instant::now();
             let n = self
                 .port
                 .read(&mut self.buf, self.timing.settle)
@@ -313,7 +315,8 @@ impl<'a> Session<'a> {
             if n == 0 {
                 break;
             }
-            total += SLICE.min(self.timing.settle).max(Duration::from_millis(1));
+            // Count at least 1 ms a read, so a device that never stops talking ends this.
+            total += t0.elapsed().max(Duration::from_millis(1));
         }
         self.decoder.clear();
         Ok(())
@@ -681,7 +684,7 @@ pub(crate) fn flash_connected(
     Ok(report)
 }
 
-fn sleep_cancellable(total: Duration, step: Step, cancel: &Cancel) -> Result<(), Error> {
+pub(crate) fn sleep_cancellable(total: Duration, step: Step, cancel: &Cancel) -> Result<(), Error> {
     let end = Instant::now() + total;
     loop {
         if cancel.is_cancelled() {

@@ -138,7 +138,10 @@ impl SerialPort {
             let err = io::Error::last_os_error();
             return Err(io::Error::new(
                 err.kind(),
-                format!("{} is in use by another program ({err})", path.display()),
+                format!(
+                    "{} is in use by another program ({err}); is klipper stopped?",
+                    path.display()
+                ),
             ));
         }
         // SAFETY: valid fd.
