@@ -5,6 +5,7 @@ import argparse
 import json
 import os
 import pty
+import signal
 import struct
 import threading
 import time
@@ -55,6 +56,7 @@ class FakeKatapult(threading.Thread):
         self.mcu = mcu
         self.flash = {}
         self.commands = []
+        self.delay = 0.0  # seconds before each answer (a slow board)
         self.stop = threading.Event()
         self.start()
 
@@ -102,6 +104,8 @@ class FakeKatapult(threading.Thread):
             reply = ack(cmd)
         else:
             reply = frame(0xF2)
+        if self.delay:
+            time.sleep(self.delay)
         os.write(self.master, reply)
 
     def image(self, length):
@@ -162,6 +166,20 @@ def test_an_exception_in_the_callback_cancels_the_flash(board, firmware):
     with pytest.raises(RuntimeError, match="stop right there"):
         kflash.katapult_flash(board.path, str(firmware), on_event=boom)
     assert 0x15 not in board.commands  # a half-written board stays in Katapult
+
+
+def test_ctrl_c_interrupts_a_flash_and_leaves_the_board_in_katapult(board, firmware):
+    board.delay = 0.02
+    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            kflash.katapult_flash(board.path, str(firmware))
+    finally:
+        timer.cancel()
+    assert time.monotonic() - started < 2.0, "the flash did not stop promptly"
+    assert 0x12 in board.commands and 0x15 not in board.commands
 
 
 def test_missing_device_is_a_flash_error(firmware, tmp_path):

@@ -8,7 +8,10 @@
 
 use std::path::PathBuf;
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+/// How often a waiting call re-attaches to check for signals (Ctrl+C).
+const SIGNAL_CHECK: Duration = Duration::from_millis(100);
 
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -79,12 +82,21 @@ fn run_detached<T: Send + 'static>(
     drop(tx);
     let mut pending: Option<PyErr> = None;
     let mut rx = rx;
+    let mut last_check = Instant::now();
     let result = loop {
         let (back, msg) = py.detach(move || {
-            let msg = rx.recv_timeout(Duration::from_millis(100));
+            let msg = rx.recv_timeout(SIGNAL_CHECK);
             (rx, msg)
         });
         rx = back;
+        // Signals are checked every 100 ms even while events keep arriving.
+        if pending.is_none() && last_check.elapsed() >= SIGNAL_CHECK {
+            last_check = Instant::now();
+            if let Err(err) = py.check_signals() {
+                cancel.cancel();
+                pending = Some(err);
+            }
+        }
         match msg {
             Ok(Msg::Event(e)) => {
                 if let (Some(cb), None) = (on_event, &pending) {
@@ -95,14 +107,7 @@ fn run_detached<T: Send + 'static>(
                 }
             }
             Ok(Msg::Done(out)) => break Some(out),
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                if pending.is_none() {
-                    if let Err(err) = py.check_signals() {
-                        cancel.cancel();
-                        pending = Some(err);
-                    }
-                }
-            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => break None,
         }
     };
