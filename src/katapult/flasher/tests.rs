@@ -469,10 +469,12 @@ fn pty_flash_of_every_size_and_block_size() {
 }
 
 #[test]
-#[ignore = "about 10 s: 32768 round trips over a pty (run with --ignored)"]
-fn pty_flash_of_one_mib_in_64_byte_blocks() {
+fn pty_flash_of_one_mib_in_every_block_size() {
     let dir = tempfile::tempdir().unwrap();
-    pty_flash(dir.path(), &empty_roots(dir.path()), 64, 1 << 20);
+    let roots = empty_roots(dir.path());
+    for bs in [64u32, 128, 256] {
+        pty_flash(dir.path(), &roots, bs, 1 << 20);
+    }
 }
 
 fn pty_flash(dir: &Path, roots: &Discovery, bs: u32, len: usize) {
