@@ -1,6 +1,7 @@
 //! kflash's Rust core, compiled as the Python extension `kflash._core`.
 //!
 //! Domain modules are plain Rust and never touch pyo3; `py/` is the only layer that does.
+//! - `build`: out-of-tree parallel firmware builds with a content-hash cache.
 //! - `events`: typed progress events and the one callback they go through.
 //! - `process`: running external commands safely (process groups, deadlines, output tails).
 //! - `registry`: the state dir, devices.json (devices + settings), atomic writes, import.
@@ -12,13 +13,16 @@
 //! The `#[pymodule]` below only declares what Python sees; the classes and functions live in
 //! `py/`.
 
+pub mod build;
 pub mod discovery;
 pub mod events;
 pub mod katapult;
 pub mod kconfig;
+pub mod moonraker;
 pub mod process;
 pub mod py;
 pub mod registry;
+pub mod service;
 pub mod versions;
 
 use pyo3::prelude::*;
@@ -26,6 +30,8 @@ use pyo3::prelude::*;
 /// kflash's native core: build and flash every MCU of a Klipper printer.
 #[pymodule]
 mod _core {
+    #[pymodule_export]
+    use crate::py::errors::MoonrakerError;
     #[pymodule_export]
     use crate::py::errors::{
         BuildError, CommandTimeout, ConfigError, DeviceNotFound, FlashError, KflashError,
