@@ -10,6 +10,7 @@
 //! - `discovery`: serial devices under the device root and sysfs, across re-enumeration.
 //! - `flash`: flash methods (Katapult, make flash, linux MCU) and the fallback chain.
 //! - `pipeline`: plan -> pre-flight -> build -> one stop window -> restart -> verify -> report.
+//! - `katapult`: Katapult's protocol and the native serial flasher.
 //!
 //! The `#[pymodule]` below only declares what Python sees; the classes and functions live in
 //! `py/`.
@@ -18,6 +19,7 @@ pub mod build;
 pub mod discovery;
 pub mod events;
 pub mod flash;
+pub mod katapult;
 pub mod kconfig;
 pub mod moonraker;
 pub mod pipeline;
@@ -41,6 +43,8 @@ mod _core {
         BuildError, CommandTimeout, ConfigError, DeviceNotFound, FlashError, KflashError,
         PreflightRefused, RegistryError, ServiceError,
     };
+    #[pymodule_export]
+    use crate::py::katapult::{katapult_flash, katapult_status};
     #[pymodule_export]
     use crate::py::versions::compare_versions;
 }

@@ -18,6 +18,8 @@ from kflash._core import (
     RegistryError,
     ServiceError,
     compare_versions,
+    katapult_flash,
+    katapult_status,
 )
 
 __all__ = [
@@ -33,4 +35,6 @@ __all__ = [
     "RegistryError",
     "ServiceError",
     "compare_versions",
+    "katapult_flash",
+    "katapult_status",
 ]

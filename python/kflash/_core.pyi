@@ -69,3 +69,19 @@ class Engine:
         on_event: Optional[Callable[[Event], None]] = None,
     ) -> Dict[str, Any]: ...
     def status(self) -> Dict[str, Any]: ...
+# Native Katapult flasher (src/py/katapult.rs).
+import os as _os  # noqa: E402
+from typing import Any as _Any  # noqa: E402
+from typing import Callable as _Callable  # noqa: E402
+
+def katapult_flash(
+    device: str | _os.PathLike[str],
+    firmware: str | _os.PathLike[str],
+    baud: int | None = None,
+    on_event: _Callable[[dict[str, _Any]], object] | None = None,
+) -> dict[str, _Any]: ...
+def katapult_status(
+    device: str | _os.PathLike[str],
+    baud: int | None = None,
+    on_event: _Callable[[dict[str, _Any]], object] | None = None,
+) -> dict[str, _Any]: ...

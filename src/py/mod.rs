@@ -7,4 +7,5 @@
 
 pub mod engine;
 pub mod errors;
+pub mod katapult;
 pub mod versions;
