@@ -346,12 +346,18 @@ impl<'a> Session<'a> {
     ) -> Result<Result<Ack, Failure>, Error> {
         let mut budget = per_try;
         let mut mismatch = None;
+        let mut garbled = None;
         loop {
             while let Some(item) = self.decoder.next_frame() {
                 let frame = match item {
                     Ok(frame) => frame,
-                    // A reply arrived damaged: nothing else is coming for this try.
-                    Err(garbage) => return Ok(Err(Failure::Garbled(garbage.to_string()))),
+                    // Damaged bytes: most likely our reply, so do not wait the whole try;
+                    // a good reply right behind stale noise still gets a short grace.
+                    Err(garbage) => {
+                        garbled = Some(garbage.to_string());
+                        budget = budget.min(self.timing.settle);
+                        continue;
+                    }
                 };
                 if std::mem::take(&mut self.discard_first) {
                     continue;
@@ -376,7 +382,11 @@ impl<'a> Session<'a> {
                 return Err(Error::Cancelled { step });
             }
             if budget.is_zero() {
-                return Ok(Err(mismatch.map_or(Failure::Timeout, Failure::Protocol)));
+                return Ok(Err(match (mismatch, garbled) {
+                    (Some(why), _) => Failure::Protocol(why),
+                    (None, Some(detail)) => Failure::Garbled(detail),
+                    (None, None) => Failure::Timeout,
+                }));
             }
             let used = self.fill(step, budget)?;
             budget = budget.saturating_sub(used);

@@ -211,6 +211,23 @@ fn transient_faults_are_recovered_by_retries() {
 }
 
 #[test]
+fn noise_in_front_of_a_good_reply_costs_no_retry() {
+    let mut dev = FakeBootloader::new(MCU, 64);
+    dev.faults.noise_before_reply = true;
+    let image = image_of(2000);
+    let (result, port) = flash_fake(dev, &image, None, &Cancel::new(), &events::discard());
+    let report = result.unwrap();
+    assert_holds(&port, &image, 64);
+    let dev = board(&port);
+    let writes = dev
+        .log
+        .iter()
+        .filter(|c| matches!(c, Command::SendBlock { .. }))
+        .count();
+    assert_eq!(writes, report.blocks, "every block written exactly once");
+}
+
+#[test]
 fn a_refused_block_fails_naming_its_address_and_stays_in_the_bootloader() {
     let mut dev = FakeBootloader::new(MCU, 64);
     dev.faults.refuse_block_at = Some(0x0800_2400);
