@@ -742,12 +742,24 @@ fn enter_bootloader(
     }
     let disc = &opts.discovery;
     // Not a device discovery knows: talk to it as it is (like flashtool.py).
-    let Ok(port) = disc.resolve(&device.to_string_lossy()) else {
+    let Some((device, port)) = locate(opts) else {
         return Ok(Entered {
             path: device.clone(),
             prime: false,
         });
     };
+    if device != opts.device {
+        say(
+            sink,
+            &opts.device,
+            format!(
+                "{} is gone; the board is now {}",
+                opts.device.display(),
+                device.display()
+            ),
+        );
+    }
+    let device = &device;
     let product = port.usb.as_ref().and_then(|u| u.product_name.clone());
     if usb_mode(&port) != UsbMode::Klipper {
         return Ok(Entered {
@@ -768,6 +780,36 @@ fn enter_bootloader(
         source,
     })?;
     wait_for_katapult(opts, &stable, &roms_before, cancel, sink)
+}
+
+/// The board behind `opts.device` now: that path, else (a board that stayed in Katapult
+/// after a failed flash, or already left it) its by-id link under the other maker name,
+/// else its stable identity.
+fn locate(opts: &SerialStatusOptions) -> Option<(PathBuf, crate::discovery::SerialPort)> {
+    let disc = &opts.discovery;
+    let device = &opts.device;
+    if let Ok(port) = disc.resolve(&device.to_string_lossy()) {
+        return Some((device.clone(), port));
+    }
+    if let Some(other) = by_id_counterpart(device) {
+        if let Ok(port) = disc.resolve(&other.to_string_lossy()) {
+            return Some((other, port));
+        }
+    }
+    let port = disc.find(opts.stable.as_ref()?)?;
+    let path = port.path()?.to_path_buf();
+    Some((path, port))
+}
+
+/// `usb-Klipper_<mcu>_<serial>-if00` <-> `usb-katapult_<mcu>_<serial>-if00`, same dir.
+fn by_id_counterpart(device: &Path) -> Option<PathBuf> {
+    let name = device.file_name()?.to_str()?;
+    let other = if let Some(rest) = name.strip_prefix("usb-Klipper_") {
+        format!("usb-katapult_{rest}")
+    } else {
+        format!("usb-Klipper_{}", name.strip_prefix("usb-katapult_")?)
+    };
+    Some(device.with_file_name(other))
 }
 
 /// UART: probe first (a board already in Katapult answers CONNECT at once), else send the

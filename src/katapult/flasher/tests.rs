@@ -639,6 +639,42 @@ fn pty_usb_board_is_touched_found_again_by_path_and_flashed() {
 }
 
 #[test]
+fn pty_board_left_in_katapult_is_found_from_its_klipper_link() {
+    let sb = Sandbox::new();
+    let p = pty::open();
+    sb.plug("ttyACM3", &p.slave_path, "1-1.2", "1d50:6177", "katapult");
+    let fake = PtyDevice::serve(p.master, FakeBootloader::new(MCU, 64), false, None);
+    let fw = sb.dir.path().join("klipper.bin");
+    let image = image_of(1000);
+    std::fs::write(&fw, &image).unwrap();
+    // The registry knows the board by its application's by-id link, which is gone now.
+    let klipper_link = sb
+        .discovery
+        .dev
+        .0
+        .join("serial/by-id/usb-Klipper_stm32f103xe_ABC-if00");
+    assert!(!klipper_link.exists());
+    let report = flash_serial(
+        &opts_for(&klipper_link, &fw, &sb.discovery),
+        &Cancel::new(),
+        &events::discard(),
+    )
+    .unwrap();
+    assert!(report.device.ends_with("usb-katapult_stm32f103xe_ABC-if00"));
+    assert_eq!(
+        fake.device.lock().unwrap().read(0x0800_2000, image.len()),
+        image
+    );
+    assert_eq!(
+        by_id_counterpart(Path::new("/dev/serial/by-id/usb-katapult_rp2040_E66-if00")),
+        Some(PathBuf::from(
+            "/dev/serial/by-id/usb-Klipper_rp2040_E66-if00"
+        ))
+    );
+    assert_eq!(by_id_counterpart(Path::new("/dev/ttyACM0")), None);
+}
+
+#[test]
 fn pty_usb_board_that_falls_into_dfu_is_reported_with_recovery_steps() {
     let sb = Arc::new(Sandbox::new());
     let p = pty::open();
