@@ -35,6 +35,8 @@ use crate::discovery::{usb_mode, Discovery, StableId, UsbMode};
 /// Default UART baud (flashtool's default, Klipper's usual).
 pub const DEFAULT_BAUD: u32 = 250_000;
 const SLICE: Duration = Duration::from_millis(100);
+/// How long opening a freshly enumerated tty is retried (udev permissions, links).
+const OPEN_GRACE: Duration = Duration::from_secs(2);
 
 /// Timeouts and retry counts of a flash (defaults follow flashtool.py).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -720,6 +722,8 @@ fn needs_priming(product: &str) -> bool {
 struct Entered {
     path: PathBuf,
     prime: bool,
+    /// Just re-enumerated: udev may still be finishing the tty.
+    fresh: bool,
 }
 
 fn say(sink: &Sink, device: &Path, msg: String) {
@@ -746,6 +750,7 @@ fn enter_bootloader(
         return Ok(Entered {
             path: device.clone(),
             prime: false,
+            fresh: false,
         });
     };
     if device != opts.device {
@@ -765,6 +770,7 @@ fn enter_bootloader(
         return Ok(Entered {
             path: device.clone(),
             prime: product.as_deref().is_some_and(needs_priming),
+            fresh: false,
         });
     }
     let stable = opts.stable.clone().unwrap_or_else(|| StableId::of(&port));
@@ -779,7 +785,10 @@ fn enter_bootloader(
         step: Step::EnterBootloader,
         source,
     })?;
-    wait_for_katapult(opts, &stable, &roms_before, cancel, sink)
+    let mut entered = wait_for_katapult(opts, &stable, &roms_before, cancel, sink)?;
+    // The application's product string names the chip too (Klipper reports CONFIG_MCU).
+    entered.prime |= product.as_deref().is_some_and(needs_priming);
+    Ok(entered)
 }
 
 /// The board behind `opts.device` now: that path, else (a board that stayed in Katapult
@@ -850,6 +859,7 @@ fn enter_uart(
     Ok(Entered {
         path: device.clone(),
         prime: false,
+        fresh: false,
     })
 }
 
@@ -888,6 +898,7 @@ fn wait_for_katapult(
                 return Ok(Entered {
                     path,
                     prime: product.is_some_and(needs_priming),
+                    fresh: true,
                 });
             }
         }
@@ -917,11 +928,38 @@ fn wait_for_katapult(
     }
 }
 
-fn open_session_port(path: &Path, baud: Option<u32>) -> Result<SerialPort, Error> {
-    SerialPort::open(path, baud.unwrap_or(DEFAULT_BAUD)).map_err(|source| Error::Open {
-        path: path.to_owned(),
-        source,
-    })
+/// Open the bootloader's tty. Right after re-enumeration udev may still be setting its
+/// permissions or links: absent, denied and busy are retried for a short grace.
+fn open_session_port(
+    entered: &Entered,
+    baud: Option<u32>,
+    cancel: &Cancel,
+) -> Result<SerialPort, Error> {
+    let path = &entered.path;
+    let grace = if entered.fresh {
+        OPEN_GRACE
+    } else {
+        Duration::ZERO
+    };
+    let deadline = Instant::now() + grace;
+    loop {
+        match SerialPort::open(path, baud.unwrap_or(DEFAULT_BAUD)) {
+            Ok(port) => return Ok(port),
+            Err(source) => {
+                let transient = matches!(
+                    source.raw_os_error(),
+                    Some(libc::ENOENT | libc::EACCES | libc::EBUSY | libc::EWOULDBLOCK)
+                );
+                if !transient || Instant::now() >= deadline || cancel.is_cancelled() {
+                    return Err(Error::Open {
+                        path: path.clone(),
+                        source,
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
 }
 
 /// Flash `opts.firmware` to the board on `opts.device` through Katapult, natively.
@@ -971,7 +1009,7 @@ pub fn flash_serial(
     }
     let target = opts.target();
     let entered = enter_bootloader(&target, cancel, sink)?;
-    let mut port = open_session_port(&entered.path, opts.baud)?;
+    let mut port = open_session_port(&entered, opts.baud, cancel)?;
     let mut session = Session::new(&mut port, &entered.path, &opts.timing, cancel);
     if entered.prime {
         session.prime()?;
@@ -998,7 +1036,7 @@ pub fn status_serial(
     sink: &Sink,
 ) -> Result<BootloaderInfo, Error> {
     let entered = enter_bootloader(opts, cancel, sink)?;
-    let mut port = open_session_port(&entered.path, opts.baud)?;
+    let mut port = open_session_port(&entered, opts.baud, cancel)?;
     let mut session = Session::new(&mut port, &entered.path, &opts.timing, cancel);
     if entered.prime {
         session.prime()?;

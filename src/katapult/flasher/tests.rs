@@ -781,6 +781,27 @@ fn pty_status_connects_reports_and_completes() {
 }
 
 #[test]
+fn a_freshly_enumerated_tty_gets_a_grace_to_appear_others_do_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = pty::open();
+    let link = dir.path().join("ttyACM7");
+    let entered = |fresh| Entered {
+        path: link.clone(),
+        prime: false,
+        fresh,
+    };
+    let err = open_session_port(&entered(false), None, &Cancel::new()).unwrap_err();
+    assert!(matches!(err, Error::Open { .. }), "{err:?}");
+    let (target, at) = (p.slave_path.clone(), link.clone());
+    let udev = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(200));
+        std::os::unix::fs::symlink(target, at).unwrap();
+    });
+    open_session_port(&entered(true), None, &Cancel::new()).unwrap();
+    udev.join().unwrap();
+}
+
+#[test]
 fn missing_and_empty_firmware_are_refused_before_touching_the_board() {
     let dir = tempfile::tempdir().unwrap();
     let roots = empty_roots(dir.path());
