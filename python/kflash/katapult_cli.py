@@ -107,8 +107,7 @@ def _human_flash(result):
         f"Flashed {result['bytes']} bytes ({result['blocks']} blocks of "
         f"{result['block_size']}) to {result['device']} in "
         f"{result['duration_s']:.2f} s ({result['rate_bps'] / 1024:.1f} KiB/s)",
-        f"MCU: {result['mcu']}, firmware version: "
-        f"{result['firmware_version'] or '?'}",
+        f"MCU: {result['mcu']}, firmware version: {result['firmware_version'] or '?'}",
         "Programming Complete",
     ]
 
