@@ -962,6 +962,40 @@ fn open_session_port(
     }
 }
 
+/// CONNECT for the serial entry points: a board that never answers gets a hint on why.
+fn connect_serial(
+    session: &mut Session<'_>,
+    opts: &SerialStatusOptions,
+    entered: &Entered,
+) -> Result<ConnectInfo, Error> {
+    let timing = &opts.timing;
+    session
+        .connect(timing.connect_tries, timing.connect)
+        .map_err(|err| match err {
+            Error::Timeout {
+                step: Step::Connect,
+                tries,
+                per_try,
+                ..
+            } => Error::NoBootloader {
+                device: entered.path.clone(),
+                tries,
+                per_try,
+                hint: if opts.baud.is_some() {
+                    "check the baud rate and wiring; if the board runs Klipper, its firmware \
+                     may lack the serial bootloader request (double-tap reset to enter \
+                     Katapult by hand)"
+                } else if entered.fresh {
+                    "Katapult enumerated but does not answer: power-cycle the board"
+                } else {
+                    "if this is a UART board (or a USB-serial adapter), give its baud rate \
+                     (-b) so kflash can ask the application to enter the bootloader"
+                },
+            },
+            other => other,
+        })
+}
+
 /// Flash `opts.firmware` to the board on `opts.device` through Katapult, natively.
 ///
 /// Enters the bootloader if the board runs its application, refuses before writing when the
@@ -1014,7 +1048,7 @@ pub fn flash_serial(
     if entered.prime {
         session.prime()?;
     }
-    let info = session.connect(opts.timing.connect_tries, opts.timing.connect)?;
+    let info = connect_serial(&mut session, &target, &entered)?;
     let report = flash_connected(
         &mut session,
         &info,
@@ -1041,7 +1075,7 @@ pub fn status_serial(
     if entered.prime {
         session.prime()?;
     }
-    let info = session.connect(opts.timing.connect_tries, opts.timing.connect)?;
+    let info = connect_serial(&mut session, opts, &entered)?;
     let status = BootloaderInfo::new(&entered.path, &info);
     if let Err(err) = session.complete() {
         sink(

@@ -759,6 +759,28 @@ fn pty_uart_board_gets_the_request_string_then_is_flashed() {
 }
 
 #[test]
+fn pty_board_that_never_answers_gets_a_hint_about_uart_baud() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = pty::open();
+    let mut dev = FakeBootloader::new(MCU, 64);
+    dev.faults.silent = true;
+    let _fake = PtyDevice::serve(p.master, dev, false, None);
+    let fw = dir.path().join("klipper.bin");
+    std::fs::write(&fw, image_of(100)).unwrap();
+    let mut opts = opts_for(&p.slave_path, &fw, &empty_roots(dir.path()));
+    opts.timing.connect_tries = 2;
+    opts.timing.connect = Duration::from_millis(100);
+    let err = flash_serial(&opts, &Cancel::new(), &events::discard()).unwrap_err();
+    assert!(err.is_timeout());
+    let text = err.to_string();
+    assert!(
+        text.starts_with("timeout in connect: no Katapult bootloader answered"),
+        "{text}"
+    );
+    assert!(text.contains("give its baud rate (-b)"), "{text}");
+}
+
+#[test]
 fn pty_status_connects_reports_and_completes() {
     let dir = tempfile::tempdir().unwrap();
     let p = pty::open();
