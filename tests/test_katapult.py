@@ -201,7 +201,10 @@ def test_cli_flash_ends_like_flashtool(board, firmware, capsys):
 
 
 def test_cli_status_json_is_one_document(board, capsys):
-    assert _cli(["katapult", "status", "-d", board.path, "--json"]) == 0
+    parser = argparse.ArgumentParser(prog="kflash")
+    katapult_cli.add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["katapult", "status", "-d", board.path, "--json"])
+    assert katapult_cli.command(None, args) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["ok"] is True and doc["mcu"] == MCU
 

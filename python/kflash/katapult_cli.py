@@ -8,9 +8,8 @@ that grep for it keep working.
 
 Plugs into the ``kflash`` CLI with two lines::
 
-    katapult_cli.add_parser(subparsers)
-    ...
-    if args.command == "katapult": return katapult_cli.run(args)
+    katapult_cli.add_parser(sub)                  # next to the other sub.add_parser
+    COMMANDS["katapult"] = katapult_cli.command   # (engine, args) -> exit code
 """
 
 import json
@@ -161,3 +160,9 @@ def run(args):
         for line in lines:
             print(line, file=out)
     return 0
+
+
+def command(engine, args):
+    """``run`` with the signature of the ``kflash`` CLI's COMMANDS table."""
+    del engine
+    return run(args)
