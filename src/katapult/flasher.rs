@@ -27,7 +27,7 @@ use crate::events::{Event, Level, Sink, Stage};
 use crate::process::Cancel;
 
 use super::codec::{code, Ack, Command, ConnectInfo, Decoder, Response};
-use super::image::{image_info, ImageInfo};
+use super::image::{image_info, read_image, ImageInfo};
 use super::port::{uart_request_bootloader, usb_touch_1200, Port, SerialPort};
 use super::{Error, RomLoader, Step};
 use crate::discovery::{usb_mode, Discovery, StableId, UsbMode};
@@ -1006,15 +1006,7 @@ pub fn flash_serial(
     cancel: &Cancel,
     sink: &Sink,
 ) -> Result<FlashReport, Error> {
-    let image = std::fs::read(&opts.firmware).map_err(|source| Error::Firmware {
-        path: opts.firmware.clone(),
-        source,
-    })?;
-    if image.is_empty() {
-        return Err(Error::EmptyFirmware {
-            path: opts.firmware.clone(),
-        });
-    }
+    let image = read_image(&opts.firmware)?;
     let dictionary = image_info(&image).ok();
     let label = opts.device.display().to_string();
     match &dictionary {

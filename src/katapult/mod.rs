@@ -135,6 +135,11 @@ pub enum Error {
     },
     #[error("firmware {} is empty", path.display())]
     EmptyFirmware { path: PathBuf },
+    #[error(
+        "firmware {} is in {kind} format; Katapult flashes the raw image (klipper.bin)",
+        path.display()
+    )]
+    NotRawImage { path: PathBuf, kind: &'static str },
     #[error("no Klipper data dictionary found in the firmware image")]
     NoDictionary,
     #[error("cannot open {}: {source}", path.display())]
