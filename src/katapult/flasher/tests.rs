@@ -843,3 +843,64 @@ fn missing_and_empty_firmware_are_refused_before_touching_the_board() {
     .unwrap_err();
     assert!(err.to_string().contains("is empty"), "{err}");
 }
+
+mod never_reports_flashed_when_not {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn every() -> impl Strategy<Value = Option<usize>> {
+        proptest::option::of(1usize..12)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn ok_means_the_board_holds_the_image(
+            len in 1usize..2500,
+            bs in prop_oneof![Just(64u32), Just(128), Just(256), Just(512)],
+            nack in every(),
+            drop_reply in every(),
+            drop_request in every(),
+            corrupt in every(),
+            bad_at in proptest::option::of(0u32..3000),
+            noise in any::<bool>(),
+        ) {
+            let mut dev = FakeBootloader::new(MCU, bs);
+            dev.faults = Faults {
+                nack_every: nack,
+                drop_reply_every: drop_reply,
+                drop_request_every: drop_request,
+                corrupt_reply_every: corrupt,
+                bad_flash_at: bad_at.map(|off| 0x0800_2000 + off),
+                noise_before_reply: noise,
+                ..Faults::default()
+            };
+            let image = image_of(len);
+            let (result, port) =
+                flash_fake(dev, &image, None, &Cancel::new(), &events::discard());
+            let dev = board(&port);
+            let holds = dev.read(0x0800_2000, len) == image;
+            match result {
+                Ok(report) => {
+                    prop_assert!(holds, "reported flashed but the board differs");
+                    prop_assert_eq!(report.bytes, len);
+                }
+                Err(err) => {
+                    // A failure says where; a board with a bad cell inside the image
+                    // always fails verify at that cell (or earlier on comms).
+                    let text = err.to_string();
+                    prop_assert!(!text.is_empty());
+                    if let Error::VerifyMismatch { addr, .. } = err {
+                        prop_assert_eq!(Some(addr), bad_at.map(|o| 0x0800_2000 + o));
+                    }
+                    prop_assert!(!dev.completed || !err.flash_touched());
+                }
+            }
+            if let Some(off) = bad_at {
+                if (off as usize) < len {
+                    prop_assert!(!holds);
+                }
+            }
+        }
+    }
+}
