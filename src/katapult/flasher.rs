@@ -4,8 +4,12 @@
 //! against the image's embedded dictionary before anything is written, SEND_BLOCK from the
 //! application start in block-size steps (last block padded with 0xFF) with retries and
 //! address-echo checks, SEND_EOF, a byte-for-byte read-back of every block, and COMPLETE.
-//! Serial specifics: bootloader entry (USB 1200-baud touch or the UART request string) and
-//! re-resolving the device through its stable identity after re-enumeration.
+//! Serial specifics: bootloader entry (USB 1200-baud touch or the UART request string),
+//! re-resolving the device through `crate::discovery` after re-enumeration (its stable
+//! identity, not the tty number; a new ROM loader on the bus means it fell into DFU or
+//! BOOTSEL), and finding a board that already sits in Katapult from its application's
+//! by-id name. A damaged reply ends a try early (after a short grace for a good reply
+//! right behind the noise), so bit errors cost a retry, not a timeout.
 //!
 //! COMPLETE is sent after success and after any error that left the flash untouched (the
 //! board returns to its old, intact application). After a failed write or verify the board
