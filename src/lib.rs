@@ -3,6 +3,7 @@
 //! Domain modules are plain Rust and never touch pyo3; `py/` is the only layer that does.
 //! - `events`: typed progress events and the one callback they go through.
 //! - `process`: running external commands safely (process groups, deadlines, output tails).
+//! - `snapshot`: the lock-free status snapshot store and its shared-memory mirror.
 //!
 //! The `#[pymodule]` below only declares what Python sees; the classes and functions live in
 //! `py/`.
@@ -10,6 +11,7 @@
 pub mod events;
 pub mod process;
 pub mod py;
+pub mod snapshot;
 
 use pyo3::prelude::*;
 

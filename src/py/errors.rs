@@ -8,6 +8,7 @@ use pyo3::exceptions::PyException;
 use pyo3::PyErr;
 
 use crate::process;
+use crate::snapshot;
 
 create_exception!(
     kflash._core,
@@ -73,6 +74,12 @@ impl From<process::Error> for PyErr {
     }
 }
 
+impl From<snapshot::Error> for PyErr {
+    fn from(err: snapshot::Error) -> PyErr {
+        KflashError::new_err(err.to_string())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -99,6 +106,20 @@ mod tests {
             .into();
             assert!(failed.is_instance_of::<KflashError>(py));
             assert!(failed.to_string().contains("oops"));
+        });
+    }
+
+    #[test]
+    fn snapshot_errors_map_to_kflash_error_naming_the_file() {
+        Python::initialize();
+        Python::attach(|py| {
+            let err: PyErr = snapshot::Error::NotASnapshot {
+                path: "/dev/shm/x".into(),
+                reason: "bad magic".into(),
+            }
+            .into();
+            assert!(err.is_instance_of::<KflashError>(py));
+            assert!(err.to_string().contains("/dev/shm/x"));
         });
     }
 }
