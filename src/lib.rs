@@ -23,4 +23,6 @@ mod _core {
         BuildError, CommandTimeout, ConfigError, DeviceNotFound, FlashError, KflashError,
         PreflightRefused, RegistryError, ServiceError,
     };
+    #[pymodule_export]
+    use crate::py::snapshot::{SnapshotReader, SnapshotStore};
 }

@@ -15,6 +15,8 @@ from kflash._core import (
     PreflightRefused,
     RegistryError,
     ServiceError,
+    SnapshotReader,
+    SnapshotStore,
 )
 
 __all__ = [
@@ -27,4 +29,6 @@ __all__ = [
     "PreflightRefused",
     "RegistryError",
     "ServiceError",
+    "SnapshotReader",
+    "SnapshotStore",
 ]

@@ -6,3 +6,4 @@
 //! milliseconds, and re-attach periodically to call `py.check_signals()` in long waits.
 
 pub mod errors;
+pub mod snapshot;
