@@ -92,12 +92,15 @@ def data_dictionary():
 
 
 def stepper(axis, first_pin, rotation_distance, position_max, homing_speed):
-    pins = ["P%s%d" % (first_pin[1], int(first_pin[2:]) + i) for i in range(4)]
+    step, dirp, enable, endstop = (
+        f"P{first_pin[1]}{int(first_pin[2:]) + i}" for i in range(4)
+    )
     return (
-        "[stepper_%s]\nstep_pin: %s\ndir_pin: %s\nenable_pin: !%s\n"
-        "microsteps: 16\nrotation_distance: %s\nendstop_pin: ^%s\n"
-        "position_endstop: 0\nposition_max: %s\nhoming_speed: %s\n"
-        % (axis, *pins[:3], rotation_distance, pins[3], position_max, homing_speed)
+        f"[stepper_{axis}]\nstep_pin: {step}\ndir_pin: {dirp}\n"
+        f"enable_pin: !{enable}\nmicrosteps: 16\n"
+        f"rotation_distance: {rotation_distance}\nendstop_pin: ^{endstop}\n"
+        f"position_endstop: 0\nposition_max: {position_max}\n"
+        f"homing_speed: {homing_speed}\n"
     )
 
 
@@ -207,10 +210,13 @@ class ApiClient:
         return self.call("gcode/script", {"script": script}, timeout=timeout)
 
 
+DEFAULT_SECTIONS = "[status_snapshot]\n[snapshot_probe]\n"
+
+
 class Klippy:
     """One kalico process in file-output mode with an API socket."""
 
-    def __init__(self, workdir, snapshot_section="[status_snapshot]\n[snapshot_probe]\n"):
+    def __init__(self, workdir, snapshot_section=DEFAULT_SECTIONS):
         self.dir = pathlib.Path(workdir)
         self.dict_path = self.dir / "klipper.dict"
         self.cfg_path = self.dir / "printer.cfg"
