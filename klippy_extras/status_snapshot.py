@@ -120,8 +120,8 @@ class StatusSnapshot:
             obj = self.printer.lookup_object(name, None)
             if obj is None or not hasattr(obj, "get_status"):
                 raise self.printer.config_error(
-                    "status_snapshot: '{}' is not a printer object with"
-                    " a status".format(name)
+                    f"status_snapshot: '{name}' is not a printer object"
+                    " with a status"
                 )
             real = obj.get_status
             store = kflash.SnapshotStore(
