@@ -70,6 +70,10 @@ class SnapshotProbe:
                 "served": served,
                 "real": real,
                 "same_dict_twice": obj.get_status(eventtime) is served,
+                "served_by_store": snapshot is not None
+                and name in snapshot.served
+                and getattr(obj.get_status, "__self__", None)
+                is snapshot.served[name].store,
                 "queuing_state": toolhead.special_queuing_state,
                 "held": snapshot.held if snapshot is not None else None,
                 "print_time_exact": (
