@@ -23,7 +23,9 @@
 //! copy only when both reads are equal and even, so it never returns a torn payload. A payload
 //! larger than the capacity makes the writer build a bigger file beside the old one, rename it
 //! over the path (readers opening the path never see a half-made file) and mark the old one
-//! `retired`, which makes its readers reopen the path.
+//! `retired`, which makes its readers reopen the path. A new writer on the same path (klippy
+//! restarted) retires the previous file the same way. The mirror is a live view, not a
+//! record: it is not fsynced.
 //!
 //! Thread-safety: a [`ShmWriter`] needs `&mut` to publish (one writer per file); a
 //! [`ShmReader`] is `Send` and reads through `&self` without ever blocking the writer.
@@ -166,10 +168,15 @@ impl std::fmt::Debug for ShmWriter {
 }
 
 impl ShmWriter {
-    /// Creates (or replaces) the mirror file at `path`, empty (version 0).
+    /// Creates (or replaces) the mirror file at `path`, empty (version 0). A mirror already
+    /// there (a previous klippy run) is marked retired, so its readers move to the new file.
     pub fn create(path: impl AsRef<Path>) -> Result<Self, Error> {
         let path = path.as_ref().to_path_buf();
+        let previous = Self::open_previous(&path);
         let (map, capacity) = Self::make_file(&path, MIN_CAPACITY)?;
+        if let Some(previous) = previous {
+            previous.atomic_u32(OFF_RETIRED).store(1, Ordering::Release);
+        }
         Ok(ShmWriter {
             path,
             map,
@@ -186,6 +193,20 @@ impl ShmWriter {
     /// Payload bytes the current file can hold.
     pub fn capacity(&self) -> usize {
         self.capacity
+    }
+
+    /// A writable mapping of the mirror at `path`, if one is there.
+    fn open_previous(path: &Path) -> Option<Mapping> {
+        let file = OpenOptions::new().read(true).write(true).open(path).ok()?;
+        let len = file.metadata().ok()?.len() as usize;
+        if len < HEADER {
+            return None;
+        }
+        let map = Mapping::new(&file, len, true, path).ok()?;
+        let mut magic = [0u8; 8];
+        // SAFETY: 8 bytes at offset 0 of a mapping of at least HEADER bytes.
+        unsafe { ptr::copy_nonoverlapping(map.at(0), magic.as_mut_ptr(), 8) };
+        (magic == MAGIC).then_some(map)
     }
 
     /// Builds a complete file beside `path` and renames it over `path`.
@@ -339,6 +360,12 @@ impl ShmReader {
         for attempt in 0..READ_ATTEMPTS {
             if self.map.atomic_u32(OFF_RETIRED).load(Ordering::Acquire) != 0 {
                 let (map, capacity) = Self::map_file(&self.path)?;
+                if map.atomic_u32(OFF_RETIRED).load(Ordering::Acquire) != 0 {
+                    return Err(Error::NotASnapshot {
+                        path: self.path.clone(),
+                        reason: "retired by its writer and not replaced".into(),
+                    });
+                }
                 self.map = map;
                 self.capacity = capacity;
                 continue;
@@ -456,6 +483,22 @@ mod tests {
         // No temp file left beside the mirror.
         let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
         assert_eq!(names.len(), 1);
+    }
+
+    #[test]
+    fn a_new_writer_on_the_same_path_moves_open_readers_to_its_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("status.shm");
+        let mut old = ShmWriter::create(&path).unwrap();
+        old.publish(7, 0.7, &payload(7, 2)).unwrap();
+        let mut reader = ShmReader::open(&path).unwrap();
+        assert_eq!(reader.read().unwrap().unwrap().version, 7);
+        // klippy restarts: a new store writes the same path, starting again at 1.
+        let mut new = ShmWriter::create(&path).unwrap();
+        assert_eq!(reader.read().unwrap(), None);
+        new.publish(1, 0.1, &payload(1, 2)).unwrap();
+        assert_eq!(reader.read().unwrap().unwrap().version, 1);
+        drop(old);
     }
 
     #[test]
