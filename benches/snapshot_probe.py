@@ -1,6 +1,9 @@
 # A measuring extra for the status snapshot tests and benchmark (not for users)
 #
 # [snapshot_probe]
+# real_print_time: False   # True: undo file-output mode's constant
+#                          # estimated_print_time (0.0), so it follows the
+#                          # MCU clock estimate like on a real printer
 #
 # Linked into klippy/extras by tests/snapshot_printer.py and benches/bench_snapshot.py.
 # Endpoints on the API socket:
@@ -30,11 +33,22 @@ class SnapshotProbe:
         self.reactor = self.printer.get_reactor()
         self.lateness = []
         self.timer = None
+        self.real_print_time = config.getboolean("real_print_time", False)
+        if self.real_print_time:
+            # Runs after the MCU's own identify handler, which installs the
+            # constant in file-output mode; before any klippy:connect handler.
+            self.printer.register_event_handler(
+                "klippy:mcu_identify", self._restore_print_time
+            )
         webhooks = self.printer.lookup_object("webhooks")
         webhooks.register_endpoint("snapshot_probe/compare", self._handle_compare)
         webhooks.register_endpoint("snapshot_probe/timing", self._handle_timing)
         webhooks.register_endpoint("snapshot_probe/lateness", self._handle_lateness)
         self.printer.register_event_handler("klippy:ready", self._handle_ready)
+
+    def _restore_print_time(self):
+        mcu = self.printer.lookup_object("mcu")
+        vars(mcu).pop("estimated_print_time", None)
 
     def _handle_ready(self):
         self.timer = self.reactor.register_timer(

@@ -107,6 +107,28 @@ def test_estimated_print_time_is_the_mcus_for_each_eventtime(printer):
         assert served["estimated_print_time"] == real["estimated_print_time"]
 
 
+def test_estimated_print_time_follows_the_mcu_clock_in_the_core(tmp_path):
+    """With the MCU's clock estimate in use (as on a real printer), the core
+    computes estimated_print_time per read, equal to the toolhead's own."""
+    section = "[status_snapshot]\n[snapshot_probe]\nreal_print_time: True\n"
+    with linked_extras():
+        klippy = Klippy(tmp_path, section)
+        api = klippy.start()
+        try:
+            results = [compare(api) for _ in range(5)]
+        finally:
+            api.close()
+            klippy.stop()
+    assert results[0][2]["print_time_exact"] is True
+    values = []
+    for served, real, result in results:
+        assert served["estimated_print_time"] == real["estimated_print_time"]
+        # file-output clock estimate: (0, 0, CLOCK_FREQ), so it tracks eventtime
+        assert abs(served["estimated_print_time"] - result["eventtime"]) < 1e-6
+        values.append(served["estimated_print_time"])
+    assert values == sorted(values) and len(set(values)) == len(values)
+
+
 def test_subscribers_get_changes_and_only_changes(printer):
     klippy, _, _ = printer
     api = klippy.connect()
