@@ -82,6 +82,8 @@ def test_bad_arguments_are_refused():
         store.get_status(1.0)
     with pytest.raises(TypeError):
         kflash.SnapshotStore().publish([("a", 1)], 1.0)
+    with pytest.raises(ValueError, match="finite"):
+        kflash.SnapshotStore().publish({}, float("nan"))
 
 
 class FakeReactor:

@@ -203,6 +203,11 @@ impl SnapshotStore {
     /// Publishes a shallow copy of `status` (taken at `eventtime`) as the new snapshot and
     /// returns its version. The caller may keep using `status`; the store never mutates it.
     fn publish(&self, py: Python<'_>, status: &Bound<'_, PyDict>, eventtime: f64) -> PyResult<u64> {
+        if !eventtime.is_finite() {
+            return Err(PyValueError::new_err(format!(
+                "eventtime must be a finite number, got {eventtime}"
+            )));
+        }
         let generation = self.store.generation();
         self.publish_dict(py, status, eventtime, generation)
     }
