@@ -5,9 +5,11 @@
 Measures, in a file-output klippy with a cartesian printer:
 1. per call: the toolhead's own get_status vs the served one (timed inside the
    reactor by [snapshot_probe]); publish cost per tick;
-2. reactor timer lateness (a 10 ms timer) p50/p99 while a monitor queries
-   toolhead status through the API socket as fast as it can (keeping --depth
-   requests in flight), without and with [status_snapshot];
+2. reactor timer lateness (a 10 ms timer) p50/p99, idle and while a monitor
+   queries toolhead status through the API socket as fast as it can (keeping
+   --depth requests in flight), without and with [status_snapshot]: rounds
+   alternate in the same klippy (the probe unwraps and re-wraps the toolhead),
+   so machine load hits both sides alike;
 3. reads per second of the shared-memory mirror from another process.
 Prints a Markdown table (the BENCHMARKS.md section) and, with --json, the raw
 figures.
@@ -29,11 +31,10 @@ from kflash import snapshot  # noqa: E402
 from kflash._core import SnapshotReader  # noqa: E402
 from snapshot_printer import ApiClient, Klippy, linked_extras  # noqa: E402
 
-SECTION_WITH = (
+SECTION = (
     "[status_snapshot]\nobjects: toolhead\ninterval: 0.1\nshm_path: {shm}\n"
     "[snapshot_probe]\n"
 )
-SECTION_WITHOUT = "[snapshot_probe]\n"
 
 
 class Monitor(threading.Thread):
@@ -61,6 +62,7 @@ class Monitor(threading.Thread):
 
 
 def lateness_run(klippy, api, seconds, depth):
+    """Lateness samples (s) of the probe's 10 ms timer, and answers/s."""
     api.call("snapshot_probe/lateness", {"reset": True})
     monitor = None
     if depth:
@@ -70,11 +72,52 @@ def lateness_run(klippy, api, seconds, depth):
     time.sleep(seconds)
     result = api.call("snapshot_probe/lateness")
     elapsed = time.monotonic() - start
+    answers = 0.0
     if monitor is not None:
         monitor.stop.set()
         monitor.join(10)
-        result["queries_per_s"] = monitor.answers / elapsed
-    return result
+        answers = monitor.answers / elapsed
+    return result["values"], answers
+
+
+def percentile(values, q):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def ab_rounds(klippy, api, rounds, seconds, depth):
+    """Alternates stock and served rounds in one klippy (fair under load)."""
+    out = {
+        mode: {"idle": [], "monitor": [], "answers": []}
+        for mode in ("stock", "served")
+    }
+    for i in range(rounds):
+        order = ("stock", "served") if i % 2 == 0 else ("served", "stock")
+        for mode in order:
+            api.call("snapshot_probe/serve", {"on": mode == "served"})
+            idle, _ = lateness_run(klippy, api, seconds, 0)
+            busy, answers = lateness_run(klippy, api, seconds, depth)
+            out[mode]["idle"] += idle
+            out[mode]["monitor"] += busy
+            out[mode]["answers"].append(answers)
+    api.call("snapshot_probe/serve", {"on": True})
+    summary = {}
+    for mode, r in out.items():
+        summary[mode] = {
+            "idle": {
+                "p50": percentile(r["idle"], 0.5),
+                "p99": percentile(r["idle"], 0.99),
+                "samples": len(r["idle"]),
+            },
+            "monitor": {
+                "p50": percentile(r["monitor"], 0.5),
+                "p99": percentile(r["monitor"], 0.99),
+                "max": max(r["monitor"]),
+                "samples": len(r["monitor"]),
+                "queries_per_s": sum(r["answers"]) / len(r["answers"]),
+            },
+        }
+    return summary
 
 
 def shm_reads_per_second(path, seconds=1.0):
@@ -92,59 +135,39 @@ def shm_reads_per_second(path, seconds=1.0):
     return out
 
 
-def run_klippy(section, workdir, api_work):
-    klippy = Klippy(workdir, section)
-    api = klippy.start()
-    try:
-        api.gcode("G28\nG1 X50 Y60 Z10 F6000")
-        return api_work(klippy, api)
-    finally:
-        api.close()
-        klippy.stop()
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--seconds", type=float, default=2.0, help="per phase")
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--depth", type=int, default=64)
     parser.add_argument("--calls", type=int, default=20000)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    results = {}
     with linked_extras(), tempfile.TemporaryDirectory() as tmp:
         tmp = pathlib.Path(tmp)
-        shm = pathlib.Path("/dev/shm") if os.path.isdir("/dev/shm") else tmp
-        shm = shm / f"kflash_bench_{os.getpid()}"
-
-        def with_store(klippy, api):
-            out = {
+        shm_dir = pathlib.Path("/dev/shm") if os.path.isdir("/dev/shm") else tmp
+        shm = shm_dir / f"kflash_bench_{os.getpid()}"
+        timing_shm = shm_dir / f"kflash_bench_{os.getpid()}.timing"
+        klippy = Klippy(tmp, SECTION.format(shm=shm))
+        api = klippy.start()
+        try:
+            api.gcode("G28\nG1 X50 Y60 Z10 F6000")
+            results = {
+                "load_before": os.getloadavg(),
                 "timing": api.call(
                     "snapshot_probe/timing",
-                    {"calls": args.calls, "shm_path": str(shm) + ".timing"},
+                    {"calls": args.calls, "shm_path": str(timing_shm)},
                 ),
-                "idle": lateness_run(klippy, api, args.seconds, 0),
-                "monitor": lateness_run(klippy, api, args.seconds, args.depth),
+                "lateness": ab_rounds(
+                    klippy, api, args.rounds, args.seconds, args.depth
+                ),
                 "shm_reads": shm_reads_per_second(shm),
+                "load_after": os.getloadavg(),
             }
-            return out
-
-        def without_store(klippy, api):
-            return {
-                "idle": lateness_run(klippy, api, args.seconds, 0),
-                "monitor": lateness_run(klippy, api, args.seconds, args.depth),
-            }
-
-        try:
-            (tmp / "with").mkdir()
-            (tmp / "without").mkdir()
-            results["with"] = run_klippy(
-                SECTION_WITH.format(shm=shm), tmp / "with", with_store
-            )
-            results["without"] = run_klippy(
-                SECTION_WITHOUT, tmp / "without", without_store
-            )
         finally:
-            for path in (shm, pathlib.Path(str(shm) + ".timing")):
+            api.close()
+            klippy.stop()
+            for path in (shm, timing_shm):
                 if path.exists():
                     path.unlink()
     if args.json:
@@ -162,7 +185,7 @@ def ms(seconds):
 
 
 def report(results, args):
-    t = results["with"]["timing"]
+    t = results["timing"]
     lines = [
         "| measure | figure |",
         "|---|---|",
@@ -174,24 +197,26 @@ def report(results, args):
         f"| publish with shm mirror (JSON + seqlock write) | "
         f"{us(t['publish_mirror_s'])} |",
     ]
-    for label in ("without", "with"):
-        r = results[label]
-        name = "with [status_snapshot]" if label == "with" else "stock"
+    for mode in ("stock", "served"):
+        r = results["lateness"][mode]
+        name = "with [status_snapshot]" if mode == "served" else "stock"
         idle, mon = r["idle"], r["monitor"]
         lines.append(
-            f"| timer lateness, idle, {name} | p50 {ms(idle['p50'])}, "
+            f"| 10 ms timer lateness, idle, {name} | p50 {ms(idle['p50'])}, "
             f"p99 {ms(idle['p99'])} |"
         )
         lines.append(
-            f"| timer lateness, monitor ({args.depth} queries in flight, "
+            f"| 10 ms timer lateness, monitor ({args.depth} queries in flight, "
             f"{mon['queries_per_s']:.0f} answers/s), {name} | "
             f"p50 {ms(mon['p50'])}, p99 {ms(mon['p99'])}, max {ms(mon['max'])} |"
         )
-    reads = results["with"]["shm_reads"]
+    reads = results["shm_reads"]
     lines.append(
         f"| shm mirror reads/s, other process | {reads['raw']:,.0f} raw, "
         f"{reads['parsed']:,.0f} parsed to dict |"
     )
+    load = results["load_before"]
+    lines.append(f"| load average at start (2 cores) | {load[0]:.1f} |")
     return "\n".join(lines)
 
 

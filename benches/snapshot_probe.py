@@ -11,6 +11,8 @@
 #   snapshot_probe/timing    per-call cost of the real and the served get_status,
 #                            and of a publish
 #   snapshot_probe/lateness  lateness percentiles of a 10 ms reactor timer
+#   snapshot_probe/serve     {"on": bool}: unwrap / re-wrap [status_snapshot]
+#                            (A/B rounds in one klippy)
 """[snapshot_probe]: measurements from inside klippy's reactor."""
 
 import time
@@ -44,6 +46,7 @@ class SnapshotProbe:
         webhooks.register_endpoint("snapshot_probe/compare", self._handle_compare)
         webhooks.register_endpoint("snapshot_probe/timing", self._handle_timing)
         webhooks.register_endpoint("snapshot_probe/lateness", self._handle_lateness)
+        webhooks.register_endpoint("snapshot_probe/serve", self._handle_serve)
         self.printer.register_event_handler("klippy:ready", self._handle_ready)
 
     def _restore_print_time(self):
@@ -135,6 +138,15 @@ class SnapshotProbe:
             result["publish_mirror_s"] = (time.perf_counter() - start) / n
         web_request.send(result)
 
+    def _handle_serve(self, web_request):
+        snapshot = self.printer.lookup_object("status_snapshot")
+        on = web_request.get("on")
+        if on and snapshot.timer is None:
+            snapshot._handle_connect()
+        elif not on and snapshot.timer is not None:
+            snapshot._handle_disconnect()
+        web_request.send({"serving": snapshot.timer is not None})
+
     def _handle_lateness(self, web_request):
         samples, self.lateness = self.lateness, []
         if web_request.get("reset", False):
@@ -142,6 +154,7 @@ class SnapshotProbe:
             return
         web_request.send(
             {
+                "values": samples,
                 "samples": len(samples),
                 "p50": percentile(samples, 0.50),
                 "p99": percentile(samples, 0.99),

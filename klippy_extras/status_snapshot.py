@@ -222,6 +222,8 @@ class StatusSnapshot:
         self.wrapped_methods = []
         for served in self.served.values():
             served.obj.__dict__.pop("get_status", None)
+        self.served = {}
+        self.mirror = None
 
     # Publishing
     def in_drip(self):
