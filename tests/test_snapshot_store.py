@@ -72,6 +72,30 @@ def test_a_fallback_returning_none_keeps_the_old_snapshot():
     assert store.get_status(100.0) == {"a": 1}
 
 
+def test_without_an_eventtime_the_real_method_answers():
+    """Klipper modules call e.g. gcode_move.get_status() for their own logic: they
+    get the object's own answer, not a snapshot."""
+    asked = []
+
+    def real(eventtime):
+        asked.append(eventtime)
+        return {"gcode_position": (7.0, 8.0)}
+
+    store = kflash.SnapshotStore(fallback=real, max_age=1.0)
+    store.publish({"gcode_position": (1.0, 2.0)}, 1.0)
+    assert store.get_status() == {"gcode_position": (7.0, 8.0)}
+    assert store.get_status(None) == {"gcode_position": (7.0, 8.0)}
+    assert asked == [None, None]
+    assert store.version == 1, "an answer without eventtime is not published"
+    assert store.get_status(1.5) == {"gcode_position": (1.0, 2.0)}
+    plain = kflash.SnapshotStore()
+    plain.publish({"a": 1}, 1.0)
+    assert plain.get_status() == {"a": 1}
+    declining = kflash.SnapshotStore(fallback=lambda e: None)
+    declining.publish({"a": 2}, 1.0)
+    assert declining.get_status() == {"a": 2}
+
+
 def test_bad_arguments_are_refused():
     with pytest.raises(TypeError):
         kflash.SnapshotStore(fallback=42)

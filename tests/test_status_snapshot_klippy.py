@@ -22,7 +22,7 @@ def printer(tmp_path_factory):
     shm = workdir / "status.shm"
     section = (
         "[status_snapshot]\n"
-        "objects:\n  toolhead\n  gcode_move, toolhead\n"
+        "objects:\n  toolhead\n  system_stats, toolhead\n"
         f"interval: {INTERVAL}\nmax_age: 0.5\nshm_path: {shm}\n"
         "[snapshot_probe]\n"
     )
@@ -52,15 +52,15 @@ def wait_until(predicate, timeout):
 def test_the_extra_serves_the_listed_objects(printer):
     _, api, shm = printer
     status = api.query({"status_snapshot": None})["status"]["status_snapshot"]
-    assert status["objects"] == ["toolhead", "gcode_move"]
+    assert status["objects"] == ["toolhead", "system_stats"]
     assert status["held"] is False
     assert status["shm_path"] == str(shm)
     _, _, result = compare(api)
     assert result["served_by_store"], "toolhead.get_status is the store's"
     assert result["print_time_exact"] is True, "read path stays in the core"
-    gcode_move = api.call("snapshot_probe/compare", {"object": "gcode_move"})
-    assert gcode_move["served_by_store"]
-    assert gcode_move["same_dict_twice"], "no per-read copy without print time"
+    stats = api.call("snapshot_probe/compare", {"object": "system_stats"})
+    assert stats["served_by_store"]
+    assert stats["same_dict_twice"], "no per-read copy without print time"
 
 
 def test_toolhead_status_matches_the_toolhead_after_homing_and_moves(printer):
@@ -175,7 +175,7 @@ def test_the_mirror_matches_the_served_status(printer):
     )
     assert doc, snapshot.read(shm)
     assert doc["status"]["toolhead"]["homed_axes"] == "xyz"
-    assert "gcode_move" in doc["status"]
+    assert "sysload" in doc["status"]["system_stats"]
     assert doc["age"] < 1.0
     assert doc["version"] > 1
 

@@ -137,6 +137,19 @@ impl SnapshotStore {
         Ok(snap.version)
     }
 
+    fn status_without_eventtime<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        if let Some(fallback) = &self.fallback {
+            let fresh = fallback.bind(py).call1((py.None(),))?;
+            if !fresh.is_none() {
+                return Ok(fresh);
+            }
+        }
+        Ok(match self.store.latest() {
+            Some(snap) => snap.payload.dict.bind(py).clone().into_any(),
+            None => PyDict::new(py).into_any(),
+        })
+    }
+
     fn refresh<'py>(&self, py: Python<'py>, eventtime: f64) -> PyResult<Bound<'py, PyDict>> {
         if let Some(fallback) = &self.fallback {
             let generation = self.store.generation();
@@ -214,14 +227,26 @@ impl SnapshotStore {
 
     /// The latest status for `eventtime`: the shared, read-only published dict (or, with a
     /// print-time clock, a copy with that field recomputed). See the class doc for `fallback`.
-    fn get_status<'py>(&self, py: Python<'py>, eventtime: f64) -> PyResult<Bound<'py, PyDict>> {
+    ///
+    /// `get_status()` / `get_status(None)` (Klipper modules call some objects' method that
+    /// way for their own logic) asks `fallback(None)` and returns its answer unpublished;
+    /// without a fallback, or if it answers None, the snapshot is returned as published.
+    #[pyo3(signature = (eventtime=None))]
+    fn get_status<'py>(
+        &self,
+        py: Python<'py>,
+        eventtime: Option<f64>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let Some(eventtime) = eventtime else {
+            return self.status_without_eventtime(py);
+        };
         let served = self.store.peek(|snap| match snap {
             Some(snap) if self.is_fresh(snap, eventtime) => Some(self.serve(py, snap, eventtime)),
             _ => None,
         });
         match served {
-            Some(result) => result,
-            None => self.refresh(py, eventtime),
+            Some(result) => result.map(Bound::into_any),
+            None => self.refresh(py, eventtime).map(Bound::into_any),
         }
     }
 
