@@ -37,6 +37,8 @@ Freshness rules:
   most `interval`.
 - `estimated_print_time` is computed for the caller's eventtime on every read,
   from the primary MCU's clock estimate, as toolhead does.
+- get_status() without an eventtime (gcode_move's callers) gets the object's
+  own answer.
 """
 
 import logging
