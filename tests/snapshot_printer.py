@@ -136,7 +136,9 @@ def linked_extras():
     try:
         for name, target in EXTRA_FILES.items():
             link = EXTRAS / name
-            if link.is_symlink() or link.exists():
+            if link.is_symlink() and not link.exists():
+                link.unlink()  # dangling, left by an interrupted run
+            if link.exists():
                 if link.resolve() != target:
                     raise RuntimeError(f"{link} is not this worktree's file")
                 continue
