@@ -561,4 +561,87 @@ mod tests {
             assert!(reader.join().unwrap() > 0);
         }
     }
+
+    const CHILD_ENV: &str = "KFLASH_SHM_CHILD_READER";
+    const FINAL_VERSION: u64 = 20_000;
+
+    /// The reader side of `readers_in_other_processes_never_see_torn_or_stale_payloads`,
+    /// run in a child process (ignored when run on its own).
+    #[test]
+    #[ignore = "run as a child process by the cross-process test"]
+    fn child_reader_process() {
+        let path = std::env::var(CHILD_ENV).expect("run by the cross-process test");
+        let mut reader = ShmReader::open(&path).unwrap();
+        let mut last = 0;
+        let mut reads = 0u64;
+        println!("ready");
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "writer never finished"
+            );
+            let reading = reader.read().unwrap().unwrap();
+            check(&reading);
+            assert!(reading.version >= last, "version went backwards");
+            last = reading.version;
+            reads += 1;
+            if last == FINAL_VERSION {
+                break;
+            }
+        }
+        println!("reads {reads}");
+    }
+
+    #[test]
+    fn readers_in_other_processes_never_see_torn_or_stale_payloads() {
+        use std::io::{BufRead, BufReader};
+        use std::process::{Command, Stdio};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("status.shm");
+        let mut writer = ShmWriter::create(&path).unwrap();
+        writer.publish(1, 0.1, &payload(1, 1)).unwrap();
+        let exe = std::env::current_exe().unwrap();
+        let mut children: Vec<_> = (0..2)
+            .map(|_| {
+                Command::new(&exe)
+                    .args([
+                        "--ignored",
+                        "--exact",
+                        "snapshot::shm::tests::child_reader_process",
+                        "--nocapture",
+                        "--test-threads=1",
+                    ])
+                    .env(CHILD_ENV, &path)
+                    .stdout(Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        let mut outputs: Vec<_> = children
+            .iter_mut()
+            .map(|c| BufReader::new(c.stdout.take().unwrap()))
+            .collect();
+        for out in &mut outputs {
+            // Wait until each child reads (its test harness prints other lines first).
+            let mut line = String::new();
+            while !line.trim_end().ends_with("ready") {
+                line.clear();
+                assert!(out.read_line(&mut line).unwrap() > 0, "child exited early");
+            }
+        }
+        for v in 2..=FINAL_VERSION {
+            let n = 1 + (v as usize * 53) % 300;
+            writer.publish(v, v as f64 / 10.0, &payload(v, n)).unwrap();
+        }
+        for (child, mut out) in children.iter_mut().zip(outputs) {
+            let mut rest = String::new();
+            std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+            assert!(
+                child.wait().unwrap().success(),
+                "child reader failed:\n{rest}"
+            );
+            assert!(rest.contains("reads "), "{rest}");
+        }
+    }
 }
