@@ -133,7 +133,12 @@ class StatusSnapshot:
             )
             self.served[name] = ServedObject(name, obj, store, real)
         if self.shm_path:
-            self.mirror = kflash.SnapshotStore(self.shm_path)
+            try:
+                self.mirror = kflash.SnapshotStore(self.shm_path)
+            except kflash.KflashError as e:
+                raise self.printer.config_error(
+                    f"status_snapshot: shm_path: {e}"
+                ) from e
         for served in self.served.values():
             served.obj.get_status = self._reader_for(served)
         if self.toolhead is not None and "toolhead" in self.served:

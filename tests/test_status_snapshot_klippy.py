@@ -188,3 +188,14 @@ def test_an_unknown_object_stops_klippy_with_its_name(tmp_path):
                 klippy.start(timeout=20)
         finally:
             klippy.stop()
+
+
+def test_an_unusable_shm_path_stops_klippy_with_the_path(tmp_path):
+    bad = tmp_path / "no" / "such" / "dir" / "status"
+    with linked_extras():
+        klippy = Klippy(tmp_path, f"[status_snapshot]\nshm_path: {bad}\n")
+        try:
+            with pytest.raises(RuntimeError, match="shm_path.*no/such/dir"):
+                klippy.start(timeout=20)
+        finally:
+            klippy.stop()
