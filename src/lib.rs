@@ -1,17 +1,29 @@
 //! kflash's Rust core, compiled as the Python extension `kflash._core`.
 //!
 //! Domain modules are plain Rust and never touch pyo3; `py/` is the only layer that does.
+//! - `build`: out-of-tree parallel firmware builds with a content-hash cache.
 //! - `events`: typed progress events and the one callback they go through.
 //! - `process`: running external commands safely (process groups, deadlines, output tails).
 //! - `snapshot`: the lock-free status snapshot store and its shared-memory mirror.
+//! - `registry`: the state dir, devices.json (devices + settings), atomic writes, import.
+//! - `kconfig`: firmware `.config` files and the target they build for.
+//! - `versions`: Klipper/Kalico version strings and firmware dictionary comparison.
+//! - `discovery`: serial devices under the device root and sysfs, across re-enumeration.
 //!
 //! The `#[pymodule]` below only declares what Python sees; the classes and functions live in
 //! `py/`.
 
+pub mod build;
+pub mod discovery;
 pub mod events;
+pub mod kconfig;
+pub mod moonraker;
 pub mod process;
 pub mod py;
+pub mod registry;
+pub mod service;
 pub mod snapshot;
+pub mod versions;
 
 use pyo3::prelude::*;
 
@@ -19,10 +31,14 @@ use pyo3::prelude::*;
 #[pymodule]
 mod _core {
     #[pymodule_export]
+    use crate::py::errors::MoonrakerError;
+    #[pymodule_export]
     use crate::py::errors::{
         BuildError, CommandTimeout, ConfigError, DeviceNotFound, FlashError, KflashError,
         PreflightRefused, RegistryError, ServiceError,
     };
     #[pymodule_export]
     use crate::py::snapshot::{SnapshotReader, SnapshotStore};
+    #[pymodule_export]
+    use crate::py::versions::compare_versions;
 }

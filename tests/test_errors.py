@@ -14,6 +14,7 @@ import kflash
         "ServiceError",
         "CommandTimeout",
         "PreflightRefused",
+        "MoonrakerError",
     ],
 )
 def test_every_error_is_a_kflash_error(name):

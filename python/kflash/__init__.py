@@ -12,11 +12,13 @@ from kflash._core import (
     DeviceNotFound,
     FlashError,
     KflashError,
+    MoonrakerError,
     PreflightRefused,
     RegistryError,
     ServiceError,
     SnapshotReader,
     SnapshotStore,
+    compare_versions,
 )
 
 __all__ = [
@@ -26,9 +28,11 @@ __all__ = [
     "DeviceNotFound",
     "FlashError",
     "KflashError",
+    "MoonrakerError",
     "PreflightRefused",
     "RegistryError",
     "ServiceError",
     "SnapshotReader",
     "SnapshotStore",
+    "compare_versions",
 ]

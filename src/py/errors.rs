@@ -7,8 +7,13 @@ use pyo3::create_exception;
 use pyo3::exceptions::PyException;
 use pyo3::PyErr;
 
+use crate::build;
+use crate::discovery;
+use crate::kconfig;
 use crate::process;
+use crate::registry;
 use crate::snapshot;
+use crate::{moonraker, service};
 
 create_exception!(
     kflash._core,
@@ -65,11 +70,64 @@ create_exception!(
     "A run was refused before anything was stopped (printing, lock held, no service control)."
 );
 
+create_exception!(
+    kflash._core,
+    MoonrakerError,
+    KflashError,
+    "Moonraker is unreachable, answered with an error, or sent something unexpected."
+);
+
 impl From<process::Error> for PyErr {
     fn from(err: process::Error) -> PyErr {
         match err {
             process::Error::Timeout { .. } => CommandTimeout::new_err(err.to_string()),
             _ => KflashError::new_err(err.to_string()),
+        }
+    }
+}
+
+impl From<build::Error> for PyErr {
+    fn from(err: build::Error) -> PyErr {
+        match err {
+            build::Error::Timeout { .. } => CommandTimeout::new_err(err.to_string()),
+            build::Error::ConfigMissing { .. } => ConfigError::new_err(err.to_string()),
+            _ => BuildError::new_err(err.to_string()),
+        }
+    }
+}
+
+impl From<service::Error> for PyErr {
+    fn from(err: service::Error) -> PyErr {
+        ServiceError::new_err(err.to_string())
+    }
+}
+
+impl From<moonraker::Error> for PyErr {
+    fn from(err: moonraker::Error) -> PyErr {
+        MoonrakerError::new_err(err.to_string())
+    }
+}
+
+impl From<registry::Error> for PyErr {
+    fn from(err: registry::Error) -> PyErr {
+        match err {
+            registry::Error::UnknownDevice { .. } => DeviceNotFound::new_err(err.to_string()),
+            _ => RegistryError::new_err(err.to_string()),
+        }
+    }
+}
+
+impl From<kconfig::Error> for PyErr {
+    fn from(err: kconfig::Error) -> PyErr {
+        ConfigError::new_err(err.to_string())
+    }
+}
+
+impl From<discovery::Error> for PyErr {
+    fn from(err: discovery::Error) -> PyErr {
+        match err {
+            discovery::Error::Cancelled { .. } => KflashError::new_err(err.to_string()),
+            _ => DeviceNotFound::new_err(err.to_string()),
         }
     }
 }
@@ -106,6 +164,121 @@ mod tests {
             .into();
             assert!(failed.is_instance_of::<KflashError>(py));
             assert!(failed.to_string().contains("oops"));
+        });
+    }
+
+    #[test]
+    fn build_errors_map_to_their_classes() {
+        Python::initialize();
+        Python::attach(|py| {
+            let timeout: PyErr = build::Error::Timeout {
+                key: "ebb".into(),
+                cmd: "make -C klipper".into(),
+                after: Duration::from_secs(600),
+                tail: "Compiling".into(),
+            }
+            .into();
+            assert!(timeout.is_instance_of::<CommandTimeout>(py));
+            assert!(timeout.to_string().contains("make -C klipper"));
+            let failed: PyErr = build::Error::Make {
+                key: "ebb".into(),
+                source: process::Error::Failed {
+                    cmd: "make".into(),
+                    status: process::Status::Exited(2),
+                    tail: "error: foo.c".into(),
+                },
+            }
+            .into();
+            assert!(failed.is_instance_of::<BuildError>(py));
+            assert!(failed.to_string().contains("error: foo.c"));
+            let toolchain: PyErr = build::Error::ToolchainMissing {
+                key: "ebb".into(),
+                compiler: "arm-none-eabi-gcc".into(),
+                packages: "gcc-arm-none-eabi".into(),
+            }
+            .into();
+            assert!(toolchain.is_instance_of::<BuildError>(py));
+            let config: PyErr = build::Error::ConfigMissing {
+                key: "ebb".into(),
+                path: "/x/ebb.config".into(),
+                source: std::io::Error::from(std::io::ErrorKind::NotFound),
+            }
+            .into();
+            assert!(config.is_instance_of::<ConfigError>(py));
+            assert!(config.is_instance_of::<KflashError>(py));
+        });
+    }
+
+    #[test]
+    fn service_and_moonraker_errors_map_to_their_classes() {
+        Python::initialize();
+        Python::attach(|py| {
+            let err: PyErr = service::Error::Unavailable {
+                service: "klipper".into(),
+                reason: "sudo refused".into(),
+            }
+            .into();
+            assert!(err.is_instance_of::<ServiceError>(py));
+            assert!(err.is_instance_of::<KflashError>(py));
+            assert!(err.to_string().contains("sudo refused"));
+            let err: PyErr = moonraker::Error::Unreachable {
+                url: "http://127.0.0.1:7125/server/info".into(),
+                reason: "connection refused".into(),
+            }
+            .into();
+            assert!(err.is_instance_of::<MoonrakerError>(py));
+            assert!(err.is_instance_of::<KflashError>(py));
+            assert!(!err.is_instance_of::<ServiceError>(py));
+            assert!(err.to_string().contains("127.0.0.1:7125"));
+        });
+    }
+
+    #[test]
+    fn registry_errors_map_to_their_classes() {
+        Python::initialize();
+        Python::attach(|py| {
+            let bad_key: PyErr = registry::validate_key("a/b").unwrap_err().into();
+            assert!(bad_key.is_instance_of::<RegistryError>(py));
+            assert!(bad_key.to_string().contains("path separators"));
+            let unknown: PyErr = registry::Registry::default()
+                .get("EBB36")
+                .unwrap_err()
+                .into();
+            assert!(unknown.is_instance_of::<DeviceNotFound>(py));
+            assert!(unknown.is_instance_of::<KflashError>(py));
+        });
+    }
+
+    #[test]
+    fn kconfig_errors_map_to_config_error() {
+        Python::initialize();
+        Python::attach(|py| {
+            let config = kconfig::KConfig::parse("CONFIG_MCU=\"stm32f103xe\"\n");
+            let wrong: PyErr = kconfig::check_mcu("rp2040", &config).unwrap_err().into();
+            assert!(wrong.is_instance_of::<ConfigError>(py));
+            assert!(wrong.to_string().contains("stm32f103xe"));
+            let none: PyErr = kconfig::KConfig::parse("").target().unwrap_err().into();
+            assert!(none.is_instance_of::<ConfigError>(py));
+        });
+    }
+
+    #[test]
+    fn discovery_errors_map_to_device_not_found() {
+        Python::initialize();
+        Python::attach(|py| {
+            let none = discovery::Discovery::at("/nonexistent/dev", "/nonexistent/sys");
+            let missing: PyErr = none.resolve("usb-Klipper_*").unwrap_err().into();
+            assert!(missing.is_instance_of::<DeviceNotFound>(py));
+            let ambiguous: PyErr = discovery::Error::Ambiguous {
+                pattern: "usb-*".into(),
+                candidates: "a, b".into(),
+            }
+            .into();
+            assert!(ambiguous.is_instance_of::<DeviceNotFound>(py));
+            assert!(ambiguous.to_string().contains("a, b"));
+            let stopped: PyErr = discovery::Error::Cancelled { id: "x".into() }.into();
+            assert!(!stopped.is_instance_of::<DeviceNotFound>(py));
+            assert!(stopped.is_instance_of::<KflashError>(py));
         });
     }
 

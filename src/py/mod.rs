@@ -7,3 +7,4 @@
 
 pub mod errors;
 pub mod snapshot;
+pub mod versions;

@@ -1,0 +1,287 @@
+//! Host-wide settings: where Klipper and Katapult live, how the klipper service is
+//! controlled, and the time limits of builds and flashes.
+//!
+//! Settings are stored in devices.json next to the devices. `get`/`set` address them by the
+//! names users type (`kflash settings set KEY VALUE`); `set` validates before changing
+//! anything, so a rejected value leaves the settings as they were.
+//!
+//! Thread-safety: a plain value type.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use super::Error;
+
+/// How kflash stops and starts the klipper service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ServiceKind {
+    /// Moonraker's `/machine/services/*` endpoints (no sudo needed).
+    #[default]
+    Moonraker,
+    /// `sudo -n systemctl stop|start <klipper_service>`.
+    Systemd,
+    /// The user's own `stop_command` / `start_command`.
+    Command,
+}
+
+impl ServiceKind {
+    /// The name as stored and typed by users.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServiceKind::Moonraker => "moonraker",
+            ServiceKind::Systemd => "systemd",
+            ServiceKind::Command => "command",
+        }
+    }
+}
+
+impl fmt::Display for ServiceKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The settings block of devices.json. Missing fields take their defaults.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Settings {
+    /// The Klipper (or Kalico) source tree firmware is built from.
+    pub klipper_dir: PathBuf,
+    /// The Katapult source tree (for flashtool.py fallbacks).
+    pub katapult_dir: PathBuf,
+    /// How the klipper service is stopped and started.
+    pub service: ServiceKind,
+    /// The systemd unit / Moonraker service name of klipper.
+    pub klipper_service: String,
+    /// Shell command that stops klipper (service = command).
+    pub stop_command: Option<String>,
+    /// Shell command that starts klipper (service = command).
+    pub start_command: Option<String>,
+    /// Moonraker's base URL.
+    pub moonraker_url: String,
+    /// Where the linux-process MCU binary is installed.
+    pub linux_mcu_binary: PathBuf,
+    /// Time limit of one firmware build, seconds.
+    pub build_timeout_s: u64,
+    /// Time limit of flashing one device, seconds.
+    pub flash_timeout_s: u64,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            klipper_dir: expand_home("~/klipper"),
+            katapult_dir: expand_home("~/katapult"),
+            service: ServiceKind::Moonraker,
+            klipper_service: "klipper".into(),
+            stop_command: None,
+            start_command: None,
+            moonraker_url: "http://127.0.0.1:7125".into(),
+            linux_mcu_binary: PathBuf::from("/usr/local/bin/klipper_mcu"),
+            build_timeout_s: 600,
+            flash_timeout_s: 180,
+        }
+    }
+}
+
+const KEYS: &[&str] = &[
+    "klipper_dir",
+    "katapult_dir",
+    "service",
+    "klipper_service",
+    "stop_command",
+    "start_command",
+    "moonraker_url",
+    "linux_mcu_binary",
+    "build_timeout_s",
+    "flash_timeout_s",
+];
+
+/// Expand a leading `~` or `~/` to `$HOME` (left as is when HOME is unset).
+pub fn expand_home(path: &str) -> PathBuf {
+    let home = std::env::var_os("HOME").filter(|h| !h.is_empty());
+    match (path, home) {
+        ("~", Some(home)) => PathBuf::from(home),
+        (p, Some(home)) if p.starts_with("~/") => Path::new(&home).join(&p[2..]),
+        (p, _) => PathBuf::from(p),
+    }
+}
+
+impl Settings {
+    /// Every setting name, in display order.
+    pub fn keys() -> &'static [&'static str] {
+        KEYS
+    }
+
+    /// The value of a setting as text (`""` for an unset command).
+    pub fn get(&self, key: &str) -> Result<String, Error> {
+        Ok(match key {
+            "klipper_dir" => self.klipper_dir.display().to_string(),
+            "katapult_dir" => self.katapult_dir.display().to_string(),
+            "service" => self.service.to_string(),
+            "klipper_service" => self.klipper_service.clone(),
+            "stop_command" => self.stop_command.clone().unwrap_or_default(),
+            "start_command" => self.start_command.clone().unwrap_or_default(),
+            "moonraker_url" => self.moonraker_url.clone(),
+            "linux_mcu_binary" => self.linux_mcu_binary.display().to_string(),
+            "build_timeout_s" => self.build_timeout_s.to_string(),
+            "flash_timeout_s" => self.flash_timeout_s.to_string(),
+            _ => return Err(unknown(key)),
+        })
+    }
+
+    /// Change a setting after validating `value`; on error nothing changes.
+    pub fn set(&mut self, key: &str, value: &str) -> Result<(), Error> {
+        let bad = |reason: &str| Error::BadValue {
+            key: key.to_string(),
+            value: value.to_string(),
+            reason: reason.to_string(),
+        };
+        let trimmed = value.trim();
+        match key {
+            "klipper_dir" | "katapult_dir" | "linux_mcu_binary" => {
+                if trimmed.is_empty() {
+                    return Err(bad("a path is required"));
+                }
+                let path = expand_home(trimmed);
+                match key {
+                    "klipper_dir" => self.klipper_dir = path,
+                    "katapult_dir" => self.katapult_dir = path,
+                    _ => self.linux_mcu_binary = path,
+                }
+            }
+            "service" => {
+                self.service = match trimmed {
+                    "moonraker" => ServiceKind::Moonraker,
+                    "systemd" => ServiceKind::Systemd,
+                    "command" => ServiceKind::Command,
+                    _ => return Err(bad("expected one of: moonraker, systemd, command")),
+                };
+            }
+            "klipper_service" => {
+                if trimmed.is_empty()
+                    || !trimmed
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c))
+                {
+                    return Err(bad(
+                        "a service name is letters, digits and - _ . @ (e.g. klipper)",
+                    ));
+                }
+                self.klipper_service = trimmed.to_string();
+            }
+            "stop_command" | "start_command" => {
+                let v = (!trimmed.is_empty()).then(|| trimmed.to_string());
+                if key == "stop_command" {
+                    self.stop_command = v;
+                } else {
+                    self.start_command = v;
+                }
+            }
+            "moonraker_url" => {
+                let rest = trimmed
+                    .strip_prefix("http://")
+                    .or_else(|| trimmed.strip_prefix("https://"));
+                match rest {
+                    Some(host) if !host.is_empty() && !host.contains(char::is_whitespace) => {
+                        self.moonraker_url = trimmed.trim_end_matches('/').to_string();
+                    }
+                    _ => return Err(bad("expected a URL like http://127.0.0.1:7125")),
+                }
+            }
+            "build_timeout_s" | "flash_timeout_s" => {
+                let secs: u64 = trimmed
+                    .parse()
+                    .ok()
+                    .filter(|s| (1..=86_400).contains(s))
+                    .ok_or_else(|| bad("expected whole seconds between 1 and 86400"))?;
+                if key == "build_timeout_s" {
+                    self.build_timeout_s = secs;
+                } else {
+                    self.flash_timeout_s = secs;
+                }
+            }
+            _ => return Err(unknown(key)),
+        }
+        Ok(())
+    }
+}
+
+fn unknown(key: &str) -> Error {
+    Error::UnknownSetting {
+        key: key.to_string(),
+        valid: KEYS.join(", "),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_contract() {
+        let s = Settings::default();
+        assert_eq!(s.get("service").unwrap(), "moonraker");
+        assert_eq!(s.get("klipper_service").unwrap(), "klipper");
+        assert_eq!(s.get("moonraker_url").unwrap(), "http://127.0.0.1:7125");
+        assert_eq!(s.get("build_timeout_s").unwrap(), "600");
+        assert_eq!(s.get("flash_timeout_s").unwrap(), "180");
+        assert_eq!(s.get("stop_command").unwrap(), "");
+        assert!(s.klipper_dir.ends_with("klipper"));
+        for key in Settings::keys() {
+            s.get(key).unwrap();
+        }
+    }
+
+    #[test]
+    fn set_then_get_round_trips() {
+        let mut s = Settings::default();
+        s.set("service", "command").unwrap();
+        s.set("stop_command", "supervisorctl stop klipper").unwrap();
+        s.set("klipper_dir", "/opt/kalico").unwrap();
+        s.set("build_timeout_s", "900").unwrap();
+        s.set("moonraker_url", "http://localhost:7125/").unwrap();
+        assert_eq!(s.service, ServiceKind::Command);
+        assert_eq!(
+            s.stop_command.as_deref(),
+            Some("supervisorctl stop klipper")
+        );
+        assert_eq!(s.get("klipper_dir").unwrap(), "/opt/kalico");
+        assert_eq!(s.build_timeout_s, 900);
+        assert_eq!(s.moonraker_url, "http://localhost:7125");
+        s.set("stop_command", "").unwrap();
+        assert_eq!(s.stop_command, None);
+    }
+
+    #[test]
+    fn unknown_key_lists_valid_keys() {
+        let mut s = Settings::default();
+        let err = s.set("klipper_path", "/x").unwrap_err().to_string();
+        assert!(err.contains("klipper_path"), "{err}");
+        assert!(
+            err.contains("klipper_dir") && err.contains("moonraker_url"),
+            "{err}"
+        );
+        assert!(s.get("nope").is_err());
+    }
+
+    #[test]
+    fn bad_values_are_rejected_and_change_nothing() {
+        let mut s = Settings::default();
+        let before = s.clone();
+        for (key, value) in [
+            ("service", "initd"),
+            ("build_timeout_s", "ten"),
+            ("flash_timeout_s", "0"),
+            ("moonraker_url", "localhost:7125"),
+            ("klipper_service", "klipper; rm -rf /"),
+            ("klipper_dir", "  "),
+        ] {
+            let err = s.set(key, value).unwrap_err().to_string();
+            assert!(err.contains(key), "{err}");
+        }
+        assert_eq!(s, before);
+    }
+}
