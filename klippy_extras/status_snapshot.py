@@ -113,6 +113,12 @@ class StatusSnapshot:
         )
         for event in CHANGE_EVENTS:
             self.printer.register_event_handler(event, self._note_change)
+        gcode = self.printer.lookup_object("gcode")
+        gcode.register_command(
+            "STATUS_SNAPSHOT",
+            self.cmd_STATUS_SNAPSHOT,
+            desc=self.cmd_STATUS_SNAPSHOT_help,
+        )
 
     # Setup
     def _handle_connect(self):
@@ -272,6 +278,27 @@ class StatusSnapshot:
                 if self.failures <= 3:
                     logging.exception("status_snapshot: mirror failed")
         return eventtime + self.interval
+
+    cmd_STATUS_SNAPSHOT_help = "Report what [status_snapshot] serves"
+
+    def cmd_STATUS_SNAPSHOT(self, gcmd):
+        lines = []
+        for served in self.served.values():
+            store = served.store
+            age = "-" if store.age is None else f"{store.age:.3f}s"
+            state = "current" if store.current else "outdated"
+            lines.append(
+                f"{served.name}: version {store.version}, age {age}, {state}"
+            )
+        mode = "held (homing)" if self.held else "publishing"
+        ept = "in core" if self.print_time_exact else "from the MCU"
+        lines.append(
+            f"interval {self.interval:.3f}s, max_age {self.max_age:.3f}s,"
+            f" {mode}, estimated_print_time {ept}"
+        )
+        if self.shm_path:
+            lines.append(f"mirror: {self.shm_path}")
+        gcmd.respond_info("\n".join(lines))
 
     # Interfaces for other consumers
     def lookup_store(self, name):

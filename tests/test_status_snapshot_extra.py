@@ -86,6 +86,14 @@ class FakeToolhead:
         self.commanded_pos[3] = extrude_pos
 
 
+class FakeGcode:
+    def __init__(self):
+        self.commands = {}
+
+    def register_command(self, name, func, desc=None):
+        self.commands[name] = func
+
+
 class FakePrinter:
     config_error = ConfigError
 
@@ -94,7 +102,11 @@ class FakePrinter:
         self.handlers = {}
         self.mcu = FakeMcu(self.reactor)
         self.toolhead = FakeToolhead(self.mcu)
-        self.objects = {"mcu": self.mcu, "toolhead": self.toolhead}
+        self.objects = {
+            "mcu": self.mcu,
+            "toolhead": self.toolhead,
+            "gcode": FakeGcode(),
+        }
 
     def get_reactor(self):
         return self.reactor

@@ -180,6 +180,25 @@ def test_the_mirror_matches_the_served_status(printer):
     assert doc["version"] > 1
 
 
+def test_status_snapshot_command_reports_what_is_served(printer):
+    klippy, _, shm = printer
+    api = klippy.connect()
+    try:
+        api.call(
+            "gcode/subscribe_output", {"response_template": {"method": "output"}}
+        )
+        api.gcode("STATUS_SNAPSHOT")
+        out = api.wait_notification(
+            lambda m: m.get("method") == "output"
+            and "interval" in m["params"]["response"]
+        )["params"]["response"]
+    finally:
+        api.close()
+    assert "toolhead: version" in out and "system_stats: version" in out
+    assert "publishing" in out and "estimated_print_time in core" in out
+    assert str(shm) in out
+
+
 def test_an_unknown_object_stops_klippy_with_its_name(tmp_path):
     with linked_extras():
         klippy = Klippy(tmp_path, "[status_snapshot]\nobjects: toolhead, nosuch\n")
