@@ -3,6 +3,7 @@
 import json
 import multiprocessing
 import threading
+import time
 
 import pytest
 from klippy.clocksync import ClockSync
@@ -188,6 +189,38 @@ def test_readers_in_threads_see_whole_snapshots_in_order():
     assert not errors, errors[0]
     assert len(reads) == 4 and all(n > 0 for n in reads)
     assert store.version == 20000
+
+
+class Slow:
+    """A status value whose str() runs Python code that lets other threads run."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __str__(self):
+        time.sleep(0)  # releases the GIL
+        return str(self.n * 3)
+
+
+def test_concurrent_publishers_with_a_mirror_do_not_deadlock(tmp_path):
+    path = tmp_path / "status"
+    store = kflash.SnapshotStore(path)
+    reader = snapshot.Reader(str(path))
+
+    def publisher(k):
+        for i in range(500):
+            store.publish({"who": k, "value": Slow(i), "f": [Slow(i)] * 5}, i)
+
+    threads = [threading.Thread(target=publisher, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads), "publishers deadlocked"
+    assert store.version == 1500
+    doc = reader.read()
+    assert doc["version"] == 1500, "the mirror holds the last version"
+    assert doc["status"]["value"] == str(Slow(int(doc["eventtime"])))
 
 
 def test_the_mirror_holds_the_latest_status_as_json(tmp_path):

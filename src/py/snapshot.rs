@@ -22,6 +22,7 @@ use std::sync::{Mutex, PoisonError};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::intern;
 use pyo3::prelude::*;
+use pyo3::sync::MutexExt;
 use pyo3::types::{PyBool, PyBytes, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
 
 use crate::snapshot::shm::{ShmReader, ShmWriter};
@@ -120,9 +121,8 @@ impl SnapshotStore {
             dict: dict.unbind(),
             has_clock_field,
         };
-        // The mirror lock also orders publishes, so the file never goes back a version.
-        let mut mirror = self.mirror.lock().unwrap_or_else(PoisonError::into_inner);
-        let json = match mirror.as_ref() {
+        // Serialise before taking the lock: str() of a value may run Python code.
+        let json = match &self.shm_path {
             Some(_) => {
                 let mut out = String::with_capacity(1024);
                 write_json(&mut out, status.as_any(), 0)?;
@@ -130,10 +130,23 @@ impl SnapshotStore {
             }
             None => None,
         };
+        // The mirror lock also orders publishes, so the file never goes back a version. It
+        // is waited for with the GIL released (no deadlock with a holder that needs it), and
+        // the snapshot it replaces is dropped only after it is released (a dict dealloc can
+        // run Python code).
+        let mut mirror = self
+            .mirror
+            .lock_py_attached(py)
+            .unwrap_or_else(PoisonError::into_inner);
+        let previous = self.store.latest();
         let snap = self.store.publish_as_of(entry, eventtime, generation);
-        if let (Some(writer), Some(json)) = (mirror.as_mut(), json) {
-            writer.publish(snap.version, eventtime, json.as_bytes())?;
-        }
+        let written = match (mirror.as_mut(), json) {
+            (Some(writer), Some(json)) => writer.publish(snap.version, eventtime, json.as_bytes()),
+            _ => Ok(()),
+        };
+        drop(mirror);
+        drop(previous);
+        written?;
         Ok(snap.version)
     }
 
