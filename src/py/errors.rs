@@ -13,6 +13,7 @@ use crate::katapult;
 use crate::kconfig;
 use crate::process;
 use crate::registry;
+use crate::snapshot;
 use crate::{moonraker, service};
 
 create_exception!(
@@ -129,6 +130,12 @@ impl From<discovery::Error> for PyErr {
             discovery::Error::Cancelled { .. } => KflashError::new_err(err.to_string()),
             _ => DeviceNotFound::new_err(err.to_string()),
         }
+    }
+}
+
+impl From<snapshot::Error> for PyErr {
+    fn from(err: snapshot::Error) -> PyErr {
+        KflashError::new_err(err.to_string())
     }
 }
 
@@ -283,6 +290,20 @@ mod tests {
             let stopped: PyErr = discovery::Error::Cancelled { id: "x".into() }.into();
             assert!(!stopped.is_instance_of::<DeviceNotFound>(py));
             assert!(stopped.is_instance_of::<KflashError>(py));
+        });
+    }
+
+    #[test]
+    fn snapshot_errors_map_to_kflash_error_naming_the_file() {
+        Python::initialize();
+        Python::attach(|py| {
+            let err: PyErr = snapshot::Error::NotASnapshot {
+                path: "/dev/shm/x".into(),
+                reason: "bad magic".into(),
+            }
+            .into();
+            assert!(err.is_instance_of::<KflashError>(py));
+            assert!(err.to_string().contains("/dev/shm/x"));
         });
     }
 

@@ -7,4 +7,5 @@
 
 pub mod errors;
 pub mod katapult;
+pub mod snapshot;
 pub mod versions;
