@@ -4,6 +4,7 @@
 //! - `build`: out-of-tree parallel firmware builds with a content-hash cache.
 //! - `events`: typed progress events and the one callback they go through.
 //! - `process`: running external commands safely (process groups, deadlines, output tails).
+//! - `snapshot`: the lock-free status snapshot store and its shared-memory mirror.
 //! - `registry`: the state dir, devices.json (devices + settings), atomic writes, import.
 //! - `kconfig`: firmware `.config` files and the target they build for.
 //! - `versions`: Klipper/Kalico version strings and firmware dictionary comparison.
@@ -27,6 +28,7 @@ pub mod process;
 pub mod py;
 pub mod registry;
 pub mod service;
+pub mod snapshot;
 pub mod versions;
 
 use pyo3::prelude::*;
@@ -45,6 +47,8 @@ mod _core {
     };
     #[pymodule_export]
     use crate::py::katapult::{katapult_flash, katapult_status};
+    #[pymodule_export]
+    use crate::py::snapshot::{SnapshotReader, SnapshotStore};
     #[pymodule_export]
     use crate::py::versions::compare_versions;
 }

@@ -47,7 +47,7 @@ def wait_until(check, timeout=10.0, what="condition"):
 
 
 class Bench:
-    def __init__(self, root):
+    def __init__(self, root, interface="usb"):
         self.dev = root / "dev"
         self.sys = root / "sys"
         self.state = root / "state"
@@ -66,7 +66,8 @@ class Bench:
                     "mcu": MCU,
                     "family": "stm32",
                     "serial": SERIAL,
-                    "interface": "usb",
+                    "interface": interface,
+                    "uart_index": 2,
                     "port": "1.2",
                     "app_start": 0x08008000,
                     "block_size": 64,
@@ -78,8 +79,14 @@ class Bench:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "kflash.sim", "boards", "--spec", spec_path]
         )
-        self.app_link = self.dev / "serial/by-id" / f"usb-Klipper_{MCU}_{SERIAL}-if00"
+        if interface == "usb":
+            self.app_link = (
+                self.dev / "serial/by-id" / f"usb-Klipper_{MCU}_{SERIAL}-if00"
+            )
+        else:
+            self.app_link = self.dev / "ttyS2"
         wait_until(self.app_link.exists, what="the board's application")
+        self.events = self.state / "board" / "events.log"
 
     def flashed(self):
         return (self.state / "board" / "flash.bin").read_bytes()
@@ -134,3 +141,19 @@ def test_a_board_falling_into_dfu_is_reported_not_flashed(bench, tmp_path):
     firmware.write_bytes(image("v0.13.0-2-gnew"))
     with pytest.raises(_core.FlashError, match="STM32 DFU .*nothing was flashed"):
         _core.katapult_flash(str(bench.app_link), str(firmware))
+
+
+def test_flashes_a_uart_board_after_the_request_string(tmp_path, monkeypatch):
+    b = Bench(tmp_path, interface="uart")
+    monkeypatch.setenv("KFLASH_DEV_ROOT", str(b.dev))
+    monkeypatch.setenv("KFLASH_SYS_ROOT", str(b.sys))
+    try:
+        firmware = tmp_path / "klipper.bin"
+        new = image("v0.13.0-3-guart")
+        firmware.write_bytes(new)
+        result = _core.katapult_flash(str(b.app_link), str(firmware), baud=250000)
+        assert result["firmware_version"] == "v0.13.0-3-guart"
+        assert b.flashed()[: len(new)] == new
+        assert "serial bootloader request" in b.events.read_text()
+    finally:
+        b.close()

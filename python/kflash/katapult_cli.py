@@ -8,9 +8,8 @@ that grep for it keep working.
 
 Plugs into the ``kflash`` CLI with two lines::
 
-    katapult_cli.add_parser(subparsers)
-    ...
-    if args.command == "katapult": return katapult_cli.run(args)
+    katapult_cli.add_parser(sub)                  # next to the other sub.add_parser
+    COMMANDS["katapult"] = katapult_cli.command   # (engine, args) -> exit code
 """
 
 import json
@@ -107,8 +106,7 @@ def _human_flash(result):
         f"Flashed {result['bytes']} bytes ({result['blocks']} blocks of "
         f"{result['block_size']}) to {result['device']} in "
         f"{result['duration_s']:.2f} s ({result['rate_bps'] / 1024:.1f} KiB/s)",
-        f"MCU: {result['mcu']}, firmware version: "
-        f"{result['firmware_version'] or '?'}",
+        f"MCU: {result['mcu']}, firmware version: {result['firmware_version'] or '?'}",
         "Programming Complete",
     ]
 
@@ -162,3 +160,9 @@ def run(args):
         for line in lines:
             print(line, file=out)
     return 0
+
+
+def command(engine, args):
+    """``run`` with the signature of the ``kflash`` CLI's COMMANDS table."""
+    del engine
+    return run(args)

@@ -19,7 +19,7 @@ use crate::events::Sink;
 use crate::process::Cancel;
 
 use super::flasher::{flash_connected, sleep_cancellable, FlashReport, Session, Timing};
-use super::image::image_info;
+use super::image::{image_info, read_image};
 use super::port::Port;
 use super::{Error, Step};
 
@@ -221,15 +221,7 @@ pub fn flash_can(
     cancel: &Cancel,
     sink: &Sink,
 ) -> Result<FlashReport, Error> {
-    let image = std::fs::read(firmware).map_err(|source| Error::Firmware {
-        path: firmware.to_owned(),
-        source,
-    })?;
-    if image.is_empty() {
-        return Err(Error::EmptyFirmware {
-            path: firmware.to_owned(),
-        });
-    }
+    let image = read_image(firmware)?;
     let dictionary = image_info(&image).ok();
     request_bootloader(t, uuid)?;
     sleep_cancellable(can_timing.after_request, Step::CanAdmin, cancel)?;

@@ -46,6 +46,8 @@ pub(crate) struct Faults {
     pub wrong_echo_once: bool,
     /// Never answer anything (a board that is not in Katapult).
     pub silent: bool,
+    /// Stale bytes (no frame) in front of every reply.
+    pub noise_before_reply: bool,
 }
 
 /// The device side of Katapult.
@@ -137,6 +139,9 @@ impl FakeBootloader {
                 continue;
             }
             let mut bytes = resp.encode().unwrap();
+            if self.faults.noise_before_reply {
+                bytes.splice(0..0, b"ok\n\x99\x03".iter().copied());
+            }
             self.replies += 1;
             if Self::hits(self.faults.corrupt_reply_every, self.replies) {
                 let mid = bytes.len() / 2;

@@ -4,8 +4,12 @@
 //! against the image's embedded dictionary before anything is written, SEND_BLOCK from the
 //! application start in block-size steps (last block padded with 0xFF) with retries and
 //! address-echo checks, SEND_EOF, a byte-for-byte read-back of every block, and COMPLETE.
-//! Serial specifics: bootloader entry (USB 1200-baud touch or the UART request string) and
-//! re-resolving the device through its stable identity after re-enumeration.
+//! Serial specifics: bootloader entry (USB 1200-baud touch or the UART request string),
+//! re-resolving the device through `crate::discovery` after re-enumeration (its stable
+//! identity, not the tty number; a new ROM loader on the bus means it fell into DFU or
+//! BOOTSEL), and finding a board that already sits in Katapult from its application's
+//! by-id name. A damaged reply ends a try early (after a short grace for a good reply
+//! right behind the noise), so bit errors cost a retry, not a timeout.
 //!
 //! COMPLETE is sent after success and after any error that left the flash untouched (the
 //! board returns to its old, intact application). After a failed write or verify the board
@@ -27,7 +31,7 @@ use crate::events::{Event, Level, Sink, Stage};
 use crate::process::Cancel;
 
 use super::codec::{code, Ack, Command, ConnectInfo, Decoder, Response};
-use super::image::{image_info, ImageInfo};
+use super::image::{image_info, read_image, ImageInfo};
 use super::port::{uart_request_bootloader, usb_touch_1200, Port, SerialPort};
 use super::{Error, RomLoader, Step};
 use crate::discovery::{usb_mode, Discovery, StableId, UsbMode};
@@ -35,6 +39,8 @@ use crate::discovery::{usb_mode, Discovery, StableId, UsbMode};
 /// Default UART baud (flashtool's default, Klipper's usual).
 pub const DEFAULT_BAUD: u32 = 250_000;
 const SLICE: Duration = Duration::from_millis(100);
+/// How long opening a freshly enumerated tty is retried (udev permissions, links).
+const OPEN_GRACE: Duration = Duration::from_secs(2);
 
 /// Timeouts and retry counts of a flash (defaults follow flashtool.py).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -346,12 +352,18 @@ impl<'a> Session<'a> {
     ) -> Result<Result<Ack, Failure>, Error> {
         let mut budget = per_try;
         let mut mismatch = None;
+        let mut garbled = None;
         loop {
             while let Some(item) = self.decoder.next_frame() {
                 let frame = match item {
                     Ok(frame) => frame,
-                    // A reply arrived damaged: nothing else is coming for this try.
-                    Err(garbage) => return Ok(Err(Failure::Garbled(garbage.to_string()))),
+                    // Damaged bytes: most likely our reply, so do not wait the whole try;
+                    // a good reply right behind stale noise still gets a short grace.
+                    Err(garbage) => {
+                        garbled = Some(garbage.to_string());
+                        budget = budget.min(self.timing.settle);
+                        continue;
+                    }
                 };
                 if std::mem::take(&mut self.discard_first) {
                     continue;
@@ -376,7 +388,11 @@ impl<'a> Session<'a> {
                 return Err(Error::Cancelled { step });
             }
             if budget.is_zero() {
-                return Ok(Err(mismatch.map_or(Failure::Timeout, Failure::Protocol)));
+                return Ok(Err(match (mismatch, garbled) {
+                    (Some(why), _) => Failure::Protocol(why),
+                    (None, Some(detail)) => Failure::Garbled(detail),
+                    (None, None) => Failure::Timeout,
+                }));
             }
             let used = self.fill(step, budget)?;
             budget = budget.saturating_sub(used);
@@ -710,6 +726,8 @@ fn needs_priming(product: &str) -> bool {
 struct Entered {
     path: PathBuf,
     prime: bool,
+    /// Just re-enumerated: udev may still be finishing the tty.
+    fresh: bool,
 }
 
 fn say(sink: &Sink, device: &Path, msg: String) {
@@ -732,17 +750,31 @@ fn enter_bootloader(
     }
     let disc = &opts.discovery;
     // Not a device discovery knows: talk to it as it is (like flashtool.py).
-    let Ok(port) = disc.resolve(&device.to_string_lossy()) else {
+    let Some((device, port)) = locate(opts) else {
         return Ok(Entered {
             path: device.clone(),
             prime: false,
+            fresh: false,
         });
     };
+    if device != opts.device {
+        say(
+            sink,
+            &opts.device,
+            format!(
+                "{} is gone; the board is now {}",
+                opts.device.display(),
+                device.display()
+            ),
+        );
+    }
+    let device = &device;
     let product = port.usb.as_ref().and_then(|u| u.product_name.clone());
     if usb_mode(&port) != UsbMode::Klipper {
         return Ok(Entered {
             path: device.clone(),
             prime: product.as_deref().is_some_and(needs_priming),
+            fresh: false,
         });
     }
     let stable = opts.stable.clone().unwrap_or_else(|| StableId::of(&port));
@@ -757,7 +789,40 @@ fn enter_bootloader(
         step: Step::EnterBootloader,
         source,
     })?;
-    wait_for_katapult(opts, &stable, &roms_before, cancel, sink)
+    let mut entered = wait_for_katapult(opts, &stable, &roms_before, cancel, sink)?;
+    // The application's product string names the chip too (Klipper reports CONFIG_MCU).
+    entered.prime |= product.as_deref().is_some_and(needs_priming);
+    Ok(entered)
+}
+
+/// The board behind `opts.device` now: that path, else (a board that stayed in Katapult
+/// after a failed flash, or already left it) its by-id link under the other maker name,
+/// else its stable identity.
+fn locate(opts: &SerialStatusOptions) -> Option<(PathBuf, crate::discovery::SerialPort)> {
+    let disc = &opts.discovery;
+    let device = &opts.device;
+    if let Ok(port) = disc.resolve(&device.to_string_lossy()) {
+        return Some((device.clone(), port));
+    }
+    if let Some(other) = by_id_counterpart(device) {
+        if let Ok(port) = disc.resolve(&other.to_string_lossy()) {
+            return Some((other, port));
+        }
+    }
+    let port = disc.find(opts.stable.as_ref()?)?;
+    let path = port.path()?.to_path_buf();
+    Some((path, port))
+}
+
+/// `usb-Klipper_<mcu>_<serial>-if00` <-> `usb-katapult_<mcu>_<serial>-if00`, same dir.
+fn by_id_counterpart(device: &Path) -> Option<PathBuf> {
+    let name = device.file_name()?.to_str()?;
+    let other = if let Some(rest) = name.strip_prefix("usb-Klipper_") {
+        format!("usb-katapult_{rest}")
+    } else {
+        format!("usb-Klipper_{}", name.strip_prefix("usb-katapult_")?)
+    };
+    Some(device.with_file_name(other))
 }
 
 /// UART: probe first (a board already in Katapult answers CONNECT at once), else send the
@@ -798,6 +863,7 @@ fn enter_uart(
     Ok(Entered {
         path: device.clone(),
         prime: false,
+        fresh: false,
     })
 }
 
@@ -836,6 +902,7 @@ fn wait_for_katapult(
                 return Ok(Entered {
                     path,
                     prime: product.is_some_and(needs_priming),
+                    fresh: true,
                 });
             }
         }
@@ -865,11 +932,72 @@ fn wait_for_katapult(
     }
 }
 
-fn open_session_port(path: &Path, baud: Option<u32>) -> Result<SerialPort, Error> {
-    SerialPort::open(path, baud.unwrap_or(DEFAULT_BAUD)).map_err(|source| Error::Open {
-        path: path.to_owned(),
-        source,
-    })
+/// Open the bootloader's tty. Right after re-enumeration udev may still be setting its
+/// permissions or links: absent, denied and busy are retried for a short grace.
+fn open_session_port(
+    entered: &Entered,
+    baud: Option<u32>,
+    cancel: &Cancel,
+) -> Result<SerialPort, Error> {
+    let path = &entered.path;
+    let grace = if entered.fresh {
+        OPEN_GRACE
+    } else {
+        Duration::ZERO
+    };
+    let deadline = Instant::now() + grace;
+    loop {
+        match SerialPort::open(path, baud.unwrap_or(DEFAULT_BAUD)) {
+            Ok(port) => return Ok(port),
+            Err(source) => {
+                let transient = matches!(
+                    source.raw_os_error(),
+                    Some(libc::ENOENT | libc::EACCES | libc::EBUSY | libc::EWOULDBLOCK)
+                );
+                if !transient || Instant::now() >= deadline || cancel.is_cancelled() {
+                    return Err(Error::Open {
+                        path: path.clone(),
+                        source,
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+/// CONNECT for the serial entry points: a board that never answers gets a hint on why.
+fn connect_serial(
+    session: &mut Session<'_>,
+    opts: &SerialStatusOptions,
+    entered: &Entered,
+) -> Result<ConnectInfo, Error> {
+    let timing = &opts.timing;
+    session
+        .connect(timing.connect_tries, timing.connect)
+        .map_err(|err| match err {
+            Error::Timeout {
+                step: Step::Connect,
+                tries,
+                per_try,
+                ..
+            } => Error::NoBootloader {
+                device: entered.path.clone(),
+                tries,
+                per_try,
+                hint: if opts.baud.is_some() {
+                    "check the baud rate and wiring; if the board runs Klipper, its firmware \
+                     may lack the serial bootloader request (double-tap reset to enter \
+                     Katapult by hand)"
+                } else if entered.fresh {
+                    "Katapult enumerated but does not answer: power-cycle the board"
+                } else {
+                    "if this is a UART board (or a USB-serial adapter), give its baud rate \
+                     (-b) so kflash can ask the application to enter the bootloader"
+                },
+            },
+            other => other,
+        })
 }
 
 /// Flash `opts.firmware` to the board on `opts.device` through Katapult, natively.
@@ -882,15 +1010,7 @@ pub fn flash_serial(
     cancel: &Cancel,
     sink: &Sink,
 ) -> Result<FlashReport, Error> {
-    let image = std::fs::read(&opts.firmware).map_err(|source| Error::Firmware {
-        path: opts.firmware.clone(),
-        source,
-    })?;
-    if image.is_empty() {
-        return Err(Error::EmptyFirmware {
-            path: opts.firmware.clone(),
-        });
-    }
+    let image = read_image(&opts.firmware)?;
     let dictionary = image_info(&image).ok();
     let label = opts.device.display().to_string();
     match &dictionary {
@@ -919,12 +1039,12 @@ pub fn flash_serial(
     }
     let target = opts.target();
     let entered = enter_bootloader(&target, cancel, sink)?;
-    let mut port = open_session_port(&entered.path, opts.baud)?;
+    let mut port = open_session_port(&entered, opts.baud, cancel)?;
     let mut session = Session::new(&mut port, &entered.path, &opts.timing, cancel);
     if entered.prime {
         session.prime()?;
     }
-    let info = session.connect(opts.timing.connect_tries, opts.timing.connect)?;
+    let info = connect_serial(&mut session, &target, &entered)?;
     let report = flash_connected(
         &mut session,
         &info,
@@ -946,12 +1066,12 @@ pub fn status_serial(
     sink: &Sink,
 ) -> Result<BootloaderInfo, Error> {
     let entered = enter_bootloader(opts, cancel, sink)?;
-    let mut port = open_session_port(&entered.path, opts.baud)?;
+    let mut port = open_session_port(&entered, opts.baud, cancel)?;
     let mut session = Session::new(&mut port, &entered.path, &opts.timing, cancel);
     if entered.prime {
         session.prime()?;
     }
-    let info = session.connect(opts.timing.connect_tries, opts.timing.connect)?;
+    let info = connect_serial(&mut session, opts, &entered)?;
     let status = BootloaderInfo::new(&entered.path, &info);
     if let Err(err) = session.complete() {
         sink(

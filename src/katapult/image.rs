@@ -8,6 +8,7 @@
 //! Pure functions; thread-safe.
 
 use std::io::Read;
+use std::path::Path;
 
 use flate2::read::ZlibDecoder;
 
@@ -41,6 +42,40 @@ fn parse_dict(bytes: &[u8]) -> Option<(String, String)> {
     let mcu = json.get("config")?.get("MCU")?.as_str()?.to_owned();
     let version = json.get("version")?.as_str()?.to_owned();
     Some((mcu, version))
+}
+
+/// Read a raw firmware image (klipper.bin), refusing what Katapult must never be given:
+/// an empty file, or an ELF, UF2 or Intel HEX file (their bytes are not the flash image).
+pub fn read_image(path: &Path) -> Result<Vec<u8>, Error> {
+    let image = std::fs::read(path).map_err(|source| Error::Firmware {
+        path: path.to_owned(),
+        source,
+    })?;
+    if image.is_empty() {
+        return Err(Error::EmptyFirmware {
+            path: path.to_owned(),
+        });
+    }
+    let kind = if image.starts_with(b"\x7fELF") {
+        Some("ELF")
+    } else if image.starts_with(b"UF2\n") {
+        Some("UF2")
+    } else if image.starts_with(b":")
+        && image
+            .iter()
+            .all(|b| b.is_ascii_hexdigit() || matches!(b, b':' | b'\r' | b'\n'))
+    {
+        Some("Intel HEX")
+    } else {
+        None
+    };
+    match kind {
+        Some(kind) => Err(Error::NotRawImage {
+            path: path.to_owned(),
+            kind,
+        }),
+        None => Ok(image),
+    }
 }
 
 /// The MCU and version of the data dictionary embedded in a firmware image.
@@ -98,6 +133,32 @@ pub(crate) mod tests {
             assert_eq!(info.mcu, "stm32f103xe");
             assert_eq!(info.version, "v0.13.0-730-g84104bbbd");
             assert_eq!(info.offset, 1007);
+        }
+    }
+
+    #[test]
+    fn only_raw_images_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let cases: [(&str, &[u8], Option<&str>); 5] = [
+            ("klipper.elf", b"\x7fELF\x02\x01\x01", Some("ELF")),
+            ("klipper.uf2", b"UF2\nWQ]\x9e", Some("UF2")),
+            (
+                "klipper.elf.hex",
+                b":10000000F8FF0020\r\n:00000001FF\r\n",
+                Some("Intel HEX"),
+            ),
+            ("empty.bin", b"", None),
+            ("klipper.bin", b":\x00 starts like hex but is binary", None),
+        ];
+        for (name, bytes, refused_as) in cases {
+            let path = dir.path().join(name);
+            std::fs::write(&path, bytes).unwrap();
+            match (read_image(&path), refused_as) {
+                (Err(Error::NotRawImage { kind, .. }), Some(want)) => assert_eq!(kind, want),
+                (Err(Error::EmptyFirmware { .. }), None) => assert!(bytes.is_empty()),
+                (Ok(image), None) => assert_eq!(image, bytes),
+                (other, _) => panic!("{name}: {other:?}"),
+            }
         }
     }
 

@@ -135,6 +135,11 @@ pub enum Error {
     },
     #[error("firmware {} is empty", path.display())]
     EmptyFirmware { path: PathBuf },
+    #[error(
+        "firmware {} is in {kind} format; Katapult flashes the raw image (klipper.bin)",
+        path.display()
+    )]
+    NotRawImage { path: PathBuf, kind: &'static str },
     #[error("no Klipper data dictionary found in the firmware image")]
     NoDictionary,
     #[error("cannot open {}: {source}", path.display())]
@@ -187,6 +192,17 @@ pub enum Error {
         tries: u32,
         per_try: Duration,
     },
+    #[error(
+        "timeout in connect: no Katapult bootloader answered on {} ({tries} tries of \
+         {per_try:?}); {hint}",
+        device.display()
+    )]
+    NoBootloader {
+        device: PathBuf,
+        tries: u32,
+        per_try: Duration,
+        hint: &'static str,
+    },
     #[error("NACK in {step}{}: the bootloader could not read our frames ({tries} tries)", at(*addr))]
     Nack {
         step: Step,
@@ -213,7 +229,10 @@ pub enum Error {
 impl Error {
     /// True for the errors that mean "the device did not answer in time".
     pub fn is_timeout(&self) -> bool {
-        matches!(self, Error::Timeout { .. } | Error::NotInBootloader { .. })
+        matches!(
+            self,
+            Error::Timeout { .. } | Error::NotInBootloader { .. } | Error::NoBootloader { .. }
+        )
     }
     /// True when the flash may hold a partial or wrong image (a write or verify failed).
     pub fn flash_touched(&self) -> bool {

@@ -14,6 +14,7 @@ use crate::kconfig;
 use crate::pipeline;
 use crate::process;
 use crate::registry;
+use crate::snapshot;
 use crate::{moonraker, service};
 
 create_exception!(
@@ -144,6 +145,12 @@ impl From<pipeline::Error> for PyErr {
                 KflashError::new_err(err.to_string())
             }
         }
+    }
+}
+
+impl From<snapshot::Error> for PyErr {
+    fn from(err: snapshot::Error) -> PyErr {
+        KflashError::new_err(err.to_string())
     }
 }
 
@@ -322,6 +329,20 @@ mod tests {
             assert!(reg.is_instance_of::<RegistryError>(py));
             let cancelled: PyErr = pipeline::Error::Cancelled { report: None }.into();
             assert!(cancelled.is_instance_of::<KflashError>(py));
+        });
+    }
+
+    #[test]
+    fn snapshot_errors_map_to_kflash_error_naming_the_file() {
+        Python::initialize();
+        Python::attach(|py| {
+            let err: PyErr = snapshot::Error::NotASnapshot {
+                path: "/dev/shm/x".into(),
+                reason: "bad magic".into(),
+            }
+            .into();
+            assert!(err.is_instance_of::<KflashError>(py));
+            assert!(err.to_string().contains("/dev/shm/x"));
         });
     }
 

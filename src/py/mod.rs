@@ -8,4 +8,5 @@
 pub mod engine;
 pub mod errors;
 pub mod katapult;
+pub mod snapshot;
 pub mod versions;

@@ -211,6 +211,23 @@ fn transient_faults_are_recovered_by_retries() {
 }
 
 #[test]
+fn noise_in_front_of_a_good_reply_costs_no_retry() {
+    let mut dev = FakeBootloader::new(MCU, 64);
+    dev.faults.noise_before_reply = true;
+    let image = image_of(2000);
+    let (result, port) = flash_fake(dev, &image, None, &Cancel::new(), &events::discard());
+    let report = result.unwrap();
+    assert_holds(&port, &image, 64);
+    let dev = board(&port);
+    let writes = dev
+        .log
+        .iter()
+        .filter(|c| matches!(c, Command::SendBlock { .. }))
+        .count();
+    assert_eq!(writes, report.blocks, "every block written exactly once");
+}
+
+#[test]
 fn a_refused_block_fails_naming_its_address_and_stays_in_the_bootloader() {
     let mut dev = FakeBootloader::new(MCU, 64);
     dev.faults.refuse_block_at = Some(0x0800_2400);
@@ -622,6 +639,42 @@ fn pty_usb_board_is_touched_found_again_by_path_and_flashed() {
 }
 
 #[test]
+fn pty_board_left_in_katapult_is_found_from_its_klipper_link() {
+    let sb = Sandbox::new();
+    let p = pty::open();
+    sb.plug("ttyACM3", &p.slave_path, "1-1.2", "1d50:6177", "katapult");
+    let fake = PtyDevice::serve(p.master, FakeBootloader::new(MCU, 64), false, None);
+    let fw = sb.dir.path().join("klipper.bin");
+    let image = image_of(1000);
+    std::fs::write(&fw, &image).unwrap();
+    // The registry knows the board by its application's by-id link, which is gone now.
+    let klipper_link = sb
+        .discovery
+        .dev
+        .0
+        .join("serial/by-id/usb-Klipper_stm32f103xe_ABC-if00");
+    assert!(!klipper_link.exists());
+    let report = flash_serial(
+        &opts_for(&klipper_link, &fw, &sb.discovery),
+        &Cancel::new(),
+        &events::discard(),
+    )
+    .unwrap();
+    assert!(report.device.ends_with("usb-katapult_stm32f103xe_ABC-if00"));
+    assert_eq!(
+        fake.device.lock().unwrap().read(0x0800_2000, image.len()),
+        image
+    );
+    assert_eq!(
+        by_id_counterpart(Path::new("/dev/serial/by-id/usb-katapult_rp2040_E66-if00")),
+        Some(PathBuf::from(
+            "/dev/serial/by-id/usb-Klipper_rp2040_E66-if00"
+        ))
+    );
+    assert_eq!(by_id_counterpart(Path::new("/dev/ttyACM0")), None);
+}
+
+#[test]
 fn pty_usb_board_that_falls_into_dfu_is_reported_with_recovery_steps() {
     let sb = Arc::new(Sandbox::new());
     let p = pty::open();
@@ -706,6 +759,28 @@ fn pty_uart_board_gets_the_request_string_then_is_flashed() {
 }
 
 #[test]
+fn pty_board_that_never_answers_gets_a_hint_about_uart_baud() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = pty::open();
+    let mut dev = FakeBootloader::new(MCU, 64);
+    dev.faults.silent = true;
+    let _fake = PtyDevice::serve(p.master, dev, false, None);
+    let fw = dir.path().join("klipper.bin");
+    std::fs::write(&fw, image_of(100)).unwrap();
+    let mut opts = opts_for(&p.slave_path, &fw, &empty_roots(dir.path()));
+    opts.timing.connect_tries = 2;
+    opts.timing.connect = Duration::from_millis(100);
+    let err = flash_serial(&opts, &Cancel::new(), &events::discard()).unwrap_err();
+    assert!(err.is_timeout());
+    let text = err.to_string();
+    assert!(
+        text.starts_with("timeout in connect: no Katapult bootloader answered"),
+        "{text}"
+    );
+    assert!(text.contains("give its baud rate (-b)"), "{text}");
+}
+
+#[test]
 fn pty_status_connects_reports_and_completes() {
     let dir = tempfile::tempdir().unwrap();
     let p = pty::open();
@@ -728,6 +803,27 @@ fn pty_status_connects_reports_and_completes() {
 }
 
 #[test]
+fn a_freshly_enumerated_tty_gets_a_grace_to_appear_others_do_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = pty::open();
+    let link = dir.path().join("ttyACM7");
+    let entered = |fresh| Entered {
+        path: link.clone(),
+        prime: false,
+        fresh,
+    };
+    let err = open_session_port(&entered(false), None, &Cancel::new()).unwrap_err();
+    assert!(matches!(err, Error::Open { .. }), "{err:?}");
+    let (target, at) = (p.slave_path.clone(), link.clone());
+    let udev = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(200));
+        std::os::unix::fs::symlink(target, at).unwrap();
+    });
+    open_session_port(&entered(true), None, &Cancel::new()).unwrap();
+    udev.join().unwrap();
+}
+
+#[test]
 fn missing_and_empty_firmware_are_refused_before_touching_the_board() {
     let dir = tempfile::tempdir().unwrap();
     let roots = empty_roots(dir.path());
@@ -746,4 +842,65 @@ fn missing_and_empty_firmware_are_refused_before_touching_the_board() {
     )
     .unwrap_err();
     assert!(err.to_string().contains("is empty"), "{err}");
+}
+
+mod never_reports_flashed_when_not {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn every() -> impl Strategy<Value = Option<usize>> {
+        proptest::option::of(1usize..12)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn ok_means_the_board_holds_the_image(
+            len in 1usize..2500,
+            bs in prop_oneof![Just(64u32), Just(128), Just(256), Just(512)],
+            nack in every(),
+            drop_reply in every(),
+            drop_request in every(),
+            corrupt in every(),
+            bad_at in proptest::option::of(0u32..3000),
+            noise in any::<bool>(),
+        ) {
+            let mut dev = FakeBootloader::new(MCU, bs);
+            dev.faults = Faults {
+                nack_every: nack,
+                drop_reply_every: drop_reply,
+                drop_request_every: drop_request,
+                corrupt_reply_every: corrupt,
+                bad_flash_at: bad_at.map(|off| 0x0800_2000 + off),
+                noise_before_reply: noise,
+                ..Faults::default()
+            };
+            let image = image_of(len);
+            let (result, port) =
+                flash_fake(dev, &image, None, &Cancel::new(), &events::discard());
+            let dev = board(&port);
+            let holds = dev.read(0x0800_2000, len) == image;
+            match result {
+                Ok(report) => {
+                    prop_assert!(holds, "reported flashed but the board differs");
+                    prop_assert_eq!(report.bytes, len);
+                }
+                Err(err) => {
+                    // A failure says where; a board with a bad cell inside the image
+                    // always fails verify at that cell (or earlier on comms).
+                    let text = err.to_string();
+                    prop_assert!(!text.is_empty());
+                    if let Error::VerifyMismatch { addr, .. } = err {
+                        prop_assert_eq!(Some(addr), bad_at.map(|o| 0x0800_2000 + o));
+                    }
+                    prop_assert!(!dev.completed || !err.flash_touched());
+                }
+            }
+            if let Some(off) = bad_at {
+                if (off as usize) < len {
+                    prop_assert!(!holds);
+                }
+            }
+        }
+    }
 }
