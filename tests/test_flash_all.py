@@ -203,3 +203,15 @@ def test_a_second_run_is_refused_while_one_holds_the_lock(sandbox):
     proc.send_signal(signal.SIGINT)
     proc.communicate(timeout=30)
     assert sandbox.service_events() == ["stop", "start"]
+
+
+def test_status_after_a_run(sandbox):
+    two_boards(sandbox)
+    before = sandbox.json("status")
+    assert [d["state"] for d in before["devices"]] == ["outdated", "outdated"]
+    assert before["last_run"] is None
+    sandbox.json("flash-all")
+    after = sandbox.json("status")
+    assert [d["state"] for d in after["devices"]] == ["current", "current"]
+    assert after["last_run"]["ok"] is True
+    assert "current" in sandbox.ok("status").stdout

@@ -1,5 +1,7 @@
 """Type stubs for the native core ``kflash._core`` (hand-written)."""
 
+import os
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 class KflashError(Exception): ...
@@ -69,3 +71,50 @@ class Engine:
         on_event: Optional[Callable[[Event], None]] = None,
     ) -> Dict[str, Any]: ...
     def status(self) -> Dict[str, Any]: ...
+class SnapshotStore:
+    """Latest status of one printer object; get_status is O(1). See the module doc."""
+
+    def __init__(
+        self,
+        shm_path: str | os.PathLike[str] | None = None,
+        *,
+        fallback: Callable[[float], dict[str, Any] | None] | None = None,
+        max_age: float | None = None,
+        print_time_clock: object | None = None,
+        print_time_field: str = "estimated_print_time",
+    ) -> None: ...
+    def publish(self, status: dict[str, Any], eventtime: float) -> int: ...
+    def get_status(self, eventtime: float | None = None) -> dict[str, Any]: ...
+    def invalidate(self) -> None: ...
+    @property
+    def version(self) -> int: ...
+    @property
+    def age(self) -> float | None: ...
+    @property
+    def eventtime(self) -> float | None: ...
+    @property
+    def current(self) -> bool: ...
+    @property
+    def shm_path(self) -> Path | None: ...
+
+class SnapshotReader:
+    def __init__(self, path: str | os.PathLike[str]) -> None: ...
+    def read(self) -> tuple[int, float, float, bytes] | None: ...
+    @property
+    def path(self) -> Path: ...
+# Native Katapult flasher (src/py/katapult.rs).
+import os as _os  # noqa: E402
+from typing import Any as _Any  # noqa: E402
+from typing import Callable as _Callable  # noqa: E402
+
+def katapult_flash(
+    device: str | _os.PathLike[str],
+    firmware: str | _os.PathLike[str],
+    baud: int | None = None,
+    on_event: _Callable[[dict[str, _Any]], object] | None = None,
+) -> dict[str, _Any]: ...
+def katapult_status(
+    device: str | _os.PathLike[str],
+    baud: int | None = None,
+    on_event: _Callable[[dict[str, _Any]], object] | None = None,
+) -> dict[str, _Any]: ...

@@ -729,6 +729,14 @@ fn verify(
     if flashed.is_empty() {
         return;
     }
+    // A board that failed to flash usually keeps klippy from getting ready: do not wait
+    // the full time for it, and do not blame the boards that did flash.
+    let another_failed = report.devices.iter().any(|d| d.flash == "fail");
+    let ready_timeout = if another_failed {
+        ready_timeout.min(Duration::from_secs(20))
+    } else {
+        ready_timeout
+    };
     emit(sink, Stage::Verify, None, "waiting for klippy to be ready");
     let ready = deps.printer.wait_ready(ready_timeout, cancel);
     let versions = deps.printer.mcu_versions();
@@ -755,6 +763,13 @@ fn verify(
                     "run FIRMWARE_RESTART, then `kflash status`; flash again if it persists".into()
                 });
             }
+            (None, Err(e), _) | (None, Ok(()), Err(e)) if another_failed => {
+                r.verify = "skip".into();
+                r.hint = Some(format!(
+                    "not verified: klippy is not ready ({e}), most likely because another \
+                     MCU failed to flash; run `kflash status` once that one is fixed"
+                ));
+            }
             (None, Err(e), _) | (None, Ok(()), Err(e)) => {
                 r.verify = "fail".into();
                 r.error = Some(format!("cannot read the MCU version after restart: {e}"));
@@ -764,7 +779,14 @@ fn verify(
                 r.error = Some("klippy is ready but this MCU reports no version".into());
             }
         }
-        if r.verify == "fail" {
+        if r.verify == "skip" {
+            warn(
+                sink,
+                Stage::Verify,
+                Some(&r.key),
+                r.hint.clone().unwrap_or_default(),
+            );
+        } else if r.verify == "fail" {
             warn(
                 sink,
                 Stage::Verify,

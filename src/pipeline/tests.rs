@@ -68,6 +68,7 @@ struct FakePrinter {
     state: Result<String, String>,
     before: BTreeMap<String, String>,
     after: Mutex<BTreeMap<String, String>>,
+    not_ready: Mutex<Option<String>>,
     log: Log,
 }
 
@@ -85,6 +86,9 @@ impl Printer for FakePrinter {
         })
     }
     fn wait_ready(&self, _t: Duration, _c: &Cancel) -> Result<(), String> {
+        if let Some(e) = self.not_ready.lock().unwrap().clone() {
+            return Err(e);
+        }
         self.state.as_ref().map(|_| ()).map_err(Clone::clone)
     }
 }
@@ -268,6 +272,7 @@ fn world(devices: Vec<DeviceInfo>, s: Setup) -> World {
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect(),
         after: Mutex::new(after),
+        not_ready: Mutex::new(None),
         log: log.clone(),
     });
     let deps = Deps {
@@ -711,5 +716,26 @@ fn verify_catches_a_board_still_on_the_old_version() {
         report.devices[0].version_after.as_deref(),
         Some("v0.12.0-1-gold")
     );
+    assert_eq!(report.exit_code(), 1);
+}
+
+#[test]
+fn boards_that_flashed_are_not_blamed_when_klippy_waits_for_a_failed_one() {
+    let w = world(
+        vec![device("main", Link::Serial), device("ebb", Link::Can)],
+        Setup {
+            flash_fail: vec!["main".into()],
+            ..Setup::default()
+        },
+    );
+    // Klippy never gets ready and reports no versions.
+    w.printer.after.lock().unwrap().clear();
+    *w.printer.not_ready.lock().unwrap() = Some("klippy state `startup`".into());
+    let report = run(&w, &Options::default()).unwrap();
+    let main = &report.devices[0];
+    let ebb = &report.devices[1];
+    assert_eq!(main.flash, "fail");
+    assert_eq!((ebb.flash.as_str(), ebb.verify.as_str()), ("pass", "skip"));
+    assert!(ebb.hint.as_deref().unwrap().contains("another MCU"));
     assert_eq!(report.exit_code(), 1);
 }

@@ -483,3 +483,14 @@ fn last_run(dir: &Path) -> Value {
             })
         })
 }
+
+/// The native Katapult serial flasher in the shape of the flasher's seam. Not wired by
+/// default: set `Home::native_katapult = Some(native_katapult())` to use it instead of
+/// flashtool.py for serial devices (`make flash` stays the fallback of `auto`).
+pub fn native_katapult() -> flash::NativeKatapult {
+    Arc::new(|dev, baud, firmware, cancel, sink| {
+        crate::katapult::flash_device(dev, baud, firmware, cancel, sink)
+            .map(drop)
+            .map_err(|e| e.to_string())
+    })
+}

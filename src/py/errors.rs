@@ -9,10 +9,12 @@ use pyo3::PyErr;
 
 use crate::build;
 use crate::discovery;
+use crate::katapult;
 use crate::kconfig;
 use crate::pipeline;
 use crate::process;
 use crate::registry;
+use crate::snapshot;
 use crate::{moonraker, service};
 
 create_exception!(
@@ -142,6 +144,22 @@ impl From<pipeline::Error> for PyErr {
             pipeline::Error::Cancelled { .. } | pipeline::Error::Io(_) => {
                 KflashError::new_err(err.to_string())
             }
+        }
+    }
+}
+
+impl From<snapshot::Error> for PyErr {
+    fn from(err: snapshot::Error) -> PyErr {
+        KflashError::new_err(err.to_string())
+    }
+}
+
+impl From<katapult::Error> for PyErr {
+    fn from(err: katapult::Error) -> PyErr {
+        if err.is_timeout() {
+            CommandTimeout::new_err(err.to_string())
+        } else {
+            FlashError::new_err(err.to_string())
         }
     }
 }
@@ -311,6 +329,58 @@ mod tests {
             assert!(reg.is_instance_of::<RegistryError>(py));
             let cancelled: PyErr = pipeline::Error::Cancelled { report: None }.into();
             assert!(cancelled.is_instance_of::<KflashError>(py));
+        });
+    }
+
+    #[test]
+    fn snapshot_errors_map_to_kflash_error_naming_the_file() {
+        Python::initialize();
+        Python::attach(|py| {
+            let err: PyErr = snapshot::Error::NotASnapshot {
+                path: "/dev/shm/x".into(),
+                reason: "bad magic".into(),
+            }
+            .into();
+            assert!(err.is_instance_of::<KflashError>(py));
+            assert!(err.to_string().contains("/dev/shm/x"));
+        });
+    }
+
+    #[test]
+    fn katapult_errors_map_to_flash_error_or_command_timeout() {
+        Python::initialize();
+        Python::attach(|py| {
+            let timeout: PyErr = katapult::Error::Timeout {
+                step: katapult::Step::Write,
+                addr: Some(0x0800_2000),
+                tries: 3,
+                per_try: Duration::from_secs(5),
+            }
+            .into();
+            assert!(timeout.is_instance_of::<CommandTimeout>(py));
+            assert!(timeout.to_string().contains("0x08002000"));
+            let gone: PyErr = katapult::Error::NotInBootloader {
+                device: "/dev/ttyACM0".into(),
+                waited: Duration::from_secs(10),
+            }
+            .into();
+            assert!(gone.is_instance_of::<CommandTimeout>(py));
+            let mismatch: PyErr = katapult::Error::McuMismatch {
+                device: "/dev/ttyACM0".into(),
+                image: "rp2040".into(),
+                bootloader: "stm32f103xe".into(),
+            }
+            .into();
+            assert!(mismatch.is_instance_of::<FlashError>(py));
+            assert!(!mismatch.is_instance_of::<CommandTimeout>(py));
+            assert!(mismatch.to_string().contains("rp2040"));
+            let verify: PyErr = katapult::Error::VerifyMismatch {
+                addr: 0x0800_23e8,
+                block: 0x0800_2380,
+            }
+            .into();
+            assert!(verify.is_instance_of::<FlashError>(py));
+            assert!(verify.is_instance_of::<KflashError>(py));
         });
     }
 }
