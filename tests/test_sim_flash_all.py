@@ -34,7 +34,10 @@ def supports_flash_all():
 def bench(tmp_path_factory):
     if not supports_flash_all():
         pytest.skip("this kflash has no flash-all yet")
-    p = Printer(str(tmp_path_factory.mktemp("flashall")))
+    p = Printer(
+        str(tmp_path_factory.mktemp("flashall")),
+        build_cache=str(tmp_path_factory.getbasetemp() / "sim-build-cache"),
+    )
     p.up()
     env = dict(p.env(), KFLASH_HOME=os.path.join(p.dir, "kflash"))
 
