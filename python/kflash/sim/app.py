@@ -204,4 +204,3 @@ class KlipperApp:
                 self.send_starting()
             return True
         return False
-

@@ -117,6 +117,7 @@ class Board:
         self.timers: list[tuple[float, str]] = []
         self.hup_until = 0.0
         self.touch_seen: Optional[float] = None
+        self._uart_tail = b""
         self.power_seen = self.faults().get("power_cycle")
         self.log_path = os.path.join(self.state_dir, "events.log")
 
@@ -287,6 +288,7 @@ class Board:
         self.pty = Pty(keep_slave=False)
         self.hup_until = 0.0
         self.touch_seen = None
+        self._uart_tail = b""
         tty = self._alloc_tty()
         self.tty = tty
         dev_link = os.path.join(self.dev_root, tty)
@@ -356,10 +358,14 @@ class Board:
         if not data:
             return
         if self.app is not None:
-            if self.interface != "usb" and proto.SERIAL_BOOTLOADER_REQUEST in data:
-                self.log("serial bootloader request")
-                self._enter_katapult()
-                return
+            if self.interface != "usb":
+                # The request may arrive split over reads: look across the boundary.
+                seen = self._uart_tail + data
+                self._uart_tail = seen[-len(proto.SERIAL_BOOTLOADER_REQUEST) :]
+                if proto.SERIAL_BOOTLOADER_REQUEST in seen:
+                    self.log("serial bootloader request")
+                    self._enter_katapult()
+                    return
             self.app.feed(data)
         elif self.katapult is not None:
             self.katapult.feed(data)

@@ -67,6 +67,9 @@ class KatapultBootloader:
         self.mcu = mcu
         self.app_start = app_start
         self.block_size = block_size
+        # Real builds use 64-byte blocks in frames of at most 128 bytes; larger
+        # (configurable) blocks need frames that can carry them.
+        self.frame_max = max(FRAME_MAX, 12 + block_size)
         self.image_path = image_path
         self._write = write
         self._faults = faults
@@ -125,7 +128,7 @@ class KatapultBootloader:
             if len(self.buf) < 8:
                 return
             size = self.buf[3] * 4 + 8
-            if size > FRAME_MAX:
+            if size > self.frame_max:
                 self._garbage()
                 continue
             if len(self.buf) < size:
