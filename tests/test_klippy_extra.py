@@ -272,3 +272,34 @@ def test_macros_of_kflash_cfg_load_and_call_the_commands(tmp_path, home):
         assert k.gcode("TEST_PRINT_STATE STATE=printing") is None
         err = k.gcode("KFLASH_UPDATE_ALL")
         assert err and "printing" in err
+
+
+def test_refuses_a_run_it_cannot_protect_under_systemd(tmp_path, home):
+    """klippy inside klipper.service, no sudo, no Moonraker unit: KFLASH_ALL
+    says why and how to fix it, and starts nothing."""
+    sd = tmp_path / "run-systemd"
+    sd.mkdir()
+    cg = tmp_path / "cgroup"
+    cg.write_text("0::/system.slice/klipper.service\n")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    sudo = bin_dir / "sudo"
+    sudo.write_text("#!/bin/sh\necho 'sudo: a password is required' >&2\n"
+                    "exit 1\n")
+    sudo.chmod(0o755)
+    (bin_dir / "systemd-run").symlink_to("/bin/true")
+    env = dict(os.environ, KFLASH_SYSTEMD_DIR=str(sd),
+               KFLASH_CGROUP_FILE=str(cg),
+               PATH=f"{bin_dir}:{os.environ['PATH']}")
+    cfg = printer_cfg(tmp_path, home).replace("launcher: session",
+                                              "launcher: auto")
+    with Klippy(tmp_path / "k", cfg, env=env) as k:
+        assert k.gcode("KFLASH_ALL") is None  # answered at once
+        line = k.wait_line(lambda s: s.startswith("!! kflash: refused"))
+        assert "klipper.service" in line
+        k.wait_line(lambda s: "moonraker.asvc" in s and "install.sh" in s)
+        k.wait_line(lambda s: "Nothing was stopped" in s)
+        st = wait_for(lambda: (s := kflash_status(k))["state"] == "idle"
+                      and s, what="idle again")
+        assert st["run_id"] is None
+    assert not (home / "helper" / "status.json").exists()
