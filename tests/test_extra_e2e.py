@@ -167,6 +167,24 @@ def test_kflash_all_through_moonraker(bench):
     assert rep["result"]["service"]["restarted"] is True
 
 
+def test_one_device_from_its_dialog_button(bench):
+    p, eng, state = bench
+    key = next(d["key"] for d in eng.devices()
+               if d["mcu_section"] != "mcu")
+    start = len(console(p))
+    assert gcode(p, f"KFLASH DEVICE={key}") == "ok"
+    assert kflash_status(p)["device"] == key
+    lines = wait_for(
+        lambda: [m for m in console(p)[start:] if "flash run" in m],
+        90, "the summary in the console")
+    assert "all good" in lines[0], console(p)[start:]
+    rep = json.loads((Path(state) / "helper" / "report.json").read_text())
+    assert rep["options"] == {"only_outdated": False, "device": key}
+    assert [d["key"] for d in rep["result"]["devices"]] == [key]
+    assert rep["result"]["devices"][0]["flash"] == "pass"
+    p.wait_ready(60)
+
+
 def test_killed_helper_restarts_klipper_and_is_reported(bench):
     p, eng, state = bench
     files = Path(state) / "helper"
