@@ -28,6 +28,11 @@ class FakeEngine:
             open(os.path.join(marks, "stopped"), "w").close()
             while not os.path.exists(os.path.join(marks, "go")):
                 time.sleep(0.02)
+        except BaseException as e:
+            # like the engine: re-raise with the run's report attached
+            e.report = {"ok": False, "cancelled": True, "devices": [],
+                        "service": {"stopped": True, "restarted": True}}
+            raise
         finally:
             open(os.path.join(marks, "restarted"), "w").close()
         return {"ok": True, "target_version": "v1",

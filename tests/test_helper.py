@@ -96,6 +96,7 @@ def test_signal_unwinds_through_the_engine_restart(run, sig):
     assert rep["interrupted"] is True and rep["ok"] is False
     assert sig.name in rep["error"]
     assert "klipper was started again" in rep["hint"]
+    assert rep["result"]["service"]["restarted"] is True
     assert events(home)[-1]["level"] == "error"
 
 

@@ -304,7 +304,7 @@ def _exit_code_for(result):
     return 0 if result.get("ok") else 1
 
 
-def _error_exit_code(exc, kflash_mod):
+def _error_exit_code(exc):
     names = [c.__name__ for c in type(exc).__mro__]
     if "PreflightRefused" in names:
         return 3
@@ -338,8 +338,6 @@ def run(home, only_outdated=False, device=None, run_id=None,
     started = time.time()
     status = {"version": SCHEMA, "run_id": run_id, "pid": os.getpid(),
               "state": "running", "started": started, "options": options}
-    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
-        signal.signal(sig, _raise_interrupted)
     try:
         os.unlink(files.report)
     except FileNotFoundError:
@@ -352,6 +350,8 @@ def run(home, only_outdated=False, device=None, run_id=None,
     error = None
     hint = None
     interrupted = False
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(sig, _raise_interrupted)
     try:
         import kflash
 
@@ -368,16 +368,20 @@ def run(home, only_outdated=False, device=None, run_id=None,
         result = getattr(e, "report", None)
         interrupted = True
         error = f"the run was interrupted ({e})"
-        hint = ("klipper was started again; run KFLASH_PLAN to see where "
-                "each MCU stands")
-        code = 1
+        svc = (result or {}).get("service") or {}
+        if not svc.get("stopped"):
+            hint = "klipper was not stopped; run KFLASH_ALL again"
+        elif svc.get("restarted"):
+            hint = ("klipper was started again; run KFLASH_PLAN to see "
+                    "where each MCU stands")
+        else:
+            hint = "klipper could not be started again: start it by hand"
+        code = max(1, _exit_code_for(result))
     except Exception as e:  # noqa: BLE001 - every failure goes in the report
-        import kflash
-
         error = f"{type(e).__name__}: {e}"
         result = getattr(e, "report", None)
         hint = getattr(e, "hint", None)
-        code = _error_exit_code(e, kflash)
+        code = _error_exit_code(e)
     finally:
         for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
             signal.signal(sig, signal.SIG_IGN)
