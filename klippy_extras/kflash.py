@@ -54,7 +54,7 @@ KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 MAKE_LINE_RE = re.compile(
     r"^\s*(Compiling|Linking|Building|Preprocessing|Creating|Generating"
     r"|Assembling|Copying|Version:)\b")
-STATE_RANK = {"outdated": 0, "unknown": 1, "newer": 2, "current": 3}
+PLAN_STATES = ("outdated", "unknown", "newer", "current")
 LAUNCHERS = ("auto", "systemd-run", "moonraker", "session")
 # How long to wait for a console subscriber (Moonraker) after klippy:ready
 # before posting the last run's report anyway.
@@ -650,7 +650,7 @@ class KflashExtra:
             tgt = d.get("version_target", d.get("target_version",
                                                 d.get("target")))
             state = d.get("state") or d.get("version_state")
-            if state not in STATE_RANK:
+            if state not in PLAN_STATES:
                 try:
                     state = kflash.compare_versions(cur or "", tgt or "")
                 except Exception:

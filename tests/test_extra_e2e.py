@@ -185,24 +185,44 @@ def test_one_device_from_its_dialog_button(bench):
     p.wait_ready(60)
 
 
-def test_killed_helper_restarts_klipper_and_is_reported(bench):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_killed_helper_restarts_klipper_and_is_reported(bench, sig):
+    """SIGKILL: the engine's watchdog starts klipper, the next klippy start
+    reports the run interrupted. SIGTERM (`systemctl stop kflash-helper`):
+    the helper unwinds through the engine, which starts klipper and leaves
+    a report saying so."""
     p, eng, state = bench
     files = Path(state) / "helper"
     # USB boards ignore the bootloader request: the flash stage waits for
     # them with their firmware intact, so klippy can come back after the kill
-    usb = [b.name for b in p.boards if not b.is_linux]
-    for name in usb:
-        p.set_faults(name, on_touch="ignore")
+    for b in p.boards:
+        if not b.is_linux:
+            p.set_faults(b.name, on_touch="ignore")
     start = len(console(p))
     try:
         assert gcode(p, "KFLASH_ALL") == "ok"
         run_id = kflash_status(p)["run_id"]
-        kill_mid_flash(p, files, run_id, start)
+        pid = signal_mid_flash(p, files, run_id, sig)
+        p.wait_ready(60)  # klipper started again
     finally:
         p.clear_faults()
+    line = wait_for(
+        lambda: [m for m in console(p)[start:] if m.startswith("!! kflash")
+                 and "interrupted" in m], 30, "the interrupted report")
+    assert any("INTERRUPTED" in m for m in console(p)[start:])
+    if sig == signal.SIGKILL:
+        assert f"pid {pid}" in line[0] and "during flash" in line[0]
+    else:
+        assert "SIGTERM" in line[0] and "klipper was started again" in line[0]
+        rep = json.loads((files / "report.json").read_text())
+        assert rep["result"]["service"]["restarted"] is True
+    st = kflash_status(p)
+    assert st["state"] == "failed"
+    assert st["last_result"]["interrupted"] is True
+    assert st["last_result"]["run_id"] == run_id
 
 
-def kill_mid_flash(p, files, run_id, start):
+def signal_mid_flash(p, files, run_id, sig):
     def flashing():
         try:
             lines = (files / "progress.jsonl").read_text().splitlines()
@@ -216,15 +236,5 @@ def kill_mid_flash(p, files, run_id, start):
     assert status["run_id"] == run_id
     time.sleep(0.3)  # waiting for the first board
     assert kflash_status(p) is None, "klippy should be stopped"
-    os.kill(status["pid"], signal.SIGKILL)
-    # the engine's watchdog starts klipper again
-    p.wait_ready(60)
-    line = wait_for(
-        lambda: [m for m in console(p)[start:] if m.startswith("!! kflash")
-                 and "interrupted" in m], 30, "the interrupted report")
-    assert str(status["pid"]) in line[0] and "during flash" in line[0]
-    assert any("INTERRUPTED" in m for m in console(p)[start:])
-    st = kflash_status(p)
-    assert st["state"] == "failed"
-    assert st["last_result"]["interrupted"] is True
-    assert st["last_result"]["run_id"] == status["run_id"]
+    os.kill(status["pid"], sig)
+    return status["pid"]
