@@ -485,26 +485,19 @@ class KflashExtra:
         return None
 
     def _registered_keys(self):
-        """Device keys of the registry, or None when it cannot be read."""
-        doc = kflash_helper._read_json(
-            os.path.join(self.home, "devices.json"))
-        if not isinstance(doc, dict):
-            return None
-        devs = doc.get("devices")
-        if isinstance(devs, dict):
-            return sorted(devs)
-        if isinstance(devs, list):
-            return sorted(d.get("key") for d in devs
-                          if isinstance(d, dict) and d.get("key"))
-        return None
+        """Device keys of the registry (the engine reads devices.json)."""
+        devices = kflash.Engine(home=self.home).devices()
+        return sorted(d["key"] for d in devices)
 
     def _start_run(self, gcmd, only_outdated, device):
         why = self._refusal(self.reactor.monotonic())
         if why:
             raise gcmd.error("kflash: refused: " + why)
-        keys = self._registered_keys()
-        if not keys and (keys is not None or not os.path.exists(
-                os.path.join(self.home, "devices.json"))):
+        try:
+            keys = self._registered_keys()
+        except kflash.KflashError as e:
+            raise gcmd.error(f"kflash: {e}") from e
+        if not keys:
             raise gcmd.error(
                 f"kflash: no devices registered in {self.home}: add them with "
                 "`kflash devices import ~/printer_data/config/printer.cfg`"
@@ -512,7 +505,7 @@ class KflashExtra:
         if device is not None:
             if not KEY_RE.match(device):
                 raise gcmd.error(f"kflash: invalid device key {device!r}")
-            if keys is not None and device not in keys:
+            if device not in keys:
                 known = ", ".join(keys) or "none"
                 raise gcmd.error(f"kflash: unknown device {device!r} "
                                  f"(known: {known})")

@@ -153,6 +153,9 @@ def test_validates_device_and_registry(klippy, home):
     assert err and "unknown device 'EBB36'" in err and "mcu" in err
     err = klippy.gcode("KFLASH")
     assert err and "DEVICE" in err
+    (home / "devices.json").write_text('{"version": 1, "devices": [')
+    err = klippy.gcode("KFLASH_ALL")
+    assert err and "devices.json is not valid" in err
     (home / "devices.json").write_text('{"version": 1, "devices": []}')
     err = klippy.gcode("KFLASH_ALL")
     assert err and "no devices registered" in err

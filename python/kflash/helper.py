@@ -50,6 +50,7 @@ __all__ = [
     "main",
     "new_run_id",
     "pid_alive",
+    "read_json",
     "run",
     "write_json_atomic",
 ]
@@ -61,19 +62,12 @@ class Interrupted(BaseException):
     """Raised by the helper's signal handlers so the engine unwinds."""
 
 
-def default_home(env=None):
-    """The state dir per the contract (``$KFLASH_HOME``, ``~/printer_data/
-    kflash`` when ``~/printer_data`` exists, else ``$XDG_CONFIG_HOME/kflash``).
-    """
-    env = os.environ if env is None else env
-    if env.get("KFLASH_HOME"):
-        return env["KFLASH_HOME"]
-    home = env.get("HOME") or os.path.expanduser("~")
-    pd = os.path.join(home, "printer_data")
-    if os.path.isdir(pd):
-        return os.path.join(pd, "kflash")
-    xdg = env.get("XDG_CONFIG_HOME") or os.path.join(home, ".config")
-    return os.path.join(xdg, "kflash")
+def default_home():
+    """The state dir the CLI uses (``$KFLASH_HOME``, ``~/printer_data/
+    kflash``, ...), as the engine resolves it."""
+    import kflash
+
+    return kflash.Engine().state_dir
 
 
 def new_run_id():
@@ -125,7 +119,8 @@ def pid_alive(pid):
     return state not in ("Z", "X")
 
 
-def _read_json(path):
+def read_json(path):
+    """A JSON file's content, or None when missing or malformed."""
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
@@ -154,11 +149,11 @@ class RunFiles:
 
     def read_status(self):
         """status.json as a dict, or None."""
-        return _read_json(self.status)
+        return read_json(self.status)
 
     def read_report(self):
         """report.json as a dict, or None."""
-        return _read_json(self.report)
+        return read_json(self.report)
 
     def read_events(self, cursor=None):
         """New complete JSON lines of progress.jsonl after ``cursor``.
@@ -423,7 +418,7 @@ def main(argv=None):
     home = a.home or default_home()
     if a.pending:
         files = RunFiles(home)
-        req = _read_json(files.request)
+        req = read_json(files.request)
         if not isinstance(req, dict):
             print(f"kflash helper: no request in {files.request}",
                   file=sys.stderr)
