@@ -611,13 +611,6 @@ dev_mode: True
             raise TimeoutError(f"{e}\n{self.diagnostics()}") from None
         return self.versions()
 
-    def service_state(self, service: str = "klipper") -> Optional[str]:
-        try:
-            info = self.api("GET", "/machine/system_info")
-        except (OSError, ValueError):
-            return None
-        return info["system_info"]["service_state"].get(service, {}).get("sub_state")
-
     def diagnostics(self) -> str:
         """Tail of the logs that explain a bench that did not come up."""
         out = []
