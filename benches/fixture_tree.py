@@ -8,7 +8,9 @@ depends on it:
   (``KCONFIG_CONFIG :=`` as upstream, so the environment does not override it);
 - ``make olddefconfig`` adds missing symbols to the config and rewrites it only
   when it changed (like kconfiglib);
-- real C compiled with ``$(CROSS_PREFIX)gcc``, one object per source;
+- real C compiled with ``$(CROSS_PREFIX)gcc``, one object per source, header
+  dependencies tracked through ``-MD`` files which, as in Klipper, are deleted
+  whenever the config is newer than ``$(OUT)board-link``;
 - ``compile_time_request.c`` is generated from the objects and carries the
   version (``git describe --always --tags --long --dirty``, date-host suffix when
   dirty), so an incremental build after a version-only change does NOT relink:
@@ -67,7 +69,14 @@ $(OUT)autoconf.h: $(KCONFIG_CONFIG)
 $(OUT)src/%.o: src/%.c $(OUT)autoconf.h
 	@echo "  Compiling $@"
 	@mkdir -p $(@D)
-	$(Q)$(CC) -O1 -include $(OUT)autoconf.h -c $< -o $@
+	$(Q)$(CC) -O1 -MD -iquote src -include $(OUT)autoconf.h -c $< -o $@
+
+# Like Klipper: on a config change (re)create OUT and forget the header dependencies.
+$(OUT)board-link: $(KCONFIG_CONFIG)
+	@mkdir -p $(OUT)src
+	@rm -f $(OUT)src/*.d
+	@echo "# board-link" > $@
+include $(OUT)board-link
 
 $(OUT)compile_time_request.c: $(OBJS) scripts/buildcommands.py
 	@echo "  Building $@"
@@ -91,6 +100,8 @@ $(OUT)klipper.bin: $(OUT)klipper.elf $(OUT)klipper.dict
 
 clean:
 	rm -rf $(OUT)
+
+-include $(OUT)src/*.d
 
 .PHONY: all olddefconfig clean
 """
@@ -208,6 +219,9 @@ import os
 os.replace(out + ".tmp", out)
 '''
 
+BOARD_H = """#define BOARD_SCALE 3
+"""
+
 MAIN_C = r"""#ifdef CONFIG_FIXTURE_FAIL
 #error "fixture failure requested"
 #endif
@@ -219,14 +233,16 @@ int main(void) { return (fixture_version[0] + work_total()) & 1; }
 
 def source_c(i, work):
     # Enough code that the compiler has real work: `work` small functions.
-    body = []
+    # mod00.c also includes board.h (a header dependency make must track).
+    body = ['#include "board.h"'] if i == 0 else []
     for j in range(work):
         body.append(
             f"static int f{i}_{j}(int x) {{ int s = 0; for (int k = 0; k < x; k++)"
             f" s += (k * {j + 1}) ^ (s >> 3); return s; }}"
         )
     calls = " + ".join(f"f{i}_{j}(n)" for j in range(work)) or "0"
-    body.append(f"int work_{i}(int n) {{ return {calls}; }}")
+    scale = "BOARD_SCALE * " if i == 0 else ""
+    body.append(f"int work_{i}(int n) {{ return {scale}({calls}); }}")
     return "\n".join(body) + "\n"
 
 
@@ -259,6 +275,7 @@ def generate(tree, sources=4, work=2):
     (tree / "scripts" / "buildcommands.py").write_text(BUILDCOMMANDS)
     (tree / "scripts" / "mkimage.py").write_text(MKIMAGE)
     (tree / "src" / "main.c").write_text(MAIN_C)
+    (tree / "src" / "board.h").write_text(BOARD_H)
     decls = "".join(f"int work_{i}(int n);\n" for i in range(sources))
     total = " + ".join(f"work_{i}(n)" for i in range(sources)) or "0"
     (tree / "src" / "total.c").write_text(

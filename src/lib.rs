@@ -4,6 +4,14 @@
 //! - `build`: out-of-tree parallel firmware builds with a content-hash cache.
 //! - `events`: typed progress events and the one callback they go through.
 //! - `process`: running external commands safely (process groups, deadlines, output tails).
+//! - `snapshot`: the lock-free status snapshot store and its shared-memory mirror.
+//! - `registry`: the state dir, devices.json (devices + settings), atomic writes, import.
+//! - `kconfig`: firmware `.config` files and the target they build for.
+//! - `versions`: Klipper/Kalico version strings and firmware dictionary comparison.
+//! - `discovery`: serial devices under the device root and sysfs, across re-enumeration.
+//! - `flash`: flash methods (Katapult, make flash, linux MCU) and the fallback chain.
+//! - `pipeline`: plan -> pre-flight -> build -> one stop window -> restart -> verify -> report.
+//! - `katapult`: Katapult's protocol and the native serial flasher.
 //!
 //! The `#[pymodule]` below only declares what Python sees; the classes and functions live in
 //! `py/`.
@@ -12,6 +20,7 @@ pub mod build;
 pub mod discovery;
 pub mod events;
 pub mod flash;
+pub mod katapult;
 pub mod kconfig;
 pub mod moonraker;
 pub mod pipeline;
@@ -19,6 +28,7 @@ pub mod process;
 pub mod py;
 pub mod registry;
 pub mod service;
+pub mod snapshot;
 pub mod versions;
 
 use pyo3::prelude::*;
@@ -35,6 +45,10 @@ mod _core {
         BuildError, CommandTimeout, ConfigError, DeviceNotFound, FlashError, KflashError,
         PreflightRefused, RegistryError, ServiceError,
     };
+    #[pymodule_export]
+    use crate::py::katapult::{katapult_flash, katapult_status};
+    #[pymodule_export]
+    use crate::py::snapshot::{SnapshotReader, SnapshotStore};
     #[pymodule_export]
     use crate::py::versions::compare_versions;
 }

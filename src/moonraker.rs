@@ -599,7 +599,7 @@ impl Client {
             .map_err(io_err)?;
         stream.write_all(request.as_bytes()).map_err(io_err)?;
         let mut reader = BufReader::new(DeadlineReader { stream, deadline });
-        read_response(&mut reader, url).map_err(|e| match e {
+        read_response(&mut reader).map_err(|e| match e {
             ReadError::Io(e) => io_err(e),
             ReadError::Bad(what) => Error::Garbage {
                 url: url.to_owned(),
@@ -666,7 +666,7 @@ fn read_line(reader: &mut impl BufRead, budget: &mut usize) -> Result<String, Re
     Ok(text.trim_end_matches(['\r', '\n']).to_owned())
 }
 
-fn read_response(reader: &mut impl BufRead, _url: &str) -> Result<(u16, Vec<u8>), ReadError> {
+fn read_response(reader: &mut impl BufRead) -> Result<(u16, Vec<u8>), ReadError> {
     let mut budget = MAX_HEAD;
     let status_line = read_line(reader, &mut budget)?;
     let mut parts = status_line.splitn(3, ' ');

@@ -182,7 +182,8 @@ pub fn compare(mcu: &str, target: &str) -> VersionState {
     };
     match (&m.tag, &t.tag) {
         (Some(mt), Some(tt)) if mt == tt => {
-            if m.hash.is_none() && t.hash.is_none() && m.count == t.count {
+            // Without a hash on one side, the same count on the same tag is the same commit.
+            if (m.hash.is_none() || t.hash.is_none()) && m.count == t.count {
                 VersionState::Current
             } else {
                 by_order(m.count.cmp(&t.count))
@@ -397,6 +398,10 @@ mod tests {
         assert_eq!(compare("84104bbbd", t), Current);
         assert_eq!(compare("84104bb", "84104bbbd12"), Current);
         assert_eq!(compare("0123456", t), Outdated);
+        // Bare tags.
+        assert_eq!(compare("v0.13.0", "v0.13.0-0-gabcdef1"), Current);
+        assert_eq!(compare("v0.13.0", t), Outdated);
+        assert_eq!(compare("v0.14.0", t), Newer);
     }
 
     #[test]

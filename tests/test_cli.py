@@ -165,3 +165,20 @@ def _timed(sandbox):
     result = sandbox.run("devices", "list", "--json")
     assert json.loads(result.stdout)[0]["key"] == "octopus"
     return time.monotonic() - started
+
+
+def test_config_runs_menuconfig_on_the_device_config(sandbox, tmp_path):
+    tree = tmp_path / "menuconfig-tree"
+    tree.mkdir()
+    (tree / "Makefile").write_text(
+        "menuconfig:\n"
+        "\tprintf 'CONFIG_MCU=\"rp2040\"\\nCONFIG_USBSERIAL=y\\n' > $(KCONFIG_CONFIG)\n"
+    )
+    sandbox.settings(klipper_dir=tree)
+    sandbox.ok("devices", "add", "pico", "--serial", "/dev/serial/by-id/usb-x")
+    result = sandbox.ok("config", "pico")
+    assert "rp2040" in result.stdout
+    config = sandbox.home / "configs" / "pico.config"
+    assert 'CONFIG_MCU="rp2040"' in config.read_text()
+    (dev,) = sandbox.json("devices", "list")
+    assert (dev["mcu"], dev["config_present"]) == ("rp2040", True)

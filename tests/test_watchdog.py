@@ -1,8 +1,11 @@
 """The SIGKILL watchdog as a process: EOF without `done` starts the service."""
 
+import http.server
 import json
+import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -77,3 +80,94 @@ def test_bad_settings_are_reported(tmp_path, first):
     code, log = run_watchdog(tmp_path, [first])
     assert code == 2
     assert "settings" in log
+
+
+def test_systemd_backend_runs_sudo_systemctl_start(tmp_path):
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    calls = tmp_path / "calls"
+    for name in ("sudo", "systemctl"):
+        fake = bindir / name
+        fake.write_text(
+            '#!/bin/sh\necho "{} $*" >> "{}"\n{}\n'.format(
+                name, calls, 'exec "$@"' if name == "sudo" else "exit 0"
+            )
+        )
+        fake.chmod(0o755)
+    message = settings(tmp_path / "unused")
+    message["service"]["backend"] = "systemd"
+    message["service"]["unit"] = "klipper-1"
+    env = dict(os.environ, PATH="{}:{}".format(bindir, os.environ["PATH"]))
+    proc = subprocess.run(
+        [sys.executable, str(WATCHDOG)],
+        input=(json.dumps(message) + "\n").encode(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+        timeout=20,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout
+    lines = calls.read_text().splitlines()
+    assert lines[-1] == "systemctl start klipper-1"
+    if os.geteuid() != 0:
+        assert lines[0] == "sudo -n %s start klipper-1" % (bindir / "systemctl")
+
+
+class FakeMoonraker(http.server.BaseHTTPRequestHandler):
+    active = True
+    posted = []
+
+    def log_message(self, *args):
+        pass
+
+    def reply(self, result):
+        body = json.dumps({"result": result}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        state = "active" if FakeMoonraker.active else "inactive"
+        self.reply(
+            {
+                "system_info": {
+                    "instance_ids": {"klipper": "klipper-2"},
+                    "service_state": {
+                        "klipper-2": {"active_state": state, "sub_state": "x"}
+                    },
+                }
+            }
+        )
+
+    def do_POST(self):
+        length = int(self.headers.get("Content-Length", "0"))
+        body = json.loads(self.rfile.read(length))
+        FakeMoonraker.posted.append((self.path, body))
+        FakeMoonraker.active = True
+        self.reply("ok")
+
+
+def test_moonraker_backend_posts_start_for_the_resolved_unit(tmp_path):
+    FakeMoonraker.active = False
+    FakeMoonraker.posted = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeMoonraker)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        message = settings(tmp_path / "unused")
+        message["service"]["backend"] = "moonraker"
+        message["service"]["unit"] = ""
+        port = server.server_address[1]
+        message["service"]["moonraker_url"] = f"http://127.0.0.1:{port}/"
+        code, log = run_watchdog(tmp_path, [json.dumps(message) + "\n"])
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert code == 0, log
+    assert FakeMoonraker.posted == [
+        ("/machine/services/start", {"service": "klipper-2"})
+    ]
+    assert "started again" in log

@@ -17,7 +17,11 @@ from kflash._core import (
     PreflightRefused,
     RegistryError,
     ServiceError,
+    SnapshotReader,
+    SnapshotStore,
     compare_versions,
+    katapult_flash,
+    katapult_status,
 )
 
 __all__ = [
@@ -32,5 +36,9 @@ __all__ = [
     "PreflightRefused",
     "RegistryError",
     "ServiceError",
+    "SnapshotReader",
+    "SnapshotStore",
     "compare_versions",
+    "katapult_flash",
+    "katapult_status",
 ]

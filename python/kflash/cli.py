@@ -14,9 +14,12 @@ is reported.
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+
+from kflash import katapult_cli
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -68,25 +71,60 @@ def table(rows, headers):
 
 
 class Progress:
-    """Renders engine events on stderr: one line per event (a tty gets a mark)."""
+    """Renders engine events on stderr.
+
+    Not a tty: one line per event. A tty: milestones (stop, restart, a board
+    built/flashed/verified, warnings, errors) stay on screen; chatter (compiler
+    and flashtool output) overwrites one status line.
+    """
 
     MARKS = {"info": " ", "warning": "!", "error": "x"}
+    MILESTONES = ("flashed", "verified", "nothing to do")
 
     def __init__(self, quiet=False):
         self.quiet = quiet
         self.tty = sys.stderr.isatty()
+        self.transient = False
+
+    def line(self, event):
+        stage = event.get("stage", "")
+        device = event.get("device")
+        where = stage + (f" {device}" if device else "")
+        fraction = event.get("fraction")
+        pct = f" {int(fraction * 100):3d}%" if fraction is not None else ""
+        return f"[{where}]{pct} {event.get('message', '')}"
+
+    def milestone(self, event):
+        return (
+            event.get("level", "info") != "info"
+            or event.get("fraction") == 1.0
+            or event.get("stage") in ("preflight", "stop", "restart", "plan")
+            or event.get("device") is None
+            or event.get("message") in self.MILESTONES
+        )
 
     def __call__(self, event):
         if self.quiet:
             return
-        stage = event.get("stage", "")
-        device = event.get("device")
         level = event.get("level", "info")
-        where = f"{stage}" + (f" {device}" if device else "")
-        fraction = event.get("fraction")
-        pct = f" {int(fraction * 100):3d}%" if fraction is not None else ""
-        mark = self.MARKS.get(level, " ") if self.tty else level[0].upper()
-        err(f"{mark} [{where}]{pct} {event.get('message', '')}")
+        if not self.tty:
+            err(f"{level[0].upper()} {self.line(event)}")
+            return
+        text = f"{self.MARKS.get(level, ' ')} {self.line(event)}"
+        if self.milestone(event):
+            sys.stderr.write("\r\033[K" + text + "\n")
+            self.transient = False
+        else:
+            width = shutil.get_terminal_size((100, 20)).columns - 1
+            sys.stderr.write("\r\033[K" + text[:width])
+            self.transient = True
+        sys.stderr.flush()
+
+    def close(self):
+        if self.tty and self.transient:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+            self.transient = False
 
 
 def version_arrow(before, after):
@@ -360,7 +398,11 @@ def cmd_plan(engine, args):
 
 
 def cmd_build(engine, args):
-    results = engine.build(keys=args.keys or None, on_event=Progress())
+    progress = Progress()
+    try:
+        results = engine.build(keys=args.keys or None, on_event=progress)
+    finally:
+        progress.close()
     if args.json:
         emit_json(results)
     else:
@@ -391,10 +433,12 @@ def _safe_settings(engine):
         return {}
 
 
-def run_guarded(engine, args, call):
+def run_guarded(engine, args, call, progress=None):
     try:
         report = call()
     except KeyboardInterrupt as exc:
+        if progress is not None:
+            progress.close()
         report = getattr(exc, "report", None)
         what = "terminated" if isinstance(exc, Terminated) else "interrupted"
         if report is None:
@@ -410,13 +454,18 @@ def run_guarded(engine, args, call):
             err(f"kflash: {what}; nothing was stopped")
         code = finish_run(engine, args, report)
         return max(code, EXIT_FAILED)
+    if progress is not None:
+        progress.close()
     return finish_run(engine, args, report)
 
 
 def cmd_flash(engine, args):
     progress = Progress()
     return run_guarded(
-        engine, args, lambda: engine.flash(args.key, on_event=progress, yes=args.yes)
+        engine,
+        args,
+        lambda: engine.flash(args.key, on_event=progress, yes=args.yes),
+        progress,
     )
 
 
@@ -431,6 +480,7 @@ def cmd_flash_all(engine, args):
             yes=args.yes,
             on_event=progress,
         ),
+        progress,
     )
 
 
@@ -622,6 +672,7 @@ def build_parser():
     )
 
     reporting(sub.add_parser("status", help="MCU versions and the last run"))
+    katapult_cli.add_parser(sub)
     return parser
 
 
@@ -634,6 +685,7 @@ COMMANDS = {
     "flash": cmd_flash,
     "flash-all": cmd_flash_all,
     "status": cmd_status,
+    "katapult": katapult_cli.command,
 }
 
 

@@ -19,6 +19,7 @@ cannot be loaded. Run it as ``python -m kflash.watchdog`` or by file path.
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -103,7 +104,8 @@ def _run(argv):
 
 def start_systemd(service):
     unit = (service.get("unit") or "klipper").strip()
-    argv = ["systemctl", "start", unit]
+    # The same binary the runner used (first on PATH): sudoers rules name exact paths.
+    argv = [shutil.which("systemctl") or "systemctl", "start", unit]
     if os.geteuid() != 0:
         argv = ["sudo", "-n"] + argv
     _run(argv)

@@ -2,7 +2,8 @@
 //!
 //! Owns everything under `<state>/builds/<key>/` for each device:
 //! - `config`: the working copy of the device's config after `make olddefconfig` (the user's
-//!   saved config is only ever read; `config.new` is the scratch copy olddefconfig runs on);
+//!   saved config is only ever read; `config.new` is the scratch copy olddefconfig runs on,
+//!   with `query-out/` as its OUT so the real OUT keeps its dependency files);
 //! - `out/`: Klipper's `OUT` for this device, kept between runs so that after a Klipper
 //!   update only the changed sources recompile (never `make clean`);
 //! - `firmware/current/` (image + `klipper.dict` of the last good build) and
@@ -18,10 +19,13 @@
 //!   dictionary would keep the old version. Whenever the tree's version (or the config) differs
 //!   from what `out/` was built from, the version object and the linked outputs are removed
 //!   first; after every build the dictionary's version is checked against the tree's.
-//! - `firmware/current` changes only after a build fully succeeded; a failure leaves it alone.
+//! - A toolchain whose identity changed empties `out/` first (make does not track the compiler).
+//! - `firmware/current` changes only after a build fully succeeded; a failure leaves it alone,
+//!   and so does a make that relinked nothing (so `previous` stays a different, older build).
 //!
 //! Thread-safety: `build_all` runs up to `jobs` builds on scoped threads, one directory per
-//! device, so builds never share files; events are sent from those threads.
+//! device, so builds never share files; events are sent from those threads. Two processes
+//! must not build the same device at once (the state dir's run lock prevents it).
 
 mod record;
 mod toolchain;
@@ -41,6 +45,7 @@ use std::time::{Duration, Instant};
 use sha2::{Digest, Sha256};
 
 use crate::events::{Event, Level, Sink, Stage};
+use crate::kconfig;
 use crate::process::{self, Cancel, Cmd};
 use record::Record;
 use toolchain::Tool;
@@ -77,6 +82,7 @@ pub struct BuildRequest {
 /// A built (or cached) firmware, ready to flash.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Firmware {
+    /// The device key.
     pub key: String,
     /// Klipper's `OUT` for this device (`<builds>/<key>/out`).
     pub out_dir: PathBuf,
@@ -107,8 +113,11 @@ impl Firmware {
 /// Why a device's firmware could not be built. Every variant says what to do about it.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("`make` was not found on PATH; install it with `sudo apt install build-essential`")]
-    MakeMissing,
+    #[error(
+        "{key}: `make` was not found on PATH; install it with \
+         `sudo apt install build-essential`"
+    )]
+    MakeMissing { key: String },
     #[error(
         "{key}: the compiler `{compiler}` was not found; install it with \
          `sudo apt install {packages}`"
@@ -202,11 +211,11 @@ pub enum Error {
 }
 
 impl Error {
-    /// The device the error is about (`None` for `MakeMissing`).
-    pub fn key(&self) -> Option<&str> {
+    /// The device the error is about.
+    pub fn key(&self) -> &str {
         match self {
-            Error::MakeMissing => None,
-            Error::ToolchainMissing { key, .. }
+            Error::MakeMissing { key }
+            | Error::ToolchainMissing { key, .. }
             | Error::KlipperDirMissing { key, .. }
             | Error::ConfigMissing { key, .. }
             | Error::Make { key, .. }
@@ -218,7 +227,7 @@ impl Error {
             | Error::McuMismatch { key, .. }
             | Error::ImageMissing { key, .. }
             | Error::Io { key, .. }
-            | Error::DuplicateKey { key } => Some(key),
+            | Error::DuplicateKey { key } => key,
         }
     }
 
@@ -320,16 +329,12 @@ fn sha256_hex(parts: &[&[u8]]) -> String {
 }
 
 /// The MCU a config targets: `CONFIG_MCU`, or "linux" for the linux-process target
-/// (which defines none).
-fn config_mcu(config: &[u8]) -> String {
-    String::from_utf8_lossy(config)
-        .lines()
-        .find_map(|line| {
-            line.trim()
-                .strip_prefix("CONFIG_MCU=")
-                .map(|v| v.trim().trim_matches('"').to_owned())
-        })
-        .unwrap_or_else(|| "linux".to_owned())
+/// (which defines none); `None` when the config names neither.
+fn config_mcu(config: &[u8]) -> Option<String> {
+    kconfig::KConfig::parse(&String::from_utf8_lossy(config))
+        .target()
+        .ok()
+        .map(|t| t.mcu)
 }
 
 /// Read a dictionary: (json, version, config.MCU).
@@ -371,6 +376,10 @@ struct Layout {
     out: PathBuf,
     /// `out` as make wants it: absolute, with a trailing slash.
     out_arg: String,
+    /// OUT for olddefconfig and the toolchain query: Klipper's Makefile re-creates
+    /// `$(OUT)board-link` and deletes the `.d` dependency files in OUT whenever the config
+    /// it is given is newer, so those must never run against the real OUT.
+    query_out_arg: String,
     work_config: PathBuf,
     record: PathBuf,
     current: PathBuf,
@@ -382,12 +391,14 @@ impl Layout {
         let dir = builds.join(key);
         let out = dir.join("out");
         let out_arg = format!("{}/", out.display());
+        let query_out_arg = format!("{}/", dir.join("query-out").display());
         Self {
             work_config: dir.join("config"),
             record: dir.join("build.json"),
             current: dir.join("firmware").join("current"),
             out,
             out_arg,
+            query_out_arg,
             dir,
         }
     }
@@ -431,9 +442,11 @@ pub fn build_all(
     for (i, req) in reqs.iter().enumerate() {
         let started = Instant::now();
         if !seen.insert(req.key.clone()) {
-            results[i] = Some(Err(Error::DuplicateKey {
+            let err = Error::DuplicateKey {
                 key: req.key.clone(),
-            }));
+            };
+            report_error(sink, &err);
+            results[i] = Some(Err(err));
             continue;
         }
         match prepare(req, &mut versions, started) {
@@ -447,16 +460,15 @@ pub fn build_all(
                 }
                 None => todo.push((i, prep)),
             },
-            Err(e) => results[i] = Some(Err(e)),
+            Err(e) => {
+                report_error(sink, &e);
+                results[i] = Some(Err(e));
+            }
         }
     }
     for (i, result) in run_builds(todo, jobs, cancel, sink) {
         if let Err(e) = &result {
-            sink(
-                &Event::info(Stage::Build, e.key(), e.to_string())
-                    .with_level(Level::Error)
-                    .with_fraction(1.0),
-            );
+            report_error(sink, e);
         }
         results[i] = Some(result);
     }
@@ -472,6 +484,21 @@ pub fn build_all(
             })
         })
         .collect()
+}
+
+/// The firmware `build_all` would return as cached for `req`, found without running
+/// anything but `git describe` (for `kflash plan`); `None` when it would build.
+pub fn up_to_date(req: &BuildRequest) -> Option<Firmware> {
+    let prep = prepare(req, &mut HashMap::new(), Instant::now()).ok()?;
+    try_cached(&prep)
+}
+
+fn report_error(sink: &Sink, err: &Error) {
+    sink(
+        &Event::info(Stage::Build, Some(err.key()), err.to_string())
+            .with_level(Level::Error)
+            .with_fraction(1.0),
+    );
 }
 
 fn run_builds(
@@ -591,11 +618,18 @@ fn cached_firmware(prep: &Prepared, record: &Record, cache_key: &str) -> Option<
     })
 }
 
-fn make_cmd(ctx: &Context, prep: &Prepared, make: &Path, config: &Path, deadline: Instant) -> Cmd {
+/// `make -C <tree> OUT=<out> KCONFIG_CONFIG=<config>`, bounded by the build's deadline.
+fn make_cmd(
+    ctx: &Context,
+    prep: &Prepared,
+    make: &Path,
+    (out, config): (&str, &Path),
+    deadline: Instant,
+) -> Cmd {
     Cmd::new(make)
         .arg("-C")
         .arg(&prep.klipper_dir)
-        .arg(format!("OUT={}", prep.layout.out_arg))
+        .arg(format!("OUT={out}"))
         .arg(format!("KCONFIG_CONFIG={}", config.display()))
         // A make we run is not a sub-make of whoever started kflash.
         .env("MAKEFLAGS", "")
@@ -612,7 +646,9 @@ fn build_one(ctx: &Context, prep: &Prepared) -> Result<Firmware, Error> {
             key: key.to_owned(),
         });
     }
-    let make = ctx.make.as_deref().ok_or(Error::MakeMissing)?;
+    let make = ctx.make.as_deref().ok_or_else(|| Error::MakeMissing {
+        key: key.to_owned(),
+    })?;
     let deadline = prep.started + prep.req.timeout;
     (ctx.sink)(&Event::info(Stage::Build, Some(key), "building firmware").with_fraction(0.0));
     fs::create_dir_all(&layout.dir).map_err(io_err(key, "create", &layout.dir))?;
@@ -621,7 +657,13 @@ fn build_one(ctx: &Context, prep: &Prepared) -> Result<Firmware, Error> {
 
     let tools = toolchain::identify(
         key,
-        &make_cmd(ctx, prep, make, &layout.work_config, deadline),
+        &make_cmd(
+            ctx,
+            prep,
+            make,
+            (&layout.query_out_arg, &layout.work_config),
+            deadline,
+        ),
         deadline,
     )?;
     let identity: String = tools
@@ -655,15 +697,7 @@ fn build_one(ctx: &Context, prep: &Prepared) -> Result<Firmware, Error> {
         }
     }
 
-    // The TRAP: force the version object and the linked outputs to be made again when the
-    // tree's version or the config changed since this OUT was last built.
-    let stale = prep
-        .record
-        .as_ref()
-        .is_none_or(|r| r.source_version != prep.version || r.config_sha256 != config_sha);
-    if stale {
-        remove_linked_outputs(key, &layout.out)?;
-    }
+    invalidate_out(ctx, prep, &tools, &config_sha)?;
 
     let compiled = compile(ctx, prep, make, deadline)?;
 
@@ -722,11 +756,13 @@ fn olddefconfig(
     let layout = &prep.layout;
     let scratch = layout.dir.join("config.new");
     fs::write(&scratch, &prep.raw_config).map_err(io_err(key, "write", &scratch))?;
-    make_cmd(ctx, prep, make, &scratch, deadline)
+    make_cmd(ctx, prep, make, (&layout.query_out_arg, &scratch), deadline)
         .arg("olddefconfig")
         .run()
         .map_err(|e| Error::from_process(key, e))?;
     let config = fs::read(&scratch).map_err(io_err(key, "read", &scratch))?;
+    // kconfiglib keeps a backup of a config it rewrote; the scratch copy needs none.
+    let _ = fs::remove_file(layout.dir.join("config.new.old"));
     if fs::read(&layout.work_config).ok().as_deref() == Some(&config[..]) {
         let _ = fs::remove_file(&scratch);
     } else {
@@ -748,20 +784,26 @@ fn compile(ctx: &Context, prep: &Prepared, make: &Path, deadline: Instant) -> Re
     let sink = ctx.sink.clone();
     let line_key = key.to_owned();
     let counter = compiled.clone();
-    make_cmd(ctx, prep, make, &layout.work_config, deadline)
-        .arg(format!("-j{}", ctx.make_jobs))
-        .on_line(move |line| {
-            if line.trim_start().starts_with("Compiling ") {
-                let n = counter.fetch_add(1, Ordering::Relaxed) + 1;
-                let mut event = Event::info(Stage::Build, Some(&line_key), line.trim());
-                if total > 0 {
-                    event = event.with_fraction((n as f64 / total as f64).min(0.95));
-                }
-                sink(&event);
+    make_cmd(
+        ctx,
+        prep,
+        make,
+        (&layout.out_arg, &layout.work_config),
+        deadline,
+    )
+    .arg(format!("-j{}", ctx.make_jobs))
+    .on_line(move |line| {
+        if line.trim_start().starts_with("Compiling ") {
+            let n = counter.fetch_add(1, Ordering::Relaxed) + 1;
+            let mut event = Event::info(Stage::Build, Some(&line_key), line.trim());
+            if total > 0 {
+                event = event.with_fraction((n as f64 / total as f64).min(0.95));
             }
-        })
-        .run()
-        .map_err(|e| Error::from_process(key, e))?;
+            sink(&event);
+        }
+    })
+    .run()
+    .map_err(|e| Error::from_process(key, e))?;
     Ok(compiled.load(Ordering::Relaxed))
 }
 
@@ -778,8 +820,7 @@ fn check_outputs(prep: &Prepared, config: &[u8]) -> Result<(String, String, &'st
             out: layout.out.clone(),
         });
     }
-    let expected_mcu = config_mcu(config);
-    if mcu != expected_mcu {
+    if let Some(expected_mcu) = config_mcu(config).filter(|m| !m.eq_ignore_ascii_case(&mcu)) {
         return Err(Error::McuMismatch {
             key: key.to_owned(),
             config: prep.req.config.clone(),
@@ -800,6 +841,39 @@ fn check_outputs(prep: &Prepared, config: &[u8]) -> Result<(String, String, &'st
         out: layout.out.clone(),
     })?;
     Ok((version, mcu, image))
+}
+
+/// Remove what an incremental make would wrongly keep: every object when the toolchain
+/// changed (make does not track the compiler), and the version object plus the linked
+/// outputs when the tree's version or the config changed (the TRAP).
+fn invalidate_out(
+    ctx: &Context,
+    prep: &Prepared,
+    tools: &[Tool],
+    config_sha: &str,
+) -> Result<(), Error> {
+    let key = prep.req.key.as_str();
+    let layout = &prep.layout;
+    // make does not know the compiler: objects from another toolchain must all go.
+    if prep.record.as_ref().is_some_and(|r| r.toolchain != tools) && layout.out.exists() {
+        (ctx.sink)(&Event::info(
+            Stage::Build,
+            Some(key),
+            "toolchain changed since the last build: building from scratch",
+        ));
+        fs::remove_dir_all(&layout.out).map_err(io_err(key, "remove", &layout.out))?;
+    }
+    // The TRAP: force the version object and the linked outputs to be made again when the
+    // tree's version or the config changed since this OUT was last built.
+    let stale = prep
+        .record
+        .as_ref()
+        .is_none_or(|r| r.source_version != prep.version || r.config_sha256 != config_sha);
+    if stale {
+        remove_linked_outputs(key, &layout.out)?;
+    }
+
+    Ok(())
 }
 
 fn remove_linked_outputs(key: &str, out: &Path) -> Result<(), Error> {
@@ -842,7 +916,19 @@ fn count_objects(dir: &Path) -> usize {
 }
 
 /// Copy image + dictionary to `firmware/new`, then `current` -> `previous`, `new` -> `current`.
+/// When make relinked nothing (the outputs equal `current`), nothing moves, so `previous`
+/// stays the last-known-good that differs from `current`.
 fn publish(key: &str, layout: &Layout, image: &str) -> Result<(), Error> {
+    let same = |name: &str| match (
+        fs::read(layout.out.join(name)),
+        fs::read(layout.current.join(name)),
+    ) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    };
+    if same(image) && same("klipper.dict") {
+        return Ok(());
+    }
     let firmware = layout.dir.join("firmware");
     let new = firmware.join("new");
     let previous = firmware.join("previous");

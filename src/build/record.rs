@@ -6,13 +6,14 @@
 //! Thread-safety: one record per device directory; only that device's build touches it.
 
 use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
 use super::toolchain::Tool;
 use super::Error;
+use crate::registry::write_atomic;
 
 /// Schema version of `build.json`.
 pub(super) const SCHEMA: u32 = 1;
@@ -61,33 +62,6 @@ impl Record {
             source,
         })
     }
-}
-
-/// Write `bytes` to `path` atomically. (Private helper: no shared one existed on main when
-/// this module was written.)
-pub(super) fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let dir = path
-        .parent()
-        .ok_or_else(|| io::Error::other("path has no parent directory"))?;
-    let name = path
-        .file_name()
-        .ok_or_else(|| io::Error::other("path has no file name"))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    let result = (|| {
-        let mut file = fs::File::create(&tmp)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        fs::rename(&tmp, path)?;
-        sync_dir(dir)
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
 }
 
 /// fsync a directory so renames inside it are durable.

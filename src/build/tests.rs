@@ -84,6 +84,7 @@ fn object_mtimes(out: &Path) -> HashMap<String, SystemTime> {
     fs::read_dir(out.join("src"))
         .unwrap()
         .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".o"))
         .map(|e| {
             (
                 e.file_name().to_string_lossy().into_owned(),
@@ -173,8 +174,11 @@ fn unchanged_devices_are_not_rebuilt_and_make_is_not_run() {
     let a = fx.config("a", "CONFIG_MCU=\"rp2040\"\n");
     let b = fx.config("b", "CONFIG_MCU=\"stm32f103xe\"\n");
     let reqs = [fx.req("a", &a), fx.req("b", &b)];
+    assert_eq!(up_to_date(&reqs[0]), None);
     let first: Vec<Firmware> = build(&reqs).iter().map(|r| ok(r).clone()).collect();
     let runs = fx.make_runs().len();
+    let planned = up_to_date(&reqs[0]).expect("built firmware is up to date");
+    assert_eq!((planned.cached, &planned.image), (true, &first[0].image));
     let image_before = fs::read(&first[0].image).unwrap();
     let second = build(&reqs);
     for (fw1, result) in first.iter().zip(&second) {
@@ -231,6 +235,25 @@ fn a_changed_source_recompiles_only_that_file() {
     let previous = fx.builds.join("a/firmware/previous/klipper.dict");
     assert_eq!(dict_version(&previous), first.version);
     assert_eq!(dict_version(&second.dict_path), second.version);
+}
+
+#[test]
+fn a_changed_header_recompiles_the_files_that_include_it() {
+    let fx = fixture();
+    let a = fx.config("a", "CONFIG_MCU=\"rp2040\"\n");
+    ok(&build(&[fx.req("a", &a)])[0]);
+    // A second, cached run must not lose make's header dependencies either.
+    assert!(ok(&build(&[fx.req("a", &a)])[0]).cached);
+    let before = object_mtimes(&fx.out("a"));
+    fx.commit_file("src/board.h", "#define BOARD_SCALE 5\n", "board.h");
+    let fw = ok(&build(&[fx.req("a", &a)])[0]).clone();
+    assert_eq!(fw.version, source_version(&fx.tree));
+    let after = object_mtimes(&fx.out("a"));
+    assert_ne!(
+        after["mod00.o"], before["mod00.o"],
+        "header change not recompiled"
+    );
+    assert_eq!(after["mod01.o"], before["mod01.o"]);
 }
 
 #[test]
@@ -426,6 +449,103 @@ fn dictionary_versions_match_modulo_the_date_host_suffix() {
 
 #[test]
 fn config_mcu_is_linux_for_the_linux_process() {
-    assert_eq!(config_mcu(b"CONFIG_MACH_LINUX=y\n"), "linux");
-    assert_eq!(config_mcu(b"# c\nCONFIG_MCU=\"rp2040\"\n"), "rp2040");
+    assert_eq!(config_mcu(b"CONFIG_MACH_LINUX=y\n").unwrap(), "linux");
+    assert_eq!(
+        config_mcu(b"# c\nCONFIG_MCU=\"rp2040\"\n").unwrap(),
+        "rp2040"
+    );
+    assert_eq!(config_mcu(b"# not a firmware config\n"), None);
+}
+
+/// A compiler and linker that wrap the system ones but report `version` for `--version`.
+fn fake_toolchain(dir: &Path, version: &str) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    fs::create_dir_all(dir).unwrap();
+    for (tool, real) in [("gcc", "gcc"), ("ld", "ld")] {
+        let path = dir.join(format!("tc-{tool}"));
+        let script = format!(
+            "#!/bin/sh\nif [ \"$1\" = --version ]; then echo 'tc-{tool} {version}'; exit 0; fi\n\
+             exec {real} \"$@\"\n"
+        );
+        fs::write(&path, script).unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    format!("{}/tc-", dir.display())
+}
+
+#[test]
+fn a_new_compiler_version_rebuilds_from_scratch() {
+    let fx = fixture();
+    let prefix = fake_toolchain(&fx.tmp.path().join("tc"), "12.2");
+    let a = fx.config(
+        "a",
+        &format!("CONFIG_MCU=\"rp2040\"\nCONFIG_CROSS_PREFIX=\"{prefix}\"\n"),
+    );
+    let first = ok(&build(&[fx.req("a", &a)])[0]).clone();
+    let record = fs::read_to_string(fx.builds.join("a/build.json")).unwrap();
+    assert!(record.contains("tc-gcc 12.2"), "{record}");
+    // Rewritten with the same identity (new mtime): the quick check misses, the full key
+    // matches, nothing is compiled.
+    fake_toolchain(&fx.tmp.path().join("tc"), "12.2");
+    let runs = fx.make_runs().len();
+    assert!(ok(&build(&[fx.req("a", &a)])[0]).cached);
+    assert!(fx.make_runs()[runs..]
+        .iter()
+        .all(|r| !r.starts_with("all ")));
+    // An upgraded compiler: every object is rebuilt with it.
+    let before = object_mtimes(&fx.out("a"));
+    fake_toolchain(&fx.tmp.path().join("tc"), "13.1");
+    let second = ok(&build(&[fx.req("a", &a)])[0]).clone();
+    assert!(!second.cached);
+    assert_ne!(second.cache_key, first.cache_key);
+    let after = object_mtimes(&fx.out("a"));
+    assert_eq!(after.len(), before.len());
+    assert!(
+        after.iter().all(|(name, t)| before[name] != *t),
+        "stale objects kept"
+    );
+}
+
+#[test]
+fn rerunning_make_that_changes_nothing_keeps_the_last_known_good() {
+    let fx = fixture();
+    let a = fx.config("a", "CONFIG_MCU=\"rp2040\"\n");
+    let source = fx.tree.join("src/mod01.c");
+    fs::write(&source, "int work_1(int n) { return n; }\n").unwrap();
+    let first = ok(&build(&[fx.req("a", &a)])[0]).clone();
+    let first_image = fs::read(&first.image).unwrap();
+    fs::write(&source, "int work_1(int n) { return n + 1; }\n").unwrap();
+    let second = ok(&build(&[fx.req("a", &a)])[0]).clone();
+    let previous = fx.builds.join("a/firmware/previous/klipper.bin");
+    assert_eq!(fs::read(&previous).unwrap(), first_image);
+    assert_ne!(fs::read(&second.image).unwrap(), first_image);
+    // Dirty tree, nothing changed: make runs (a dirty tree cannot be trusted) but relinks
+    // nothing, and the last-known-good is not overwritten by a copy of current.
+    let third = ok(&build(&[fx.req("a", &a)])[0]).clone();
+    assert!(!third.cached);
+    assert_eq!(third.version, second.version);
+    assert_eq!(fs::read(&previous).unwrap(), first_image);
+}
+
+#[test]
+fn cancelling_stops_running_builds() {
+    let fx = fixture();
+    let a = fx.config("a", "CONFIG_MCU=\"rp2040\"\nCONFIG_FIXTURE_SLEEP=60\n");
+    let cancel = Cancel::new();
+    let trigger = cancel.clone();
+    // Cancel while make is compiling (as Ctrl+C would); the fixture then hangs for 60 s.
+    let sink: Sink = Arc::new(move |e: &Event| {
+        if e.message.contains("Compiling") {
+            trigger.cancel();
+        }
+    });
+    let started = Instant::now();
+    let results = build_all(&[fx.req("a", &a)], 2, &cancel, &sink);
+    assert!(
+        matches!(results[0], Err(Error::Cancelled { .. })),
+        "{:?}",
+        results[0]
+    );
+    assert!(started.elapsed() < Duration::from_secs(30));
+    assert!(!fx.builds.join("a/firmware/current").exists());
 }

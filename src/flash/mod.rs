@@ -236,6 +236,11 @@ pub enum Error {
     LinuxRestart(String),
     #[error("native Katapult flasher: {0}")]
     Native(String),
+    #[error("Katapult failed: {katapult}; the fallback `make flash` failed too: {make}")]
+    BothFailed {
+        katapult: Box<Error>,
+        make: Box<Error>,
+    },
     #[error("cancelled")]
     Cancelled,
 }
@@ -390,6 +395,7 @@ impl Flasher {
                 .locate(job.key, job.endpoint)
                 .ok_or_else(|| Error::NotConnected(job.endpoint.describe()))
         };
+        let mut katapult_error = None;
         if matches!(method, Method::Auto | Method::Katapult) {
             tried.push(Method::Katapult);
             let dev = locate()?;
@@ -400,22 +406,34 @@ impl Flasher {
                 // loader: that needs the user) nor after a cancel.
                 Err(e @ (Error::NotKatapult { .. } | Error::Cancelled)) => return Err(e),
                 Err(e) if method == Method::Katapult => return Err(e),
-                Err(e) => sink(
-                    &Event::info(
-                        Stage::Flash,
-                        Some(job.key),
-                        format!("Katapult failed ({e}); falling back to `make flash`"),
-                    )
-                    .with_level(Level::Warning),
-                ),
+                Err(e) => {
+                    sink(
+                        &Event::info(
+                            Stage::Flash,
+                            Some(job.key),
+                            format!("Katapult failed ({e}); falling back to `make flash`"),
+                        )
+                        .with_level(Level::Warning),
+                    );
+                    katapult_error = Some(e);
+                }
             }
         }
         if cancel.is_cancelled() {
             return Err(Error::Cancelled);
         }
         tried.push(Method::Make);
-        let dev = locate()?;
-        methods::make_flash(&self.tools, job, &dev, cancel, sink).map(|()| Method::Make)
+        let result = locate().and_then(|dev| {
+            methods::make_flash(&self.tools, job, &dev, cancel, sink).map(|()| Method::Make)
+        });
+        match (result, katapult_error) {
+            (Err(Error::Cancelled), _) => Err(Error::Cancelled),
+            (Err(make), Some(katapult)) => Err(Error::BothFailed {
+                katapult: Box::new(katapult),
+                make: Box::new(make),
+            }),
+            (result, _) => result,
+        }
     }
 
     fn wait_back(

@@ -401,3 +401,29 @@ fn cancel_stops_a_hanging_flashtool() {
     assert!(started.elapsed() < Duration::from_secs(10));
     assert!(!out.join("made").exists(), "no fallback after cancel");
 }
+
+#[test]
+fn when_both_methods_fail_the_katapult_error_is_kept() {
+    let sb =
+        Sandbox::new("import sys\nprint('Verification failed: checksum mismatch')\nsys.exit(1)");
+    fs::write(
+        sb.dir.path().join("klipper/Makefile"),
+        "flash:\n\t@echo no way; exit 2\n",
+    )
+    .unwrap();
+    let flasher = Flasher::new(sb.tools(), watch(Comeback::Gone, vec![]));
+    let (ep, out, cfg) = (serial(), sb.out(), sb.cfg());
+    let err = flasher
+        .flash(
+            &job(&sb, &ep, Method::Auto, &out, &cfg),
+            &Cancel::new(),
+            &crate::events::discard(),
+        )
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("checksum mismatch") && msg.contains("make flash"),
+        "{msg}"
+    );
+    assert_eq!(err.tried, vec![Method::Katapult, Method::Make]);
+}

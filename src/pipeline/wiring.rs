@@ -189,22 +189,28 @@ pub struct LiveFirmware {
     jobs: usize,
 }
 
+impl LiveFirmware {
+    fn request(&self, d: &DeviceInfo) -> BuildRequest {
+        BuildRequest {
+            key: d.key.clone(),
+            config: d.config.clone(),
+            klipper_dir: self.klipper_dir.clone(),
+            builds_dir: self.builds_dir.clone(),
+            timeout: self.timeout,
+        }
+    }
+}
+
 impl Firmware for LiveFirmware {
     fn target_version(&self, dev: &DeviceInfo) -> Option<String> {
-        let source = build::source_version(&self.klipper_dir);
-        // The cached build's dictionary, when it was built from this source version.
-        let dict = self
-            .builds_dir
-            .join(&dev.key)
-            .join("firmware/current/klipper.dict");
-        let cached = std::fs::read(&dict)
-            .ok()
-            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
-            .and_then(|v| v.get("version").and_then(Value::as_str).map(str::to_owned));
-        match cached {
-            Some(v) if versions::compare(&v, &source) == VersionState::Current => Some(v),
-            _ => Some(source),
-        }
+        // The cached build's dictionary when the cache is valid, else the tree's version.
+        build::up_to_date(&self.request(dev))
+            .map(|fw| fw.version)
+            .or_else(|| Some(build::source_version(&self.klipper_dir)))
+    }
+
+    fn target_dict(&self, dev: &DeviceInfo) -> Option<Value> {
+        build::up_to_date(&self.request(dev)).and_then(|fw| fw.dict().ok())
     }
 
     fn build(
@@ -213,16 +219,7 @@ impl Firmware for LiveFirmware {
         cancel: &Cancel,
         sink: &Sink,
     ) -> Vec<Result<Built, String>> {
-        let reqs: Vec<BuildRequest> = devs
-            .iter()
-            .map(|d| BuildRequest {
-                key: d.key.clone(),
-                config: d.config.clone(),
-                klipper_dir: self.klipper_dir.clone(),
-                builds_dir: self.builds_dir.clone(),
-                timeout: self.timeout,
-            })
-            .collect();
+        let reqs: Vec<BuildRequest> = devs.iter().map(|d| self.request(d)).collect();
         build::build_all(&reqs, self.jobs, cancel, sink)
             .into_iter()
             .map(|r| {
@@ -420,6 +417,7 @@ impl Home {
             compare,
             lock_path: self.state.lock_path(),
             runs_dir: self.state.runs_dir(),
+            flashed_dir: self.state.root().join("flashed"),
             stagger: Duration::from_millis(200),
             ready_timeout,
         })
@@ -489,4 +487,15 @@ fn last_run(dir: &Path) -> Value {
                 "cancelled": v.get("cancelled"),
             })
         })
+}
+
+/// The native Katapult serial flasher in the shape of the flasher's seam. Not wired by
+/// default: set `Home::native_katapult = Some(native_katapult())` to use it instead of
+/// flashtool.py for serial devices (`make flash` stays the fallback of `auto`).
+pub fn native_katapult() -> flash::NativeKatapult {
+    Arc::new(|dev, baud, firmware, cancel, sink| {
+        crate::katapult::flash_device(dev, baud, firmware, cancel, sink)
+            .map(drop)
+            .map_err(|e| e.to_string())
+    })
 }

@@ -9,10 +9,12 @@ use pyo3::PyErr;
 
 use crate::build;
 use crate::discovery;
+use crate::katapult;
 use crate::kconfig;
 use crate::pipeline;
 use crate::process;
 use crate::registry;
+use crate::snapshot;
 use crate::{moonraker, service};
 
 create_exception!(
@@ -86,36 +88,12 @@ impl From<process::Error> for PyErr {
     }
 }
 
-impl From<registry::Error> for PyErr {
-    fn from(err: registry::Error) -> PyErr {
-        match err {
-            registry::Error::UnknownDevice { .. } => DeviceNotFound::new_err(err.to_string()),
-            _ => RegistryError::new_err(err.to_string()),
-        }
-    }
-}
-
-impl From<kconfig::Error> for PyErr {
-    fn from(err: kconfig::Error) -> PyErr {
-        ConfigError::new_err(err.to_string())
-    }
-}
-
 impl From<build::Error> for PyErr {
     fn from(err: build::Error) -> PyErr {
         match err {
             build::Error::Timeout { .. } => CommandTimeout::new_err(err.to_string()),
             build::Error::ConfigMissing { .. } => ConfigError::new_err(err.to_string()),
             _ => BuildError::new_err(err.to_string()),
-        }
-    }
-}
-
-impl From<discovery::Error> for PyErr {
-    fn from(err: discovery::Error) -> PyErr {
-        match err {
-            discovery::Error::Cancelled { .. } => KflashError::new_err(err.to_string()),
-            _ => DeviceNotFound::new_err(err.to_string()),
         }
     }
 }
@@ -132,6 +110,30 @@ impl From<moonraker::Error> for PyErr {
     }
 }
 
+impl From<registry::Error> for PyErr {
+    fn from(err: registry::Error) -> PyErr {
+        match err {
+            registry::Error::UnknownDevice { .. } => DeviceNotFound::new_err(err.to_string()),
+            _ => RegistryError::new_err(err.to_string()),
+        }
+    }
+}
+
+impl From<kconfig::Error> for PyErr {
+    fn from(err: kconfig::Error) -> PyErr {
+        ConfigError::new_err(err.to_string())
+    }
+}
+
+impl From<discovery::Error> for PyErr {
+    fn from(err: discovery::Error) -> PyErr {
+        match err {
+            discovery::Error::Cancelled { .. } => KflashError::new_err(err.to_string()),
+            _ => DeviceNotFound::new_err(err.to_string()),
+        }
+    }
+}
+
 impl From<pipeline::Error> for PyErr {
     fn from(err: pipeline::Error) -> PyErr {
         match err {
@@ -142,6 +144,22 @@ impl From<pipeline::Error> for PyErr {
             pipeline::Error::Cancelled { .. } | pipeline::Error::Io(_) => {
                 KflashError::new_err(err.to_string())
             }
+        }
+    }
+}
+
+impl From<snapshot::Error> for PyErr {
+    fn from(err: snapshot::Error) -> PyErr {
+        KflashError::new_err(err.to_string())
+    }
+}
+
+impl From<katapult::Error> for PyErr {
+    fn from(err: katapult::Error) -> PyErr {
+        if err.is_timeout() {
+            CommandTimeout::new_err(err.to_string())
+        } else {
+            FlashError::new_err(err.to_string())
         }
     }
 }
@@ -172,35 +190,6 @@ mod tests {
             .into();
             assert!(failed.is_instance_of::<KflashError>(py));
             assert!(failed.to_string().contains("oops"));
-        });
-    }
-
-    #[test]
-    fn registry_errors_map_to_their_classes() {
-        Python::initialize();
-        Python::attach(|py| {
-            let bad_key: PyErr = registry::validate_key("a/b").unwrap_err().into();
-            assert!(bad_key.is_instance_of::<RegistryError>(py));
-            assert!(bad_key.to_string().contains("path separators"));
-            let unknown: PyErr = registry::Registry::default()
-                .get("EBB36")
-                .unwrap_err()
-                .into();
-            assert!(unknown.is_instance_of::<DeviceNotFound>(py));
-            assert!(unknown.is_instance_of::<KflashError>(py));
-        });
-    }
-
-    #[test]
-    fn kconfig_errors_map_to_config_error() {
-        Python::initialize();
-        Python::attach(|py| {
-            let config = kconfig::KConfig::parse("CONFIG_MCU=\"stm32f103xe\"\n");
-            let wrong: PyErr = kconfig::check_mcu("rp2040", &config).unwrap_err().into();
-            assert!(wrong.is_instance_of::<ConfigError>(py));
-            assert!(wrong.to_string().contains("stm32f103xe"));
-            let none: PyErr = kconfig::KConfig::parse("").target().unwrap_err().into();
-            assert!(none.is_instance_of::<ConfigError>(py));
         });
     }
 
@@ -247,26 +236,6 @@ mod tests {
     }
 
     #[test]
-    fn discovery_errors_map_to_device_not_found() {
-        Python::initialize();
-        Python::attach(|py| {
-            let none = discovery::Discovery::at("/nonexistent/dev", "/nonexistent/sys");
-            let missing: PyErr = none.resolve("usb-Klipper_*").unwrap_err().into();
-            assert!(missing.is_instance_of::<DeviceNotFound>(py));
-            let ambiguous: PyErr = discovery::Error::Ambiguous {
-                pattern: "usb-*".into(),
-                candidates: "a, b".into(),
-            }
-            .into();
-            assert!(ambiguous.is_instance_of::<DeviceNotFound>(py));
-            assert!(ambiguous.to_string().contains("a, b"));
-            let stopped: PyErr = discovery::Error::Cancelled { id: "x".into() }.into();
-            assert!(!stopped.is_instance_of::<DeviceNotFound>(py));
-            assert!(stopped.is_instance_of::<KflashError>(py));
-        });
-    }
-
-    #[test]
     fn service_and_moonraker_errors_map_to_their_classes() {
         Python::initialize();
         Python::attach(|py| {
@@ -291,6 +260,55 @@ mod tests {
     }
 
     #[test]
+    fn registry_errors_map_to_their_classes() {
+        Python::initialize();
+        Python::attach(|py| {
+            let bad_key: PyErr = registry::validate_key("a/b").unwrap_err().into();
+            assert!(bad_key.is_instance_of::<RegistryError>(py));
+            assert!(bad_key.to_string().contains("path separators"));
+            let unknown: PyErr = registry::Registry::default()
+                .get("EBB36")
+                .unwrap_err()
+                .into();
+            assert!(unknown.is_instance_of::<DeviceNotFound>(py));
+            assert!(unknown.is_instance_of::<KflashError>(py));
+        });
+    }
+
+    #[test]
+    fn kconfig_errors_map_to_config_error() {
+        Python::initialize();
+        Python::attach(|py| {
+            let config = kconfig::KConfig::parse("CONFIG_MCU=\"stm32f103xe\"\n");
+            let wrong: PyErr = kconfig::check_mcu("rp2040", &config).unwrap_err().into();
+            assert!(wrong.is_instance_of::<ConfigError>(py));
+            assert!(wrong.to_string().contains("stm32f103xe"));
+            let none: PyErr = kconfig::KConfig::parse("").target().unwrap_err().into();
+            assert!(none.is_instance_of::<ConfigError>(py));
+        });
+    }
+
+    #[test]
+    fn discovery_errors_map_to_device_not_found() {
+        Python::initialize();
+        Python::attach(|py| {
+            let none = discovery::Discovery::at("/nonexistent/dev", "/nonexistent/sys");
+            let missing: PyErr = none.resolve("usb-Klipper_*").unwrap_err().into();
+            assert!(missing.is_instance_of::<DeviceNotFound>(py));
+            let ambiguous: PyErr = discovery::Error::Ambiguous {
+                pattern: "usb-*".into(),
+                candidates: "a, b".into(),
+            }
+            .into();
+            assert!(ambiguous.is_instance_of::<DeviceNotFound>(py));
+            assert!(ambiguous.to_string().contains("a, b"));
+            let stopped: PyErr = discovery::Error::Cancelled { id: "x".into() }.into();
+            assert!(!stopped.is_instance_of::<DeviceNotFound>(py));
+            assert!(stopped.is_instance_of::<KflashError>(py));
+        });
+    }
+
+    #[test]
     fn pipeline_errors_map_to_their_classes() {
         Python::initialize();
         Python::attach(|py| {
@@ -311,6 +329,58 @@ mod tests {
             assert!(reg.is_instance_of::<RegistryError>(py));
             let cancelled: PyErr = pipeline::Error::Cancelled { report: None }.into();
             assert!(cancelled.is_instance_of::<KflashError>(py));
+        });
+    }
+
+    #[test]
+    fn snapshot_errors_map_to_kflash_error_naming_the_file() {
+        Python::initialize();
+        Python::attach(|py| {
+            let err: PyErr = snapshot::Error::NotASnapshot {
+                path: "/dev/shm/x".into(),
+                reason: "bad magic".into(),
+            }
+            .into();
+            assert!(err.is_instance_of::<KflashError>(py));
+            assert!(err.to_string().contains("/dev/shm/x"));
+        });
+    }
+
+    #[test]
+    fn katapult_errors_map_to_flash_error_or_command_timeout() {
+        Python::initialize();
+        Python::attach(|py| {
+            let timeout: PyErr = katapult::Error::Timeout {
+                step: katapult::Step::Write,
+                addr: Some(0x0800_2000),
+                tries: 3,
+                per_try: Duration::from_secs(5),
+            }
+            .into();
+            assert!(timeout.is_instance_of::<CommandTimeout>(py));
+            assert!(timeout.to_string().contains("0x08002000"));
+            let gone: PyErr = katapult::Error::NotInBootloader {
+                device: "/dev/ttyACM0".into(),
+                waited: Duration::from_secs(10),
+            }
+            .into();
+            assert!(gone.is_instance_of::<CommandTimeout>(py));
+            let mismatch: PyErr = katapult::Error::McuMismatch {
+                device: "/dev/ttyACM0".into(),
+                image: "rp2040".into(),
+                bootloader: "stm32f103xe".into(),
+            }
+            .into();
+            assert!(mismatch.is_instance_of::<FlashError>(py));
+            assert!(!mismatch.is_instance_of::<CommandTimeout>(py));
+            assert!(mismatch.to_string().contains("rp2040"));
+            let verify: PyErr = katapult::Error::VerifyMismatch {
+                addr: 0x0800_23e8,
+                block: 0x0800_2380,
+            }
+            .into();
+            assert!(verify.is_instance_of::<FlashError>(py));
+            assert!(verify.is_instance_of::<KflashError>(py));
         });
     }
 }

@@ -7,4 +7,6 @@
 
 pub mod engine;
 pub mod errors;
+pub mod katapult;
+pub mod snapshot;
 pub mod versions;

@@ -58,6 +58,8 @@ struct Opt {
 struct Parsed {
     order: Vec<String>,
     sections: BTreeMap<String, BTreeMap<String, Opt>>,
+    /// Where each section header was first seen (file, line).
+    headers: BTreeMap<String, (PathBuf, usize)>,
 }
 
 impl Parsed {
@@ -161,6 +163,10 @@ fn parse_into(
                 continue;
             }
             parsed.section(&name);
+            parsed
+                .headers
+                .entry(name.clone())
+                .or_insert_with(|| (path.to_path_buf(), lineno));
             section = Some(name);
             continue;
         }
@@ -276,9 +282,14 @@ fn collect(parsed: &Parsed) -> Result<Vec<ImportedMcu>, Error> {
                 get("canbus_interface").map_or_else(|| "can0".into(), |o| o.value.clone());
             (Identity::Can { uuid, interface }, FlashMethod::Auto)
         } else {
+            let (path, line) = parsed
+                .headers
+                .get(name)
+                .cloned()
+                .unwrap_or_else(|| (PathBuf::from("printer.cfg"), 0));
             return Err(Error::Import {
-                path: PathBuf::from("printer.cfg"),
-                line: 0,
+                path,
+                line,
                 message: format!("[{name}] has neither serial: nor canbus_uuid:"),
             });
         };
@@ -366,7 +377,13 @@ serial: /dev/nope
             .unwrap_err()
             .to_string();
         assert!(msg.contains(":3:") && msg.contains("fast"), "{msg}");
-        assert!(import_printer_cfg("[mcu]\nrestart_method: command\n").is_err());
+        let msg = import_printer_cfg("# x\n[mcu]\nrestart_method: command\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains(":2:") && msg.contains("neither serial"),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -230,6 +230,32 @@ impl Device {
     }
 }
 
+impl Device {
+    /// The identity is usable: a non-empty path, or a normalised uuid on a named interface.
+    fn check_identity(&self) -> Result<(), Error> {
+        let bad = |reason: &str| Error::BadValue {
+            key: format!("identity of {}", self.key),
+            value: self.identity.describe(),
+            reason: reason.into(),
+        };
+        match &self.identity {
+            Identity::Serial { path } | Identity::Linux { path } if path.trim().is_empty() => {
+                Err(bad("the serial path is empty"))
+            }
+            Identity::Can { uuid, interface } => {
+                if normalise_uuid(uuid)? != *uuid {
+                    return Err(Error::InvalidUuid { uuid: uuid.clone() });
+                }
+                if interface.trim().is_empty() {
+                    return Err(bad("the CAN interface is empty"));
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
 /// Check a device key: non-empty, at most 64 ASCII characters from `[A-Za-z0-9_.-]`, not
 /// `.` or `..`. The error says which rule was broken.
 pub fn validate_key(key: &str) -> Result<(), Error> {
@@ -274,6 +300,15 @@ pub struct Registry {
     pub devices: Vec<Device>,
 }
 
+/// What `Registry::add_imported` did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ImportReport {
+    /// Keys added.
+    pub added: Vec<String>,
+    /// Keys skipped, with the reason.
+    pub skipped: Vec<(String, String)>,
+}
+
 #[derive(Serialize)]
 struct OnDisk<'a> {
     version: u32,
@@ -299,7 +334,14 @@ impl Registry {
             path: path.into(),
             line: err.line(),
             column: err.column(),
-            message: err.to_string(),
+            // serde_json appends " at line L column C"; the position is shown separately.
+            message: {
+                let text = err.to_string();
+                match text.rfind(" at line ") {
+                    Some(i) => text[..i].to_string(),
+                    None => text,
+                }
+            },
         };
         let value: serde_json::Value = serde_json::from_str(text).map_err(|e| malformed(&e))?;
         let invalid = |message: String| Error::Invalid {
@@ -323,7 +365,15 @@ impl Registry {
             None => return Err(invalid("missing \"version\"".into())),
         }
         // Deserialise from the text (not the Value) so errors carry line and column.
-        let registry: Registry = serde_json::from_str(text).map_err(|e| malformed(&e))?;
+        let mut registry: Registry = serde_json::from_str(text).map_err(|e| malformed(&e))?;
+        // Hand-edited uuids may be uppercase or 0x-prefixed: normalise what is valid.
+        for device in &mut registry.devices {
+            if let Identity::Can { uuid, .. } = &mut device.identity {
+                if let Ok(normal) = normalise_uuid(uuid) {
+                    *uuid = normal;
+                }
+            }
+        }
         registry.check().map_err(|e| invalid(e.to_string()))?;
         Ok(registry)
     }
@@ -335,11 +385,7 @@ impl Registry {
             if !seen.insert(device.key.as_str()) {
                 return Err(Error::DuplicateKey(device.key.clone()));
             }
-            if let Identity::Can { uuid, .. } = &device.identity {
-                if normalise_uuid(uuid)? != *uuid {
-                    return Err(Error::InvalidUuid { uuid: uuid.clone() });
-                }
-            }
+            device.check_identity()?;
         }
         Ok(())
     }
@@ -382,8 +428,35 @@ impl Registry {
         if let Identity::Can { uuid, interface } = &device.identity {
             device.identity = Identity::can(uuid, interface)?;
         }
+        device.check_identity()?;
         self.devices.push(device);
         Ok(())
+    }
+
+    /// Add the MCUs found in printer.cfg. An MCU whose key or endpoint is already
+    /// registered is skipped with the reason; nothing already registered changes.
+    pub fn add_imported(&mut self, mcus: &[ImportedMcu]) -> ImportReport {
+        let mut report = ImportReport::default();
+        for mcu in mcus {
+            let device = mcu.to_device();
+            if let Some(existing) = self.devices.iter().find(|d| d.identity == device.identity) {
+                report.skipped.push((
+                    device.key,
+                    format!(
+                        "{} is already registered as {}",
+                        device.identity.describe(),
+                        existing.key
+                    ),
+                ));
+                continue;
+            }
+            let key = device.key.clone();
+            match self.add(device) {
+                Ok(()) => report.added.push(key),
+                Err(err) => report.skipped.push((key, err.to_string())),
+            }
+        }
+        report
     }
 
     /// Remove and return a device; an unknown key lists the known ones.
@@ -499,6 +572,7 @@ mod tests {
         assert!(msg.contains("devices.json"), "{msg}");
         assert!(msg.contains("line 3"), "{msg}");
         assert!(matches!(err, Error::Malformed { line: 3, .. }));
+        assert_eq!(msg.matches("line 3").count(), 1, "{msg}");
         assert_eq!(fs::read_to_string(dir.devices_json()).unwrap(), broken);
     }
 
@@ -598,6 +672,52 @@ mod tests {
                 interface: "can1".into()
             }
         );
+    }
+
+    #[test]
+    fn empty_serial_paths_are_refused() {
+        let mut reg = Registry::default();
+        let err = reg
+            .add(Device::new("mcu", serial(" ")).unwrap())
+            .unwrap_err();
+        assert!(err.to_string().contains("serial path is empty"), "{err}");
+        let can = |uuid: &str| {
+            format!(
+                r#"{{"version": 1, "devices": [{{"key": "t", "identity": {{"type": "can", "uuid": "{uuid}", "interface": "can0"}}}}]}}"#
+            )
+        };
+        let path = std::path::Path::new("devices.json");
+        let reg = Registry::parse(&can("0xAABBCCDDEEFF"), path).unwrap();
+        assert_eq!(
+            reg.devices[0].identity,
+            Identity::can("aabbccddeeff", "can0").unwrap()
+        );
+        let msg = Registry::parse(&can("12345"), path)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("devices.json") && msg.contains("12345"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn import_adds_new_mcus_and_skips_known_ones() {
+        let mut reg = sample();
+        let mcus = import_printer_cfg(
+            "[mcu]\nserial: /dev/serial/by-id/usb-Klipper_stm32f446xx_1-if00\n\
+             [mcu EBB36]\ncanbus_uuid: 112233445566\n\
+             [mcu nozzle]\ncanbus_uuid: 0a1b2c3d4e5f\n\
+             [mcu sb2040]\ncanbus_uuid: 665544332211\n",
+        )
+        .unwrap();
+        let report = reg.add_imported(&mcus);
+        assert_eq!(report.added, ["sb2040"]);
+        let skipped: Vec<&str> = report.skipped.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(skipped, ["mcu", "EBB36", "nozzle"]);
+        assert!(report.skipped[2].1.contains("already registered as EBB36"));
+        assert!(report.skipped[1].1.contains("already exists"));
+        assert_eq!(reg.get("sb2040").unwrap().mcu_section, "mcu sb2040");
     }
 
     #[test]

@@ -31,6 +31,11 @@ impl StateDir {
         Self::resolve_with(|name| std::env::var_os(name))
     }
 
+    /// `resolve()`, or `Error::NoStateDir` when it cannot be resolved.
+    pub fn from_env() -> Result<StateDir, super::Error> {
+        Self::resolve().ok_or(super::Error::NoStateDir)
+    }
+
     /// Resolve with an explicit environment lookup (for tests and embedding).
     pub fn resolve_with(env: impl Fn(&str) -> Option<OsString>) -> Option<StateDir> {
         let set = |name: &str| env(name).filter(|v| !v.is_empty());
@@ -83,6 +88,14 @@ impl StateDir {
     /// `runs/`: one record per flash-all run.
     pub fn runs_dir(&self) -> PathBuf {
         self.root.join("runs")
+    }
+
+    /// Create the directory with `configs/`, `builds/` and `runs/` (idempotent).
+    pub fn create_all(&self) -> io::Result<()> {
+        for dir in [self.configs_dir(), self.builds_dir(), self.runs_dir()] {
+            fs::create_dir_all(dir)?;
+        }
+        Ok(())
     }
 
     /// `lock`: held by the one run allowed at a time.
@@ -201,6 +214,15 @@ mod tests {
         assert_eq!(dir.builds_dir(), Path::new("/s/builds"));
         assert_eq!(dir.runs_dir(), Path::new("/s/runs"));
         assert_eq!(dir.lock_path(), Path::new("/s/lock"));
+    }
+
+    #[test]
+    fn create_all_makes_the_layout() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = StateDir::at(tmp.path().join("kflash"));
+        dir.create_all().unwrap();
+        dir.create_all().unwrap();
+        assert!(dir.configs_dir().is_dir() && dir.builds_dir().is_dir() && dir.runs_dir().is_dir());
     }
 
     #[test]

@@ -81,9 +81,10 @@ impl SystemdService {
         let unit = &self.unit;
         format!(
             "Allow exactly these commands with a sudoers rule, e.g. \
-             `echo '{user} ALL=(root) NOPASSWD: {sc} stop {unit}, {sc} start {unit}' | sudo tee \
-             /etc/sudoers.d/kflash && sudo chmod 440 /etc/sudoers.d/kflash`, or let Moonraker \
-             do it without sudo: `kflash settings set service moonraker`"
+             `echo '{user} ALL=(root) NOPASSWD: {sc} stop {unit}, {sc} start {unit}, \
+             {sc} show -p ActiveState {unit}' | sudo tee /etc/sudoers.d/kflash && \
+             sudo chmod 440 /etc/sudoers.d/kflash`, or let Moonraker do it without sudo: \
+             `kflash settings set service moonraker`"
         )
     }
 
@@ -192,9 +193,28 @@ impl ServiceControl for SystemdService {
 
     fn check(&self) -> Result<(), Error> {
         let systemctl = self.systemctl()?;
+        // Does the unit exist? (Reading needs no privilege.)
+        let cmd = Cmd::new(&systemctl)
+            .args(["show", "-p", "LoadState", &self.unit])
+            .timeout(QUERY_TIMEOUT);
+        let out = cmd.run().map_err(|source| Error::Command {
+            action: "check control of",
+            service: self.describe(),
+            source: Box::new(source),
+        })?;
+        if field(&out.stdout, "LoadState") == "not-found" {
+            return Err(Error::Unavailable {
+                service: self.describe(),
+                reason: format!(
+                    "systemd has no unit `{}`; set the right one with \
+                     `kflash settings set klipper_service <unit>`",
+                    self.unit
+                ),
+            });
+        }
         if let Some(sudo) = &self.sudo {
-            // Would sudo run exactly these commands without a password? (`sudo -l CMD` lists
-            // the matching rule and runs nothing.)
+            // Would sudo run exactly the stop and start commands? (`sudo -l CMD` names the
+            // matching rule and runs nothing.)
             for action in ["stop", "start"] {
                 let cmd = Cmd::new(sudo)
                     .args(["-n", "-l"])
@@ -215,24 +235,15 @@ impl ServiceControl for SystemdService {
                 }
             }
         }
+        // The real path, harmlessly: sudo -n with the same systemctl binary. This also
+        // catches a rule that lists the commands but still wants a password.
         let cmd = self
-            .privileged(
-                &systemctl,
-                &["show", "-p", "LoadState", "-p", "ActiveState", &self.unit],
-            )
+            .privileged(&systemctl, &["show", "-p", "ActiveState", &self.unit])
             .timeout(QUERY_TIMEOUT);
         let out = cmd
             .run()
             .map_err(|e| self.explain("check control of", &cmd, &systemctl, e))?;
-        let field = |name: &str| {
-            out.stdout
-                .lines()
-                .find_map(|l| l.strip_prefix(name)?.strip_prefix('='))
-                .map(str::trim)
-                .unwrap_or_default()
-                .to_owned()
-        };
-        if field("ActiveState").is_empty() {
+        if field(&out.stdout, "ActiveState").is_empty() {
             return Err(Error::Unavailable {
                 service: self.describe(),
                 reason: format!(
@@ -242,18 +253,18 @@ impl ServiceControl for SystemdService {
                 ),
             });
         }
-        if field("LoadState") == "not-found" {
-            return Err(Error::Unavailable {
-                service: self.describe(),
-                reason: format!(
-                    "systemd has no unit `{}`; set the right one with \
-                     `kflash settings set klipper_service <unit>`",
-                    self.unit
-                ),
-            });
-        }
         Ok(())
     }
+}
+
+/// The value of `NAME=value` in `systemctl show` output (empty when absent).
+fn field(stdout: &str, name: &str) -> String {
+    stdout
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix('='))
+        .map(str::trim)
+        .unwrap_or_default()
+        .to_owned()
 }
 
 #[cfg(test)]
@@ -276,18 +287,24 @@ mod tests {
                 r#"#!/bin/sh
 [ "$1" = "-n" ] || {{ echo "sudo: a terminal is required to read the password" >&2; exit 1; }}
 shift
-if [ ! -e "{d}/allowed" ]; then echo "sudo: a password is required" >&2; exit 1; fi
-if [ "$1" = "-l" ]; then shift; echo "$*"; exit 0; fi
+list=no; [ "$1" = "-l" ] && {{ list=yes; shift; }}
+# NOPASSWD rules: one permitted command line per line of `allowed`, or ALL.
+if [ ! -s "{d}/allowed" ]; then echo "sudo: a password is required" >&2; exit 1; fi
+if ! grep -qxF -e ALL -e "$*" "{d}/allowed"; then
+  [ $list = yes ] && exit 1
+  echo "sudo: a password is required" >&2; exit 1
+fi
+[ $list = yes ] && {{ echo "$*"; exit 0; }}
 FAKE_ROOT=1 exec "$@"
 "#
             );
             let systemctl = format!(
                 r#"#!/bin/sh
 cmd=$1; unit=$2
-[ "$cmd" = show ] && unit=$6
+[ "$cmd" = show ] && unit=$4
 if [ "$unit" != klipper ]; then
   case $cmd in
-    show) printf 'LoadState=not-found\nActiveState=inactive\n'; exit 0;;
+    show) [ "$3" = LoadState ] && echo LoadState=not-found || echo ActiveState=inactive; exit 0;;
     is-active) echo inactive; exit 3;;
     *) echo "Failed to $cmd $unit.service: Unit $unit.service not found." >&2; exit 5;;
   esac
@@ -301,7 +318,7 @@ case $cmd in
     if [ $cmd = stop ]; then echo inactive > "{d}/state"; else echo active > "{d}/state"; fi;;
   is-active)
     s=$(cat "{d}/state"); echo "$s"; [ "$s" = active ] && exit 0; exit 3;;
-  show) printf 'LoadState=loaded\nActiveState=%s\n' "$(cat "{d}/state")";;
+  show) [ "$3" = LoadState ] && echo LoadState=loaded || echo "ActiveState=$(cat "{d}/state")";;
   *) echo "Unknown command verb $cmd." >&2; exit 1;;
 esac
 "#
@@ -312,10 +329,21 @@ esac
                 fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).unwrap();
             }
             fs::write(dir.path().join("state"), "active\n").unwrap();
+            let fakes = Fakes { dir };
             if allowed {
-                fs::write(dir.path().join("allowed"), "").unwrap();
+                fakes.allow(&["ALL"]);
             }
-            Fakes { dir }
+            fakes
+        }
+
+        /// Replace the NOPASSWD rules (`{sc}` stands for the fake systemctl's path).
+        fn allow(&self, rules: &[&str]) {
+            let sc = self.dir.path().join("systemctl").display().to_string();
+            let text: String = rules
+                .iter()
+                .map(|r| r.replace("{sc}", &sc) + "\n")
+                .collect();
+            fs::write(self.dir.path().join("allowed"), text).unwrap();
         }
 
         fn service(&self, unit: &str) -> SystemdService {
@@ -380,5 +408,29 @@ esac
         let err = svc.stop().unwrap_err();
         assert!(matches!(err, Error::Command { .. }), "{err}");
         assert!(err.to_string().contains("Access denied"), "{err}");
+    }
+
+    #[test]
+    fn check_follows_the_exact_sudoers_rules() {
+        let fakes = Fakes::new(false);
+        let svc = fakes.service("klipper");
+        // Only stop is allowed: start would need a password.
+        fakes.allow(&["{sc} stop klipper"]);
+        let err = svc.check().unwrap_err().to_string();
+        assert!(err.contains("start klipper"), "{err}");
+        // stop and start, but not the harmless real-path probe the hint also lists.
+        fakes.allow(&["{sc} stop klipper", "{sc} start klipper"]);
+        let err = svc.check().unwrap_err().to_string();
+        assert!(err.contains("show -p ActiveState klipper"), "{err}");
+        // The rule the hint recommends is enough.
+        fakes.allow(&[
+            "{sc} stop klipper",
+            "{sc} start klipper",
+            "{sc} show -p ActiveState klipper",
+        ]);
+        svc.check().unwrap();
+        svc.stop().unwrap();
+        svc.start().unwrap();
+        assert_eq!(fakes.log(), "stop\nstart\n");
     }
 }

@@ -14,6 +14,11 @@
 //! crash path (the pipe closes and the watchdog restarts the service), so disarm only after
 //! the service is running again.
 //!
+//! Limit: a new session does not leave the runner's cgroup. If the runner is itself a
+//! systemd unit (e.g. started with `systemd-run`) with the default `KillMode=control-group`,
+//! systemd kills the watchdog together with the runner; such a runner must be started with
+//! `-p KillMode=process` (or the watchdog given its own unit).
+//!
 //! Thread-safety: a `Watchdog` is owned by the runner thread; it is `Send`.
 
 use std::ffi::OsString;
@@ -115,13 +120,22 @@ impl Watchdog {
             log: log.clone(),
         };
         if let Some(Err(e)) = written {
-            let reason = format!("cannot hand over the settings: {e}");
+            // Usually the watchdog died at once (broken pipe): its exit and log say why.
+            let reason = match dog.wait_armed(offset) {
+                Err(reason) => reason,
+                Ok(()) => format!("cannot hand over the settings: {e}"),
+            };
             return Err(dog.abort(reason));
         }
         match dog.wait_armed(offset) {
             Ok(()) => Ok(dog),
             Err(reason) => Err(dog.abort(reason)),
         }
+    }
+
+    /// The usual launch: `[python, -m, kflash.watchdog]` (pass `sys.executable`).
+    pub fn python_launch(python: impl Into<OsString>) -> Vec<OsString> {
+        vec![python.into(), "-m".into(), "kflash.watchdog".into()]
     }
 
     /// The watchdog's log file.

@@ -1,0 +1,169 @@
+"""Firmware builds for 4 devices: the peers' way against kflash's build engine.
+
+Peers build board after board in the source tree: ``make clean; make -j$(nproc)``
+with each board's config copied to ``.config``. kflash builds every device at once,
+each in its own OUT with its own KCONFIG_CONFIG, keeps OUT between runs and skips a
+device whose cache key (config, source version, toolchain) is unchanged.
+
+The source tree is the Klipper-like fixture of benches/fixture_tree.py (real make,
+real gcc), so absolute times are smaller than with Klipper; the ratios are the point.
+Prints one Markdown section on stdout (collected by ``make bench``).
+
+    python benches/bench_build.py [--sources N] [--work W] [--release]
+"""
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benches"))
+
+import fixture_tree  # noqa: E402
+
+DEVICES = {
+    "octopus": 'CONFIG_MCU="stm32f446xx"\n',
+    "ebb36": 'CONFIG_MCU="stm32f103xe"\n',
+    "pico": 'CONFIG_MCU="rp2040"\n',
+    "host": "CONFIG_MACH_LINUX=y\n",
+}
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def build_tool(release):
+    cmd = ["cargo", "build", "--quiet", "--example", "build_firmware"]
+    if release:
+        cmd.append("--release")
+    subprocess.run(cmd, cwd=ROOT, check=True)
+    profile = "release" if release else "debug"
+    return ROOT / "target" / profile / "examples" / "build_firmware"
+
+
+def peers(tree, configs, jobs):
+    """make clean; make -jN, board after board, in the tree."""
+    started = time.monotonic()
+    for config in configs.values():
+        shutil.copyfile(config, tree / ".config")
+        quiet = {"cwd": tree, "check": True, "stdout": subprocess.DEVNULL}
+        subprocess.run(["make", "-s", "olddefconfig"], **quiet)
+        subprocess.run(["make", "-s", "clean"], cwd=tree, check=True)
+        subprocess.run(["make", "-s", f"-j{jobs}"], **quiet)
+    return time.monotonic() - started
+
+
+def kflash(tool, tree, builds, configs):
+    cmd = [str(tool), "--klipper", str(tree), "--builds", str(builds)]
+    cmd += [f"{key}={path}" for key, path in configs.items()]
+    started = time.monotonic()
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    wall = time.monotonic() - started
+    report = json.loads(proc.stdout)
+    failed = [d for d in report["devices"] if not d["ok"]]
+    if proc.returncode != 0 or failed:
+        raise SystemExit(f"kflash build failed: {failed}")
+    return wall, report
+
+
+def describe(tree):
+    return subprocess.run(
+        ["git", "describe", "--always", "--tags", "--long", "--dirty"],
+        cwd=tree,
+        check=True,
+        stdout=subprocess.PIPE,
+        text=True,
+    ).stdout.strip()
+
+
+def check(report, version, cached):
+    for device in report["devices"]:
+        if device["version"] != version or device["cached"] != cached:
+            raise SystemExit(f"unexpected build result {device} (want {version})")
+
+
+def main(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sources", type=int, default=40)
+    parser.add_argument("--work", type=int, default=80)
+    parser.add_argument("--release", action="store_true")
+    args = parser.parse_args(argv)
+    jobs = os.cpu_count() or 1
+    tool = build_tool(args.release)
+    with tempfile.TemporaryDirectory(prefix="kflash-bench-build-") as tmp:
+        tmp = Path(tmp)
+        tree = fixture_tree.generate(tmp / "klipper", args.sources, args.work)
+        configs = {}
+        for key, text in DEVICES.items():
+            configs[key] = tmp / "configs" / f"{key}.config"
+            configs[key].parent.mkdir(exist_ok=True)
+            configs[key].write_text(text)
+        builds = tmp / "builds"
+
+        log("peers: make clean; make -j per board")
+        t_peers = peers(tree, configs, jobs)
+        log("kflash: cold parallel build")
+        t_cold, report = kflash(tool, tree, builds, configs)
+        check(report, describe(tree), cached=False)
+        log("kflash: fully cached")
+        cached_runs = []
+        for _ in range(5):
+            wall, report = kflash(tool, tree, builds, configs)
+            check(report, describe(tree), cached=True)
+            cached_runs.append(wall)
+        t_cached = statistics.median(cached_runs)
+        log("kflash: one source changed")
+        src = tree / "src" / "mod03.c"
+        src.write_text(src.read_text() + "int bench_extra(void) { return 1; }\n")
+        fixture_tree.git(tree, "commit", "-qam", "change one source")
+        t_incr, report = kflash(tool, tree, builds, configs)
+        check(report, describe(tree), cached=False)
+
+    def ratio(t):
+        return f"{t_peers / t:.1f}x faster" if t > 0 else "-"
+
+    rows = [
+        (
+            f"peers: `make clean; make -j{jobs}` board after board",
+            t_peers,
+            "1.0x",
+        ),
+        ("kflash: all 4 in parallel, cold (empty OUTs)", t_cold, ratio(t_cold)),
+        ("kflash: one source changed (incremental)", t_incr, ratio(t_incr)),
+        ("kflash: nothing changed (fully cached)", t_cached, ratio(t_cached)),
+    ]
+    profile = "release" if args.release else "debug"
+    out = [
+        "## bench_build",
+        "",
+        f"Firmware for 4 devices (stm32f446, stm32f103, rp2040, linux) from the "
+        f"Klipper-like fixture tree ({args.sources} sources x {args.work} functions, "
+        f"real gcc), {jobs} cores. kflash = `build_all` (examples/build_firmware, "
+        f"{profile} profile), jobs = {jobs}; cached figure is the median of "
+        f"{len(cached_runs)} runs.",
+        "",
+        "| scenario | wall (s) | vs peers |",
+        "|---|---:|---:|",
+    ]
+    out += [f"| {name} | {t:.2f} | {r} |" for name, t, r in rows]
+    out += [
+        "",
+        "The peers rebuild everything every time, so their clean figure is the "
+        "comparator for every row.",
+        "Re-run: `python benches/bench_build.py` "
+        "(`--sources N --work W` to size the tree).",
+    ]
+    print("\n".join(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

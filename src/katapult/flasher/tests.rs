@@ -1,0 +1,906 @@
+//! Flasher tests: an in-memory fake bootloader in virtual time (faults, sizes, progress),
+//! then the real serial port code against a fake bootloader thread on a pty.
+
+use super::*;
+use crate::events;
+use crate::katapult::codec::Command;
+use crate::katapult::fake::Sandbox;
+use crate::katapult::fake::{FakeBootloader, FakePort, Faults, PtyDevice};
+use crate::katapult::image::tests::fake_image;
+use crate::katapult::port::pty;
+use crate::katapult::RomLoader;
+use std::sync::{Arc, Mutex};
+
+const MCU: &str = "stm32f103xe";
+
+fn image_of(len: usize) -> Vec<u8> {
+    // Deterministic, not all 0xFF, so padding and offsets matter.
+    (0..len).map(|i| (i * 31 + i / 251) as u8).collect()
+}
+
+fn collect() -> (Sink, Arc<Mutex<Vec<Event>>>) {
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let e2 = events.clone();
+    (
+        Arc::new(move |e: &Event| e2.lock().unwrap().push(e.clone())),
+        events,
+    )
+}
+
+/// Connect and flash through a fake port; the fake board comes back for inspection.
+fn flash_fake(
+    device: FakeBootloader,
+    image: &[u8],
+    dict: Option<&ImageInfo>,
+    cancel: &Cancel,
+    sink: &Sink,
+) -> (Result<FlashReport, Error>, FakePort) {
+    let mut port = FakePort::new(device);
+    let result = {
+        let mut s = Session::new(
+            &mut port,
+            Path::new("/dev/fake"),
+            &Timing::default(),
+            cancel,
+        );
+        s.connect(5, Duration::from_secs(2)).and_then(|info| {
+            flash_connected(&mut s, &info, image, dict, Path::new("/dev/fake"), sink)
+        })
+    };
+    (result, port)
+}
+
+fn board(port: &FakePort) -> std::sync::MutexGuard<'_, FakeBootloader> {
+    port.device.lock().unwrap()
+}
+
+fn assert_holds(port: &FakePort, image: &[u8], block_size: usize) {
+    let dev = board(port);
+    assert_eq!(dev.read(0x0800_2000, image.len()), image);
+    let padded = image.len().div_ceil(block_size) * block_size;
+    assert!(dev
+        .read(0x0800_2000 + image.len() as u32, padded - image.len())
+        .iter()
+        .all(|&b| b == 0xFF));
+}
+
+#[test]
+fn flashes_and_verifies_every_size_and_block_size() {
+    for bs in [64u32, 128, 256, 512] {
+        for len in [1usize, 63, 64, 65, 4096, 4097] {
+            let image = image_of(len);
+            let (result, port) = flash_fake(
+                FakeBootloader::new(MCU, bs),
+                &image,
+                None,
+                &Cancel::new(),
+                &events::discard(),
+            );
+            let report = result.unwrap_or_else(|e| panic!("bs {bs} len {len}: {e}"));
+            assert_eq!(report.blocks, len.div_ceil(bs as usize));
+            assert_eq!(report.bytes, len);
+            assert!(report.completed);
+            assert_holds(&port, &image, bs as usize);
+            let dev = board(&port);
+            assert!(dev.completed);
+            let writes = dev
+                .log
+                .iter()
+                .filter(|c| matches!(c, Command::SendBlock { .. }))
+                .count();
+            let reads = dev
+                .log
+                .iter()
+                .filter(|c| matches!(c, Command::RequestBlock { .. }))
+                .count();
+            assert_eq!((writes, reads), (report.blocks, report.blocks));
+            // The order a bootloader relies on: CONNECT, blocks, EOF, read-back, COMPLETE.
+            assert_eq!(dev.log[0], Command::Connect);
+            assert_eq!(dev.log[1 + writes], Command::SendEof);
+            assert_eq!(dev.log.last(), Some(&Command::Complete));
+        }
+    }
+}
+
+#[test]
+fn a_firmware_for_another_mcu_is_refused_before_anything_is_written() {
+    let img = fake_image("rp2040", "v0.13.0-730-g84104bbbd", 6, 500);
+    let dict = image_info(&img).unwrap();
+    let (result, port) = flash_fake(
+        FakeBootloader::new(MCU, 64),
+        &img,
+        Some(&dict),
+        &Cancel::new(),
+        &events::discard(),
+    );
+    let err = result.unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, Error::McuMismatch { .. }));
+    assert!(text.contains("rp2040") && text.contains(MCU), "{text}");
+    let dev = board(&port);
+    assert!(dev.flash.is_empty());
+    assert_eq!(
+        dev.log,
+        vec![Command::Connect, Command::Complete],
+        "left for its old application"
+    );
+}
+
+#[test]
+fn the_matching_dictionary_is_accepted_and_its_version_reported() {
+    let img = fake_image(MCU, "v0.13.0-730-g84104bbbd", 9, 2000);
+    let dict = image_info(&img).unwrap();
+    let (result, port) = flash_fake(
+        FakeBootloader::new(MCU, 64),
+        &img,
+        Some(&dict),
+        &Cancel::new(),
+        &events::discard(),
+    );
+    let report = result.unwrap();
+    assert_eq!(
+        report.firmware_version.as_deref(),
+        Some("v0.13.0-730-g84104bbbd")
+    );
+    assert_eq!(report.bootloader_version.as_deref(), Some("v0.0.1-fake"));
+    assert_holds(&port, &img, 64);
+}
+
+#[test]
+fn transient_faults_are_recovered_by_retries() {
+    let cases: Vec<(&str, Faults)> = vec![
+        (
+            "nack",
+            Faults {
+                nack_every: Some(7),
+                ..Faults::default()
+            },
+        ),
+        (
+            "dropped reply",
+            Faults {
+                drop_reply_every: Some(5),
+                ..Faults::default()
+            },
+        ),
+        (
+            "dropped request",
+            Faults {
+                drop_request_every: Some(9),
+                ..Faults::default()
+            },
+        ),
+        (
+            "bit error",
+            Faults {
+                corrupt_reply_every: Some(4),
+                ..Faults::default()
+            },
+        ),
+        (
+            "slow erase",
+            Faults {
+                erase_delay: Duration::from_secs(4),
+                ..Faults::default()
+            },
+        ),
+        (
+            "slower erase",
+            Faults {
+                erase_delay: Duration::from_secs(7),
+                ..Faults::default()
+            },
+        ),
+        (
+            "wrong echo",
+            Faults {
+                wrong_echo_once: true,
+                ..Faults::default()
+            },
+        ),
+    ];
+    let image = image_of(5000);
+    for (name, faults) in cases {
+        let mut dev = FakeBootloader::new(MCU, 64);
+        dev.faults = faults;
+        let (result, port) = flash_fake(dev, &image, None, &Cancel::new(), &events::discard());
+        let report = result.unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(report.bytes, image.len(), "{name}");
+        assert_holds(&port, &image, 64);
+    }
+}
+
+#[test]
+fn noise_in_front_of_a_good_reply_costs_no_retry() {
+    let mut dev = FakeBootloader::new(MCU, 64);
+    dev.faults.noise_before_reply = true;
+    let image = image_of(2000);
+    let (result, port) = flash_fake(dev, &image, None, &Cancel::new(), &events::discard());
+    let report = result.unwrap();
+    assert_holds(&port, &image, 64);
+    let dev = board(&port);
+    let writes = dev
+        .log
+        .iter()
+        .filter(|c| matches!(c, Command::SendBlock { .. }))
+        .count();
+    assert_eq!(writes, report.blocks, "every block written exactly once");
+}
+
+#[test]
+fn a_refused_block_fails_naming_its_address_and_stays_in_the_bootloader() {
+    let mut dev = FakeBootloader::new(MCU, 64);
+    dev.faults.refuse_block_at = Some(0x0800_2400);
+    let (result, port) = flash_fake(
+        dev,
+        &image_of(4096),
+        None,
+        &Cancel::new(),
+        &events::discard(),
+    );
+    let err = result.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::CommandError {
+                step: Step::Write,
+                addr: Some(0x0800_2400),
+                tries: 3,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("0x08002400"), "{err}");
+    let dev = board(&port);
+    assert!(
+        !dev.completed,
+        "a half-written board must not jump to its application"
+    );
+    assert!(!dev.log.contains(&Command::SendEof));
+}
+
+#[test]
+fn a_bad_flash_cell_is_a_verify_mismatch_at_that_address() {
+    let mut dev = FakeBootloader::new(MCU, 128);
+    dev.faults.bad_flash_at = Some(0x0800_2000 + 1000);
+    let (result, port) = flash_fake(
+        dev,
+        &image_of(3000),
+        None,
+        &Cancel::new(),
+        &events::discard(),
+    );
+    let err = result.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::VerifyMismatch {
+                addr: 0x0800_23e8,
+                block: 0x0800_2380
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string()
+            .contains("verify mismatch at address 0x080023e8"),
+        "{err}"
+    );
+    assert!(!board(&port).completed);
+}
+
+#[test]
+fn a_silent_board_times_out_in_connect() {
+    let mut dev = FakeBootloader::new(MCU, 64);
+    dev.faults.silent = true;
+    let (result, port) = flash_fake(
+        dev,
+        &image_of(100),
+        None,
+        &Cancel::new(),
+        &events::discard(),
+    );
+    let err = result.unwrap_err();
+    assert!(err.is_timeout());
+    assert!(
+        matches!(
+            err,
+            Error::Timeout {
+                step: Step::Connect,
+                tries: 5,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("timeout in connect"), "{err}");
+    // Five tries of 2 s each, waited in port time (plus the settle pauses).
+    assert!(port.elapsed() >= Duration::from_secs(10));
+}
+
+#[test]
+fn a_board_that_vanishes_mid_write_is_an_io_error_in_write() {
+    let mut port = FakePort::new(FakeBootloader::new(MCU, 64));
+    port.disconnect_after_writes = Some(10);
+    let cancel = Cancel::new();
+    let mut s = Session::new(
+        &mut port,
+        Path::new("/dev/fake"),
+        &Timing::default(),
+        &cancel,
+    );
+    let info = s.connect(5, Duration::from_secs(2)).unwrap();
+    let err = flash_connected(
+        &mut s,
+        &info,
+        &image_of(4096),
+        None,
+        Path::new("/dev/fake"),
+        &events::discard(),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Io {
+                step: Step::Write,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn cancel_stops_between_frames() {
+    let cancel = Cancel::new();
+    let c2 = cancel.clone();
+    let sink: Sink = Arc::new(move |e: &Event| {
+        if e.fraction.is_some_and(|f| f > 0.2) {
+            c2.cancel();
+        }
+    });
+    let (result, port) = flash_fake(
+        FakeBootloader::new(MCU, 64),
+        &image_of(20_000),
+        None,
+        &cancel,
+        &sink,
+    );
+    assert!(matches!(
+        result,
+        Err(Error::Cancelled { step: Step::Write })
+    ));
+    assert!(!board(&port).completed);
+}
+
+#[test]
+fn progress_is_monotonic_and_reports_bytes_blocks_and_rate() {
+    let (sink, events) = collect();
+    let (result, _port) = flash_fake(
+        FakeBootloader::new(MCU, 64),
+        &image_of(64 * 300 + 5),
+        None,
+        &Cancel::new(),
+        &sink,
+    );
+    result.unwrap();
+    let events = events.lock().unwrap();
+    let fractions: Vec<f64> = events.iter().filter_map(|e| e.fraction).collect();
+    assert!(
+        fractions.len() >= 50 && fractions.len() <= 250,
+        "{}",
+        fractions.len()
+    );
+    assert!(fractions.windows(2).all(|w| w[0] < w[1]));
+    assert!((fractions.last().unwrap() - 1.0).abs() < 1e-9);
+    assert!(events
+        .iter()
+        .all(|e| e.stage == Stage::Flash && e.device.as_deref() == Some("/dev/fake")));
+    let last_write = events
+        .iter()
+        .rfind(|e| e.message.starts_with("write"))
+        .unwrap();
+    assert!(
+        last_write
+            .message
+            .contains("301/301 blocks, 19205/19205 bytes"),
+        "{}",
+        last_write.message
+    );
+    assert!(last_write.message.contains("KiB/s"));
+    assert!(events
+        .last()
+        .unwrap()
+        .message
+        .starts_with("flashed and verified 19205 bytes (301 blocks)"));
+}
+
+#[test]
+fn priming_discards_the_first_answer() {
+    let mut port = FakePort::new(FakeBootloader::new(MCU, 64));
+    let cancel = Cancel::new();
+    let mut s = Session::new(
+        &mut port,
+        Path::new("/dev/fake"),
+        &Timing::default(),
+        &cancel,
+    );
+    s.prime().unwrap();
+    let info = s.connect(1, Duration::from_secs(1)).unwrap();
+    assert_eq!(info.mcu, MCU);
+    drop(s);
+    assert!(matches!(
+        board(&port).log[0],
+        Command::Other { code: 0x90, .. }
+    ));
+    assert!(needs_priming("stm32f103xe") && needs_priming("STM32G0B1XX"));
+    assert!(
+        !needs_priming("stm32f446xx") && !needs_priming("stm32h723xx") && !needs_priming("rp2040")
+    );
+}
+
+// ---- the real serial port against a fake bootloader on a pty ----
+
+fn quick_timing() -> Timing {
+    Timing {
+        reenumerate: Duration::from_secs(3),
+        uart_reboot: Duration::from_millis(50),
+        connect: Duration::from_millis(300),
+        connect_tries: 5,
+        block: Duration::from_millis(300),
+        block_tries: 3,
+        read: Duration::from_millis(300),
+        read_tries: 3,
+        settle: Duration::from_millis(20),
+        poll: Duration::from_millis(5),
+    }
+}
+
+fn opts_for(device: &Path, firmware: &Path, roots: &Discovery) -> SerialFlashOptions {
+    SerialFlashOptions {
+        device: device.to_owned(),
+        firmware: firmware.to_owned(),
+        baud: None,
+        stable: None,
+        discovery: roots.clone(),
+        timing: quick_timing(),
+    }
+}
+
+fn empty_roots(dir: &Path) -> Discovery {
+    Discovery::at(dir.join("dev"), dir.join("sys"))
+}
+
+#[test]
+fn pty_flash_of_every_size_and_block_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let roots = empty_roots(dir.path());
+    for bs in [64u32, 128, 256, 512] {
+        for len in [1usize, 63, 4096] {
+            pty_flash(dir.path(), &roots, bs, len);
+        }
+    }
+    pty_flash(dir.path(), &roots, 512, 1 << 20);
+}
+
+#[test]
+fn pty_flash_of_one_mib_in_every_block_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let roots = empty_roots(dir.path());
+    for bs in [64u32, 128, 256] {
+        pty_flash(dir.path(), &roots, bs, 1 << 20);
+    }
+}
+
+fn pty_flash(dir: &Path, roots: &Discovery, bs: u32, len: usize) {
+    {
+        {
+            let p = pty::open();
+            let fake = PtyDevice::serve(p.master, FakeBootloader::new(MCU, bs), false, None);
+            let fw = dir.join("klipper.bin");
+            let image = image_of(len);
+            std::fs::write(&fw, &image).unwrap();
+            let report = flash_serial(
+                &opts_for(&p.slave_path, &fw, roots),
+                &Cancel::new(),
+                &events::discard(),
+            )
+            .unwrap_or_else(|e| panic!("bs {bs} len {len}: {e}"));
+            assert_eq!(report.bytes, len);
+            let dev = fake.device.lock().unwrap();
+            assert_eq!(dev.read(0x0800_2000, len), image, "bs {bs} len {len}");
+            assert!(dev.completed);
+        }
+    }
+}
+
+#[test]
+fn pty_faults_are_recovered_or_fail_naming_the_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let roots = empty_roots(dir.path());
+    let fw = dir.path().join("klipper.bin");
+    let image = image_of(4096);
+    std::fs::write(&fw, &image).unwrap();
+    let recoverable = [
+        Faults {
+            corrupt_reply_every: Some(6),
+            ..Faults::default()
+        },
+        Faults {
+            drop_reply_every: Some(23),
+            ..Faults::default()
+        },
+        Faults {
+            drop_request_every: Some(29),
+            ..Faults::default()
+        },
+        Faults {
+            nack_every: Some(13),
+            ..Faults::default()
+        },
+        Faults {
+            erase_delay: Duration::from_millis(200),
+            ..Faults::default()
+        },
+    ];
+    for faults in recoverable {
+        let p = pty::open();
+        let mut dev = FakeBootloader::new(MCU, 64);
+        dev.faults = faults.clone();
+        let fake = PtyDevice::serve(p.master, dev, false, None);
+        flash_serial(
+            &opts_for(&p.slave_path, &fw, &roots),
+            &Cancel::new(),
+            &events::discard(),
+        )
+        .unwrap_or_else(|e| panic!("{faults:?}: {e}"));
+        assert_eq!(
+            fake.device.lock().unwrap().read(0x0800_2000, image.len()),
+            image
+        );
+    }
+    // A board whose every reply is corrupted never reports flashed.
+    let p = pty::open();
+    let mut dev = FakeBootloader::new(MCU, 64);
+    dev.faults.corrupt_reply_every = Some(1);
+    let _fake = PtyDevice::serve(p.master, dev, false, None);
+    let err = flash_serial(
+        &opts_for(&p.slave_path, &fw, &roots),
+        &Cancel::new(),
+        &events::discard(),
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("protocol error in connect: only damaged replies after 5 tries"),
+        "{err}"
+    );
+    // Slower than every try: a timeout in write naming the first block's address.
+    let p = pty::open();
+    let mut dev = FakeBootloader::new(MCU, 64);
+    dev.faults.refuse_block_at = None;
+    dev.faults.erase_delay = Duration::from_secs(1);
+    let _fake = PtyDevice::serve(p.master, dev, false, None);
+    let mut opts = opts_for(&p.slave_path, &fw, &roots);
+    opts.timing.block_tries = 1;
+    let err = flash_serial(&opts, &Cancel::new(), &events::discard()).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("timeout in write at address 0x08002000"),
+        "{err}"
+    );
+}
+
+#[test]
+fn pty_usb_board_is_touched_found_again_by_path_and_flashed() {
+    let sb = Sandbox::new();
+    let p = pty::open();
+    let pts = p.slave_path.clone();
+    sb.plug("ttyACM0", &pts, "1-1.2", "1d50:614e", "Klipper");
+    let roots = sb.discovery.clone();
+    let sb = Arc::new(sb);
+    let sb2 = sb.clone();
+    let flip: Box<dyn FnOnce() + Send> = Box::new(move || {
+        sb2.unplug("ttyACM0");
+        sb2.plug("ttyACM1", &pts, "1-1.2", "1d50:6177", "katapult");
+    });
+    let fake = PtyDevice::serve(p.master, FakeBootloader::new(MCU, 64), true, Some(flip));
+    let fw = sb.dir.path().join("klipper.bin");
+    let image = fake_image(MCU, "v0.13.0-731-gdeadbee", 6, 7000);
+    std::fs::write(&fw, &image).unwrap();
+    let by_id = roots
+        .dev
+        .0
+        .join("serial/by-id/usb-Klipper_stm32f103xe_ABC-if00");
+    let (sink, events) = collect();
+    let report = flash_serial(&opts_for(&by_id, &fw, &roots), &Cancel::new(), &sink).unwrap();
+    assert_eq!(
+        report.device,
+        roots
+            .dev
+            .0
+            .join("serial/by-id/usb-katapult_stm32f103xe_ABC-if00")
+    );
+    assert_eq!(
+        report.firmware_version.as_deref(),
+        Some("v0.13.0-731-gdeadbee")
+    );
+    assert_eq!(
+        fake.device.lock().unwrap().read(0x0800_2000, image.len()),
+        image
+    );
+    let events = events.lock().unwrap();
+    assert!(events.iter().any(|e| e.message.contains("1200-baud touch")));
+    assert!(events
+        .iter()
+        .any(|e| e.message.starts_with("Katapult appeared on")));
+}
+
+#[test]
+fn pty_board_left_in_katapult_is_found_from_its_klipper_link() {
+    let sb = Sandbox::new();
+    let p = pty::open();
+    sb.plug("ttyACM3", &p.slave_path, "1-1.2", "1d50:6177", "katapult");
+    let fake = PtyDevice::serve(p.master, FakeBootloader::new(MCU, 64), false, None);
+    let fw = sb.dir.path().join("klipper.bin");
+    let image = image_of(1000);
+    std::fs::write(&fw, &image).unwrap();
+    // The registry knows the board by its application's by-id link, which is gone now.
+    let klipper_link = sb
+        .discovery
+        .dev
+        .0
+        .join("serial/by-id/usb-Klipper_stm32f103xe_ABC-if00");
+    assert!(!klipper_link.exists());
+    let report = flash_serial(
+        &opts_for(&klipper_link, &fw, &sb.discovery),
+        &Cancel::new(),
+        &events::discard(),
+    )
+    .unwrap();
+    assert!(report.device.ends_with("usb-katapult_stm32f103xe_ABC-if00"));
+    assert_eq!(
+        fake.device.lock().unwrap().read(0x0800_2000, image.len()),
+        image
+    );
+    assert_eq!(
+        by_id_counterpart(Path::new("/dev/serial/by-id/usb-katapult_rp2040_E66-if00")),
+        Some(PathBuf::from(
+            "/dev/serial/by-id/usb-Klipper_rp2040_E66-if00"
+        ))
+    );
+    assert_eq!(by_id_counterpart(Path::new("/dev/ttyACM0")), None);
+}
+
+#[test]
+fn pty_usb_board_that_falls_into_dfu_is_reported_with_recovery_steps() {
+    let sb = Arc::new(Sandbox::new());
+    let p = pty::open();
+    sb.plug("ttyACM0", &p.slave_path, "1-1.2", "1d50:614e", "Klipper");
+    let sb2 = sb.clone();
+    let to_dfu: Box<dyn FnOnce() + Send> =
+        Box::new(move || sb2.rom("ttyACM0", "1-1.2", "0483:df11"));
+    let _fake = PtyDevice::serve(p.master, FakeBootloader::new(MCU, 64), true, Some(to_dfu));
+    let fw = sb.dir.path().join("klipper.bin");
+    std::fs::write(&fw, image_of(100)).unwrap();
+    let by_id = sb
+        .discovery
+        .dev
+        .0
+        .join("serial/by-id/usb-Klipper_stm32f103xe_ABC-if00");
+    let err = flash_serial(
+        &opts_for(&by_id, &fw, &sb.discovery),
+        &Cancel::new(),
+        &events::discard(),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::RomLoader {
+                loader: RomLoader::StmDfu,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let text = err.to_string();
+    assert!(
+        text.contains("STM32 DFU (0483:df11)") && text.contains("nothing was flashed"),
+        "{text}"
+    );
+    assert!(text.contains("dfu-util"), "{text}");
+}
+
+#[test]
+fn pty_usb_board_that_never_comes_back_is_not_in_bootloader() {
+    let sb = Sandbox::new();
+    let p = pty::open();
+    sb.plug("ttyACM0", &p.slave_path, "1-1.2", "1d50:614e", "Klipper");
+    let _fake = PtyDevice::serve(p.master, FakeBootloader::new(MCU, 64), true, None);
+    let fw = sb.dir.path().join("klipper.bin");
+    std::fs::write(&fw, image_of(100)).unwrap();
+    let by_id = sb
+        .discovery
+        .dev
+        .0
+        .join("serial/by-id/usb-Klipper_stm32f103xe_ABC-if00");
+    let mut opts = opts_for(&by_id, &fw, &sb.discovery);
+    opts.timing.reenumerate = Duration::from_millis(300);
+    let err = flash_serial(&opts, &Cancel::new(), &events::discard()).unwrap_err();
+    assert!(err.is_timeout());
+    assert!(err.to_string().starts_with("not in bootloader:"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("did not re-enumerate as Katapult within 0.3 s"),
+        "{err}"
+    );
+}
+
+#[test]
+fn pty_uart_board_gets_the_request_string_then_is_flashed() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = pty::open();
+    let master_fd = std::os::fd::AsRawFd::as_raw_fd(&p.master);
+    let fake = PtyDevice::serve(p.master, FakeBootloader::new(MCU, 64), true, None);
+    let fw = dir.path().join("klipper.bin");
+    let image = image_of(3000);
+    std::fs::write(&fw, &image).unwrap();
+    let mut opts = opts_for(&p.slave_path, &fw, &empty_roots(dir.path()));
+    opts.baud = Some(115_200);
+    flash_serial(&opts, &Cancel::new(), &events::discard()).unwrap();
+    assert_eq!(
+        fake.device.lock().unwrap().read(0x0800_2000, image.len()),
+        image
+    );
+    assert_eq!(pty::speed(master_fd), 115_200);
+}
+
+#[test]
+fn pty_board_that_never_answers_gets_a_hint_about_uart_baud() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = pty::open();
+    let mut dev = FakeBootloader::new(MCU, 64);
+    dev.faults.silent = true;
+    let _fake = PtyDevice::serve(p.master, dev, false, None);
+    let fw = dir.path().join("klipper.bin");
+    std::fs::write(&fw, image_of(100)).unwrap();
+    let mut opts = opts_for(&p.slave_path, &fw, &empty_roots(dir.path()));
+    opts.timing.connect_tries = 2;
+    opts.timing.connect = Duration::from_millis(100);
+    let err = flash_serial(&opts, &Cancel::new(), &events::discard()).unwrap_err();
+    assert!(err.is_timeout());
+    let text = err.to_string();
+    assert!(
+        text.starts_with("timeout in connect: no Katapult bootloader answered"),
+        "{text}"
+    );
+    assert!(text.contains("give its baud rate (-b)"), "{text}");
+}
+
+#[test]
+fn pty_status_connects_reports_and_completes() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = pty::open();
+    let fake = PtyDevice::serve(p.master, FakeBootloader::new(MCU, 128), false, None);
+    let opts = SerialStatusOptions {
+        device: p.slave_path.clone(),
+        baud: None,
+        stable: None,
+        discovery: empty_roots(dir.path()),
+        timing: quick_timing(),
+    };
+    let info = status_serial(&opts, &Cancel::new(), &events::discard()).unwrap();
+    assert_eq!(info.mcu, MCU);
+    assert_eq!(info.block_size, 128);
+    assert_eq!(info.proto_version, "1.1.0");
+    assert_eq!(info.app_start, 0x0800_2000);
+    assert_eq!(info.bootloader_version.as_deref(), Some("v0.0.1-fake"));
+    let dev = fake.device.lock().unwrap();
+    assert_eq!(dev.log, vec![Command::Connect, Command::Complete]);
+}
+
+#[test]
+fn a_freshly_enumerated_tty_gets_a_grace_to_appear_others_do_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = pty::open();
+    let link = dir.path().join("ttyACM7");
+    let entered = |fresh| Entered {
+        path: link.clone(),
+        prime: false,
+        fresh,
+    };
+    let err = open_session_port(&entered(false), None, &Cancel::new()).unwrap_err();
+    assert!(matches!(err, Error::Open { .. }), "{err:?}");
+    let (target, at) = (p.slave_path.clone(), link.clone());
+    let udev = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(200));
+        std::os::unix::fs::symlink(target, at).unwrap();
+    });
+    open_session_port(&entered(true), None, &Cancel::new()).unwrap();
+    udev.join().unwrap();
+}
+
+#[test]
+fn missing_and_empty_firmware_are_refused_before_touching_the_board() {
+    let dir = tempfile::tempdir().unwrap();
+    let roots = empty_roots(dir.path());
+    let missing = flash_serial(
+        &opts_for(Path::new("/dev/null"), &dir.path().join("nope.bin"), &roots),
+        &Cancel::new(),
+        &events::discard(),
+    );
+    assert!(matches!(missing, Err(Error::Firmware { .. })));
+    let empty = dir.path().join("empty.bin");
+    std::fs::write(&empty, b"").unwrap();
+    let err = flash_serial(
+        &opts_for(Path::new("/dev/null"), &empty, &roots),
+        &Cancel::new(),
+        &events::discard(),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("is empty"), "{err}");
+}
+
+mod never_reports_flashed_when_not {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn every() -> impl Strategy<Value = Option<usize>> {
+        proptest::option::of(1usize..12)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn ok_means_the_board_holds_the_image(
+            len in 1usize..2500,
+            bs in prop_oneof![Just(64u32), Just(128), Just(256), Just(512)],
+            nack in every(),
+            drop_reply in every(),
+            drop_request in every(),
+            corrupt in every(),
+            bad_at in proptest::option::of(0u32..3000),
+            noise in any::<bool>(),
+        ) {
+            let mut dev = FakeBootloader::new(MCU, bs);
+            dev.faults = Faults {
+                nack_every: nack,
+                drop_reply_every: drop_reply,
+                drop_request_every: drop_request,
+                corrupt_reply_every: corrupt,
+                bad_flash_at: bad_at.map(|off| 0x0800_2000 + off),
+                noise_before_reply: noise,
+                ..Faults::default()
+            };
+            let image = image_of(len);
+            let (result, port) =
+                flash_fake(dev, &image, None, &Cancel::new(), &events::discard());
+            let dev = board(&port);
+            let holds = dev.read(0x0800_2000, len) == image;
+            match result {
+                Ok(report) => {
+                    prop_assert!(holds, "reported flashed but the board differs");
+                    prop_assert_eq!(report.bytes, len);
+                }
+                Err(err) => {
+                    // A failure says where; a board with a bad cell inside the image
+                    // always fails verify at that cell (or earlier on comms).
+                    let text = err.to_string();
+                    prop_assert!(!text.is_empty());
+                    if let Error::VerifyMismatch { addr, .. } = err {
+                        prop_assert_eq!(Some(addr), bad_at.map(|o| 0x0800_2000 + o));
+                    }
+                    prop_assert!(!dev.completed || !err.flash_touched());
+                }
+            }
+            if let Some(off) = bad_at {
+                if (off as usize) < len {
+                    prop_assert!(!holds);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,250 @@
+//! Native Katapult flashing: the protocol codec and the serial (and CAN) flasher.
+//!
+//! Owns everything kflash needs to flash a board that runs the Katapult bootloader without
+//! Katapult's `flashtool.py`: the wire format (`codec`), reading the MCU and version out of a
+//! `klipper.bin` (`image`), raw ttys and the two bootloader requests (`port`), the
+//! flash/verify session and the serial flasher (`flasher`; it finds a board again after
+//! re-enumeration through `crate::discovery`), and the CAN admin sequence over a transport
+//! seam (`can`).
+//!
+//! Public entry points: [`flash_serial`], [`status_serial`], and [`flash_device`] (the shape
+//! of `flash::NativeKatapult`); `flashtool.py` stays the fallback, chosen by `flash/`.
+//!
+//! Invariants: nothing is written to a board before its bootloader's MCU was compared with
+//! the image's embedded dictionary; a flash is reported done only after every block was read
+//! back and compared byte for byte; every error names the step and, where there is one, the
+//! flash address. Thread-safety: a flash runs on the caller's thread; `Cancel` may be set
+//! from any thread and is checked between frames.
+
+pub mod can;
+pub mod codec;
+pub mod flasher;
+pub mod image;
+pub mod port;
+
+#[cfg(test)]
+pub(crate) mod fake;
+
+use std::fmt;
+use std::io;
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub use flasher::{
+    flash_serial, status_serial, BootloaderInfo, FlashReport, SerialFlashOptions,
+    SerialStatusOptions, Timing,
+};
+pub use image::{image_info, ImageInfo};
+
+/// Flash `firmware` to the serial board `device` with every default: discovery from the
+/// environment, default timeouts (`baud`: `Some` for a UART board). The shape of the
+/// pipeline's native Katapult seam (`flash::NativeKatapult`); `Ok` only after a verified
+/// write.
+pub fn flash_device(
+    device: &std::path::Path,
+    baud: Option<u32>,
+    firmware: &std::path::Path,
+    cancel: &crate::process::Cancel,
+    sink: &crate::events::Sink,
+) -> Result<FlashReport, Error> {
+    let mut opts = SerialFlashOptions::new(device, firmware);
+    opts.baud = baud;
+    flash_serial(&opts, cancel, sink)
+}
+
+/// Where in the flashing sequence something happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Asking the application to reboot into Katapult and waiting for it.
+    EnterBootloader,
+    Connect,
+    Write,
+    Eof,
+    Verify,
+    Complete,
+    /// Checking a CAN node's uuid (GET_CANBUS_ID).
+    CanbusId,
+    /// CAN admin messages (query, bootloader request, node id).
+    CanAdmin,
+}
+
+impl fmt::Display for Step {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Step::EnterBootloader => "bootloader entry",
+            Step::Connect => "connect",
+            Step::Write => "write",
+            Step::Eof => "end of write",
+            Step::Verify => "verify",
+            Step::Complete => "complete",
+            Step::CanbusId => "CAN uuid check",
+            Step::CanAdmin => "CAN admin",
+        })
+    }
+}
+
+/// A ROM loader a board can fall into instead of Katapult.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RomLoader {
+    /// STM32 system DFU (0483:df11).
+    StmDfu,
+    /// RP2040/RP2350 BOOTSEL mass storage (2e8a:0003 / 2e8a:000f).
+    RpBootsel,
+}
+
+impl RomLoader {
+    /// What a user does next to get the board flashed.
+    pub fn recovery(self) -> &'static str {
+        match self {
+            RomLoader::StmDfu => {
+                "The board is in STM32 DFU mode (Katapult is not installed or was bypassed): \
+                 flash it with `make flash FLASH_DEVICE=0483:df11` (dfu-util), or install \
+                 Katapult; then power-cycle the board without BOOT0 held."
+            }
+            RomLoader::RpBootsel => {
+                "The board is in RP2040 BOOTSEL mode (Katapult is not installed or was \
+                 bypassed): copy klipper.uf2 to the RPI-RP2 drive or run \
+                 `make flash FLASH_DEVICE=2e8a:0003`; then power-cycle the board."
+            }
+        }
+    }
+}
+
+impl fmt::Display for RomLoader {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            RomLoader::StmDfu => "STM32 DFU",
+            RomLoader::RpBootsel => "RP2040 BOOTSEL",
+        })
+    }
+}
+
+fn at(addr: Option<u32>) -> String {
+    addr.map(|a| format!(" at address {a:#010x}"))
+        .unwrap_or_default()
+}
+
+/// Everything that can go wrong flashing through Katapult.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read firmware {}: {source}", path.display())]
+    Firmware {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("firmware {} is empty", path.display())]
+    EmptyFirmware { path: PathBuf },
+    #[error(
+        "firmware {} is in {kind} format; Katapult flashes the raw image (klipper.bin)",
+        path.display()
+    )]
+    NotRawImage { path: PathBuf, kind: &'static str },
+    #[error("no Klipper data dictionary found in the firmware image")]
+    NoDictionary,
+    #[error("cannot open {}: {source}", path.display())]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("I/O error on {} during {step}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        step: Step,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "not in bootloader: {} did not re-enumerate as Katapult within {:.1} s after the \
+         bootloader request (is Katapult installed? double-tap reset to enter it by hand)",
+        device.display(), waited.as_secs_f64()
+    )]
+    NotInBootloader { device: PathBuf, waited: Duration },
+    #[error(
+        "{} came back as {loader} ({usb_id}), not Katapult: nothing was flashed. {}",
+        device.display(), loader.recovery()
+    )]
+    RomLoader {
+        device: PathBuf,
+        loader: RomLoader,
+        usb_id: String,
+    },
+    #[error(
+        "MCU mismatch: the firmware is built for {image} but the bootloader on {} is {bootloader}; \
+         nothing was written",
+        device.display()
+    )]
+    McuMismatch {
+        device: PathBuf,
+        image: String,
+        bootloader: String,
+    },
+    #[error(
+        "verify mismatch at address {addr:#010x} (block {block:#010x}): the flash does not hold \
+         the firmware; the board stays in Katapult, flash it again"
+    )]
+    VerifyMismatch { addr: u32, block: u32 },
+    #[error("timeout in {step}{}: no answer after {tries} tries of {per_try:?}", at(*addr))]
+    Timeout {
+        step: Step,
+        addr: Option<u32>,
+        tries: u32,
+        per_try: Duration,
+    },
+    #[error(
+        "timeout in connect: no Katapult bootloader answered on {} ({tries} tries of \
+         {per_try:?}); {hint}",
+        device.display()
+    )]
+    NoBootloader {
+        device: PathBuf,
+        tries: u32,
+        per_try: Duration,
+        hint: &'static str,
+    },
+    #[error("NACK in {step}{}: the bootloader could not read our frames ({tries} tries)", at(*addr))]
+    Nack {
+        step: Step,
+        addr: Option<u32>,
+        tries: u32,
+    },
+    #[error("command error in {step}{}: the bootloader refused {command} ({tries} tries)", at(*addr))]
+    CommandError {
+        step: Step,
+        addr: Option<u32>,
+        command: &'static str,
+        tries: u32,
+    },
+    #[error("protocol error in {step}{}: {detail}", at(*addr))]
+    Protocol {
+        step: Step,
+        addr: Option<u32>,
+        detail: String,
+    },
+    #[error("cancelled during {step}")]
+    Cancelled { step: Step },
+}
+
+impl Error {
+    /// True for the errors that mean "the device did not answer in time".
+    pub fn is_timeout(&self) -> bool {
+        matches!(
+            self,
+            Error::Timeout { .. } | Error::NotInBootloader { .. } | Error::NoBootloader { .. }
+        )
+    }
+    /// True when the flash may hold a partial or wrong image (a write or verify failed).
+    pub fn flash_touched(&self) -> bool {
+        match self {
+            Error::VerifyMismatch { .. } => true,
+            Error::Timeout { step, .. }
+            | Error::Nack { step, .. }
+            | Error::CommandError { step, .. }
+            | Error::Protocol { step, .. }
+            | Error::Cancelled { step }
+            | Error::Io { step, .. } => matches!(step, Step::Write | Step::Eof | Step::Verify),
+            _ => false,
+        }
+    }
+}
