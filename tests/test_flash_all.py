@@ -215,3 +215,24 @@ def test_status_after_a_run(sandbox):
     assert [d["state"] for d in after["devices"]] == ["current", "current"]
     assert after["last_run"]["ok"] is True
     assert "current" in sandbox.ok("status").stdout
+
+
+def test_plan_says_whether_an_update_changes_the_protocol(sandbox):
+    import fixture_tree
+
+    sandbox.add_board("octopus")
+    sandbox.start_moonraker()
+    sandbox.json("flash-all")
+    # A host-only update: a new commit, no firmware source changed.
+    fixture_tree.git(sandbox.klipper, "commit", "-q", "--allow-empty", "-m", "host")
+    sandbox.json("build")
+    (dev,) = sandbox.json("plan")["devices"]
+    assert dev["state"] == "outdated"
+    assert "version string only" in dev["reason"], dev
+    # A firmware change: a new source file adds a command.
+    (sandbox.klipper / "src" / "extra.c").write_text("int extra(void) { return 1; }\n")
+    fixture_tree.git(sandbox.klipper, "add", "-A")
+    fixture_tree.git(sandbox.klipper, "commit", "-q", "-m", "firmware")
+    sandbox.json("build")
+    (dev,) = sandbox.json("plan")["devices"]
+    assert "protocol changed" in dev["reason"], dev

@@ -84,12 +84,24 @@ def test_flash_all_updates_every_mcu_with_one_stop(bench):
     assert set(versions.values()) == {target}
 
 
+def test_flash_all_after_a_version_only_change(bench):
+    """Klipper's TRAP: no source changed, an incremental make keeps the old version."""
+    p, env = bench
+    tree.git(p.tree, "commit", "-q", "--allow-empty", "-m", "host-only change")
+    target = tree.describe(p.tree)
+    rc, report, res = flash_all(env)
+    assert rc == 0, res.stdout + res.stderr
+    assert {d["version_after"] for d in report["devices"]} == {target}
+    assert set(p.wait_ready().values()) == {target}
+
+
 @pytest.mark.parametrize(
     "faults,words",
     [
         ({"after_complete": "never"}, ["power"]),
         ({"after_complete": "dfu"}, ["dfu"]),
         ({"corrupt_readback": True}, ["checksum", "make flash"]),
+        ({"on_touch": "dfu"}, ["dfu", "not katapult"]),
     ],
 )
 def test_failing_mainboard_is_reported_and_klipper_restarted(bench, faults, words):

@@ -19,6 +19,8 @@ import signal
 import subprocess
 import sys
 
+from kflash import katapult_cli
+
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -670,6 +672,7 @@ def build_parser():
     )
 
     reporting(sub.add_parser("status", help="MCU versions and the last run"))
+    katapult_cli.add_parser(sub)
     return parser
 
 
@@ -682,6 +685,7 @@ COMMANDS = {
     "flash": cmd_flash,
     "flash-all": cmd_flash_all,
     "status": cmd_status,
+    "katapult": katapult_cli.command,
 }
 
 

@@ -128,6 +128,11 @@ pub trait Firmware: Send + Sync {
     /// The version a build would have (cached build's dictionary if the cache is valid,
     /// else the source tree's version). No side effects.
     fn target_version(&self, dev: &DeviceInfo) -> Option<String>;
+    /// The data dictionary a build would have, when known without building (a valid
+    /// cached build). No side effects.
+    fn target_dict(&self, _dev: &DeviceInfo) -> Option<serde_json::Value> {
+        None
+    }
     /// Build these devices (in parallel); one result per device, same order.
     fn build(
         &self,
@@ -195,6 +200,9 @@ pub struct Deps {
     pub lock_path: PathBuf,
     /// `<state>/runs`.
     pub runs_dir: PathBuf,
+    /// `<state>/flashed`: the dictionary of the firmware last flashed to each device
+    /// (`<key>.dict`), to tell a protocol change from a version-string-only one.
+    pub flashed_dir: PathBuf,
     /// Pause between two devices in the stop window.
     pub stagger: Duration,
     /// How long to wait for klippy after the restart.
@@ -286,6 +294,53 @@ pub fn select(all: Vec<DeviceInfo>, keys: Option<&[String]>) -> Result<Vec<Devic
         .collect())
 }
 
+/// Why an outdated device needs flashing: a protocol change (must flash) or only the
+/// version string, when kflash knows what it flashed last and what it would build.
+fn outdated_reason(deps: &Deps, dev: &DeviceInfo, before: Option<&str>) -> String {
+    let flashed = std::fs::read(deps.flashed_dir.join(format!("{}.dict", dev.key)))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
+    let last_matches = flashed
+        .as_ref()
+        .and_then(|d| d.get("version").and_then(serde_json::Value::as_str))
+        .zip(before)
+        .is_some_and(|(flashed, before)| (deps.compare)(before, flashed) == Freshness::Current);
+    match (
+        flashed.filter(|_| last_matches),
+        deps.firmware.target_dict(dev),
+    ) {
+        (Some(old), Some(new)) => match crate::versions::compare_dicts(&old, &new) {
+            crate::versions::DictChange::Protocol { detail } => {
+                format!("outdated; protocol changed, must flash ({detail})")
+            }
+            crate::versions::DictChange::VersionOnly | crate::versions::DictChange::Identical => {
+                "outdated; version string only (protocol unchanged)".into()
+            }
+        },
+        _ => "outdated".into(),
+    }
+}
+
+/// Keep the dictionary of what was just flashed to a device (best effort).
+fn record_flashed(deps: &Deps, key: &str, built: &Built, sink: &Sink) {
+    let dict = built.image.with_file_name("klipper.dict");
+    let result = std::fs::read(&dict).and_then(|bytes| {
+        std::fs::create_dir_all(&deps.flashed_dir)?;
+        crate::registry::write_atomic(&deps.flashed_dir.join(format!("{key}.dict")), &bytes)
+    });
+    if let Err(e) = result {
+        warn(
+            sink,
+            Stage::Flash,
+            Some(key),
+            format!(
+                "could not keep the flashed dictionary {}: {e}",
+                dict.display()
+            ),
+        );
+    }
+}
+
 /// Compute the plan. No side effects.
 pub fn plan(deps: &Deps, opts: &Options, sink: &Sink) -> Result<(Plan, Vec<DeviceInfo>), Error> {
     let devices = select(deps.inventory.devices()?, opts.keys.as_deref())?;
@@ -332,7 +387,10 @@ pub fn plan(deps: &Deps, opts: &Options, sink: &Sink) -> Result<(Plan, Vec<Devic
                     "flash",
                     "WARNING: runs a newer version; this is a downgrade".into(),
                 ),
-                Freshness::Outdated => ("flash", "outdated".into()),
+                Freshness::Outdated => (
+                    "flash",
+                    outdated_reason(deps, dev, version_before.as_deref()),
+                ),
                 Freshness::Unknown if moonraker_error.is_some() => (
                     "flash",
                     "current version unknown (Moonraker unreachable)".into(),
@@ -669,6 +727,7 @@ fn stop_window(
         let r = &mut report.devices[*i];
         match deps.flasher.flash(dev, b, cancel, sink) {
             Ok(done) => {
+                record_flashed(deps, &dev.key, b, sink);
                 r.flash = "pass".into();
                 r.method = done.method.as_str().into();
                 emit(sink, Stage::Flash, Some(&dev.key), "flashed");

@@ -36,11 +36,15 @@ struct FakeFirmware {
     fail: Vec<String>,
     log: Log,
     cancel_during: Option<Cancel>,
+    dict: Option<serde_json::Value>,
 }
 
 impl Firmware for FakeFirmware {
     fn target_version(&self, _dev: &DeviceInfo) -> Option<String> {
         Some(self.version.clone())
+    }
+    fn target_dict(&self, _dev: &DeviceInfo) -> Option<serde_json::Value> {
+        self.dict.clone()
     }
     fn build(&self, devs: &[DeviceInfo], _c: &Cancel, _s: &Sink) -> Vec<Result<Built, String>> {
         if let Some(c) = &self.cancel_during {
@@ -253,6 +257,7 @@ struct Setup {
     cancel_on: Option<(String, Cancel)>,
     panic_on: Option<String>,
     before: Vec<(&'static str, &'static str)>,
+    target_dict: Option<serde_json::Value>,
 }
 
 const V: &str = "v0.13.0-740-gabc";
@@ -286,6 +291,7 @@ fn world(devices: Vec<DeviceInfo>, s: Setup) -> World {
             fail: s.build_fail,
             log: log.clone(),
             cancel_during: s.cancel_in_build,
+            dict: s.target_dict,
         }),
         printer: printer.clone(),
         service: Arc::new(FakeService {
@@ -309,6 +315,7 @@ fn world(devices: Vec<DeviceInfo>, s: Setup) -> World {
         },
         lock_path: dir.path().join("lock"),
         runs_dir: dir.path().join("runs"),
+        flashed_dir: dir.path().join("flashed"),
         stagger: Duration::ZERO,
         ready_timeout: Duration::from_secs(1),
     };
@@ -738,4 +745,33 @@ fn boards_that_flashed_are_not_blamed_when_klippy_waits_for_a_failed_one() {
     assert_eq!((ebb.flash.as_str(), ebb.verify.as_str()), ("pass", "skip"));
     assert!(ebb.hint.as_deref().unwrap().contains("another MCU"));
     assert_eq!(report.exit_code(), 1);
+}
+
+#[test]
+fn plan_tells_a_protocol_change_from_a_version_string_change() {
+    let old = "v0.12.0-1-g1234567";
+    let flashed = serde_json::json!({"version": old, "commands": {"a": 1}, "config": {"MCU": "x"}});
+    for (commands, expect) in [
+        (serde_json::json!({"a": 1}), "version string only"),
+        (serde_json::json!({"a": 1, "b": 2}), "protocol changed"),
+    ] {
+        let w = world(
+            vec![device("main", Link::Serial)],
+            Setup {
+                before: vec![("mcu", old)],
+                target_dict: Some(
+                    serde_json::json!({"version": V, "commands": commands, "config": {"MCU": "x"}}),
+                ),
+                ..Setup::default()
+            },
+        );
+        std::fs::create_dir_all(&w.deps.flashed_dir).unwrap();
+        std::fs::write(w.deps.flashed_dir.join("main.dict"), flashed.to_string()).unwrap();
+        let (p, _) = plan(&w.deps, &Options::default(), &crate::events::discard()).unwrap();
+        assert!(
+            p.devices[0].reason.contains(expect),
+            "{:?}",
+            p.devices[0].reason
+        );
+    }
 }

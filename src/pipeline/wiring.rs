@@ -209,6 +209,10 @@ impl Firmware for LiveFirmware {
             .or_else(|| Some(build::source_version(&self.klipper_dir)))
     }
 
+    fn target_dict(&self, dev: &DeviceInfo) -> Option<Value> {
+        build::up_to_date(&self.request(dev)).and_then(|fw| fw.dict().ok())
+    }
+
     fn build(
         &self,
         devs: &[DeviceInfo],
@@ -413,6 +417,7 @@ impl Home {
             compare,
             lock_path: self.state.lock_path(),
             runs_dir: self.state.runs_dir(),
+            flashed_dir: self.state.root().join("flashed"),
             stagger: Duration::from_millis(200),
             ready_timeout,
         })

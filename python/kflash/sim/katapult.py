@@ -80,7 +80,6 @@ class KatapultBootloader:
         self._pending: list[tuple[float, bytes]] = []
         self.blocks_received = 0
         self.erased = False
-        self.completed = False
         try:
             with open(image_path, "rb") as f:
                 self.flash = bytearray(f.read())
@@ -182,7 +181,6 @@ class KatapultBootloader:
             if self.erased:
                 self._store()
             self._ack(cmd)
-            self.completed = True
             self._on_complete()
         else:
             self._respond(RESP_COMMAND_ERROR)

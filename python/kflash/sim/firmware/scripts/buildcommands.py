@@ -80,6 +80,15 @@ def parse_value(text):
         return text
 
 
+def assign_ids(formats, fixed, fixed_id, first):
+    """Ids for message formats: ``fixed`` keeps ``fixed_id``, the rest count from
+    ``first`` in sorted order (responses from 90: those past 95 take two bytes)."""
+    ids = {fixed: fixed_id}
+    for fmt in sorted(f for f in formats if f != fixed):
+        ids[fmt] = first + len(ids) - 1
+    return ids
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("-d", dest="dict_out", required=True)
@@ -112,18 +121,8 @@ def main():
             raise SystemExit(f"unknown compile time request {req!r}")
 
     # identify and identify_response have ids fixed by the host (klippy's defaults).
-    cmd_ids = {"identify offset=%u count=%c": 1}
-    next_id = 2
-    for fmt in sorted(commands):
-        if fmt not in cmd_ids:
-            cmd_ids[fmt] = next_id
-            next_id += 1
-    resp_ids = {"identify_response offset=%u data=%.*s": 0}
-    next_id = 80
-    for fmt in sorted(responses):
-        if fmt not in resp_ids:
-            resp_ids[fmt] = next_id
-            next_id += 1
+    cmd_ids = assign_ids(commands, "identify offset=%u count=%c", 1, 2)
+    resp_ids = assign_ids(responses, "identify_response offset=%u data=%.*s", 0, 90)
     enums["static_string_id"] = {s: i for i, s in enumerate(sorted(strings), 2)}
 
     version = build_version()

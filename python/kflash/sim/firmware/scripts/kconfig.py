@@ -89,17 +89,31 @@ def machine_of(values):
     return None
 
 
+def unchanged(path, text):
+    """True when ``path`` already holds ``text``. Then it is not rewritten, so make
+    sees no newer config (Kconfig's own tools behave the same)."""
+    try:
+        with open(path) as f:
+            return f.read() == text
+    except OSError:
+        return False
+
+
 def write_config(path, values, order):
+    lines = [
+        "# Automatically generated file; DO NOT EDIT.",
+        "# Klipper-like firmware configuration (kflash bench tree)",
+    ]
+    for k in order:
+        v = values[k]
+        lines.append(f"# CONFIG_{k} is not set" if v == "n" else f"CONFIG_{k}={v}")
+    text = "\n".join(lines) + "\n"
+    if unchanged(path, text):
+        print(f"No change to configuration in '{path}'")
+        return
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        f.write("# Automatically generated file; DO NOT EDIT.\n")
-        f.write("# Klipper-like firmware configuration (kflash bench tree)\n")
-        for k in order:
-            v = values[k]
-            if v == "n":
-                f.write(f"# CONFIG_{k} is not set\n")
-            else:
-                f.write(f"CONFIG_{k}={v}\n")
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     if os.path.exists(path):
@@ -172,10 +186,12 @@ def autoconf(path, out):
         if v == "n":
             continue
         lines.append("#define CONFIG_{} {}".format(k, "1" if v == "y" else v))
-    tmp = out + ".tmp"
-    with open(tmp, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(tmp, out)
+    text = "\n".join(lines) + "\n"
+    if not unchanged(out, text):
+        tmp = out + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, out)
     return 0
 
 
