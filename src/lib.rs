@@ -9,6 +9,8 @@
 //! - `kconfig`: firmware `.config` files and the target they build for.
 //! - `versions`: Klipper/Kalico version strings and firmware dictionary comparison.
 //! - `discovery`: serial devices under the device root and sysfs, across re-enumeration.
+//! - `flash`: flash methods (Katapult, make flash, linux MCU) and the fallback chain.
+//! - `pipeline`: plan -> pre-flight -> build -> one stop window -> restart -> verify -> report.
 //! - `katapult`: Katapult's protocol and the native serial flasher.
 //!
 //! The `#[pymodule]` below only declares what Python sees; the classes and functions live in
@@ -17,9 +19,11 @@
 pub mod build;
 pub mod discovery;
 pub mod events;
+pub mod flash;
 pub mod katapult;
 pub mod kconfig;
 pub mod moonraker;
+pub mod pipeline;
 pub mod process;
 pub mod py;
 pub mod registry;
@@ -32,6 +36,8 @@ use pyo3::prelude::*;
 /// kflash's native core: build and flash every MCU of a Klipper printer.
 #[pymodule]
 mod _core {
+    #[pymodule_export]
+    use crate::py::engine::Engine;
     #[pymodule_export]
     use crate::py::errors::MoonrakerError;
     #[pymodule_export]

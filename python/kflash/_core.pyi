@@ -2,7 +2,7 @@
 
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Dict, List, Optional
 
 class KflashError(Exception): ...
 class RegistryError(KflashError): ...
@@ -21,6 +21,56 @@ def compare_versions(mcu: str, target: str) -> str:
     Returns "current", "outdated", "newer" or "unknown".
     """
 
+Event = Dict[str, Any]
+
+class Engine:
+    """A kflash state directory: devices, settings, configs, builds and runs."""
+
+    def __init__(self, home: Optional[str] = None) -> None: ...
+    @property
+    def state_dir(self) -> str: ...
+    def settings(self) -> Dict[str, str]: ...
+    def set_setting(self, key: str, value: str) -> Dict[str, str]: ...
+    def devices(self) -> List[Dict[str, Any]]: ...
+    def add_device(
+        self,
+        key: str,
+        *,
+        serial: Optional[str] = None,
+        can_uuid: Optional[str] = None,
+        interface: str = "can0",
+        linux: Optional[str] = None,
+        method: str = "auto",
+        config: Optional[str] = None,
+        name: Optional[str] = None,
+        mcu_section: Optional[str] = None,
+        baud: Optional[int] = None,
+    ) -> Dict[str, Any]: ...
+    def remove_device(self, key: str) -> Dict[str, Any]: ...
+    def import_printer_cfg(self, path: str) -> Dict[str, Any]: ...
+    def config_path(self, key: str) -> str: ...
+    def plan(
+        self, keys: Optional[List[str]] = None, only_outdated: bool = False
+    ) -> Dict[str, Any]: ...
+    def build(
+        self,
+        keys: Optional[List[str]] = None,
+        on_event: Optional[Callable[[Event], None]] = None,
+    ) -> List[Dict[str, Any]]: ...
+    def flash(
+        self,
+        key: str,
+        on_event: Optional[Callable[[Event], None]] = None,
+        yes: bool = False,
+    ) -> Dict[str, Any]: ...
+    def flash_all(
+        self,
+        keys: Optional[List[str]] = None,
+        only_outdated: bool = False,
+        yes: bool = False,
+        on_event: Optional[Callable[[Event], None]] = None,
+    ) -> Dict[str, Any]: ...
+    def status(self) -> Dict[str, Any]: ...
 class SnapshotStore:
     """Latest status of one printer object; get_status is O(1). See the module doc."""
 

@@ -11,6 +11,7 @@ use crate::build;
 use crate::discovery;
 use crate::katapult;
 use crate::kconfig;
+use crate::pipeline;
 use crate::process;
 use crate::registry;
 use crate::snapshot;
@@ -129,6 +130,20 @@ impl From<discovery::Error> for PyErr {
         match err {
             discovery::Error::Cancelled { .. } => KflashError::new_err(err.to_string()),
             _ => DeviceNotFound::new_err(err.to_string()),
+        }
+    }
+}
+
+impl From<pipeline::Error> for PyErr {
+    fn from(err: pipeline::Error) -> PyErr {
+        match err {
+            pipeline::Error::Registry(e) => e.into(),
+            pipeline::Error::NoMatch { .. } => DeviceNotFound::new_err(err.to_string()),
+            pipeline::Error::Config(_) => ConfigError::new_err(err.to_string()),
+            pipeline::Error::Refused(_) => PreflightRefused::new_err(err.to_string()),
+            pipeline::Error::Cancelled { .. } | pipeline::Error::Io(_) => {
+                KflashError::new_err(err.to_string())
+            }
         }
     }
 }
@@ -290,6 +305,30 @@ mod tests {
             let stopped: PyErr = discovery::Error::Cancelled { id: "x".into() }.into();
             assert!(!stopped.is_instance_of::<DeviceNotFound>(py));
             assert!(stopped.is_instance_of::<KflashError>(py));
+        });
+    }
+
+    #[test]
+    fn pipeline_errors_map_to_their_classes() {
+        Python::initialize();
+        Python::attach(|py| {
+            let refused: PyErr = pipeline::Error::Refused("the printer is printing".into()).into();
+            assert!(refused.is_instance_of::<PreflightRefused>(py));
+            assert!(refused.to_string().contains("printing"));
+            let config: PyErr = pipeline::Error::Config("no config".into()).into();
+            assert!(config.is_instance_of::<ConfigError>(py));
+            let nomatch: PyErr = pipeline::Error::NoMatch {
+                pattern: "ebb*".into(),
+                candidates: vec!["mcu".into()],
+            }
+            .into();
+            assert!(nomatch.is_instance_of::<DeviceNotFound>(py));
+            assert!(nomatch.to_string().contains("mcu"));
+            let reg: PyErr =
+                pipeline::Error::Registry(registry::validate_key("").unwrap_err()).into();
+            assert!(reg.is_instance_of::<RegistryError>(py));
+            let cancelled: PyErr = pipeline::Error::Cancelled { report: None }.into();
+            assert!(cancelled.is_instance_of::<KflashError>(py));
         });
     }
 

@@ -5,6 +5,7 @@
 //! inputs to owned Rust values, release the GIL (`py.detach`) around anything that can take
 //! milliseconds, and re-attach periodically to call `py.check_signals()` in long waits.
 
+pub mod engine;
 pub mod errors;
 pub mod katapult;
 pub mod snapshot;

@@ -1,0 +1,2 @@
+// Changes since the tag (bench history).
+#include "command.h"

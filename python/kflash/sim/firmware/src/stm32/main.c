@@ -1,0 +1,7 @@
+// STM32 board entry (host-compiled on the bench).
+#include "../main_common.h"
+
+DECL_CONSTANT_STR("MCU", CONFIG_MCU);
+DECL_CONSTANT("FLASH_APPLICATION_ADDRESS", CONFIG_FLASH_APPLICATION_ADDRESS);
+
+int main(int argc, char **argv) { return main_common(argc, argv); }

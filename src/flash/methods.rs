@@ -1,0 +1,291 @@
+//! The flash methods themselves: flashtool.py, `make flash`, the linux-process MCU.
+//!
+//! Each function runs its commands through `crate::process` with the caller's `Cancel`
+//! and reports progress lines to the sink. See the parent module for the invariants.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use super::{Endpoint, Error, Job, Tools};
+use crate::events::{Event, Sink, Stage};
+use crate::process::{self, Cancel, Cmd};
+
+/// One `make flash` at a time in this process: it builds helper tools in the shared tree.
+static MAKE_FLASH: Mutex<()> = Mutex::new(());
+
+/// Where flashtool.py may live, in the order searched.
+pub(super) fn flashtool_candidates(tools: &Tools) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Some(dir) = &tools.katapult_dir {
+        out.push(dir.join("scripts").join("flashtool.py"));
+    }
+    out.push(
+        tools
+            .klipper_dir
+            .join("lib")
+            .join("katapult")
+            .join("flashtool.py"),
+    );
+    out
+}
+
+/// The first flashtool.py found: `katapult_dir/scripts`, then the Klipper tree's copy.
+pub fn find_flashtool(tools: &Tools) -> Option<PathBuf> {
+    flashtool_candidates(tools)
+        .into_iter()
+        .find(|p| p.is_file())
+}
+
+/// What flashtool's output says happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlashtoolVerdict {
+    /// `Programming Complete`: the image was written and verified.
+    Programmed,
+    /// `Device is not Katapult`: nothing was flashed (even though it exits 0).
+    NotKatapult,
+    /// Anything else: not a flash.
+    Unconfirmed,
+}
+
+/// Judge flashtool's stdout. Success only on the `Programming Complete` line.
+pub fn flashtool_verdict(output: &str) -> FlashtoolVerdict {
+    let mut verdict = FlashtoolVerdict::Unconfirmed;
+    for line in output.lines() {
+        let line = line.trim();
+        if line.contains("Device is not Katapult") {
+            return FlashtoolVerdict::NotKatapult;
+        }
+        if line == "Programming Complete" {
+            verdict = FlashtoolVerdict::Programmed;
+        }
+    }
+    verdict
+}
+
+fn progress(sink: &Sink, key: &str) -> impl Fn(&str) + Send + Sync + 'static {
+    let sink = Arc::clone(sink);
+    let key = key.to_owned();
+    move |line: &str| {
+        let line = line.trim();
+        if !line.is_empty() {
+            sink(&Event::info(Stage::Flash, Some(&key), line));
+        }
+    }
+}
+
+fn command_error(e: process::Error) -> Error {
+    match e {
+        process::Error::Cancelled { .. } => Error::Cancelled,
+        other => Error::Command(other),
+    }
+}
+
+/// Flash with Katapult: the native flasher when set (serial only), else flashtool.py.
+pub(super) fn katapult(
+    tools: &Tools,
+    job: &Job<'_>,
+    dev: Option<&Path>,
+    cancel: &Cancel,
+    sink: &Sink,
+) -> Result<(), Error> {
+    let firmware = if job.image.extension().is_some_and(|e| e == "bin") {
+        job.image.to_path_buf()
+    } else {
+        job.out_dir.join("klipper.bin")
+    };
+    if !firmware.is_file() {
+        return Err(Error::NoFirmware(firmware));
+    }
+    if let (Some(native), Endpoint::Serial { baud, .. }, Some(dev)) =
+        (&tools.native_katapult, job.endpoint, dev)
+    {
+        sink(&Event::info(
+            Stage::Flash,
+            Some(job.key),
+            format!("flashing {} with Katapult (native)", dev.display()),
+        ));
+        return native(dev, *baud, &firmware, cancel, sink).map_err(|e| {
+            if cancel.is_cancelled() {
+                Error::Cancelled
+            } else {
+                Error::Native(e)
+            }
+        });
+    }
+    let Some(flashtool) = find_flashtool(tools) else {
+        return Err(Error::NoFlashtool {
+            searched: flashtool_candidates(tools),
+        });
+    };
+    let mut cmd = Cmd::new(&tools.python).arg(&flashtool);
+    match (job.endpoint, dev) {
+        (Endpoint::Serial { baud, .. }, Some(dev)) => {
+            cmd = cmd.arg("-d").arg(dev);
+            if let Some(baud) = baud {
+                cmd = cmd.arg("-b").arg(baud.to_string());
+            }
+        }
+        (Endpoint::Can { interface, uuid }, _) => {
+            cmd = cmd.arg("-i").arg(interface).arg("-u").arg(uuid);
+        }
+        (endpoint, _) => {
+            return Err(Error::Unsupported {
+                method: "katapult",
+                what: endpoint.describe(),
+            })
+        }
+    }
+    let cmd = cmd
+        .arg("-f")
+        .arg(&firmware)
+        .timeout(tools.flash_timeout)
+        .cancel(cancel)
+        .on_line(progress(sink, job.key));
+    sink(&Event::info(
+        Stage::Flash,
+        Some(job.key),
+        format!("flashing with Katapult: {}", cmd.display()),
+    ));
+    let out = cmd.run_unchecked().map_err(command_error)?;
+    match flashtool_verdict(&out.stdout) {
+        FlashtoolVerdict::NotKatapult => Err(Error::NotKatapult {
+            device: job.endpoint.describe(),
+        }),
+        FlashtoolVerdict::Programmed if out.status.success() => Ok(()),
+        FlashtoolVerdict::Programmed | FlashtoolVerdict::Unconfirmed if !out.status.success() => {
+            Err(Error::Command(process::Error::Failed {
+                cmd: cmd.display(),
+                status: out.status,
+                tail: out.tail,
+            }))
+        }
+        _ => Err(Error::NotConfirmed { tail: out.tail }),
+    }
+}
+
+/// `make flash FLASH_DEVICE=<dev>` in the Klipper tree, one at a time, without sudo.
+pub(super) fn make_flash(
+    tools: &Tools,
+    job: &Job<'_>,
+    dev: &Path,
+    cancel: &Cancel,
+    sink: &Sink,
+) -> Result<(), Error> {
+    let mut out = job.out_dir.as_os_str().to_owned();
+    if !out.to_string_lossy().ends_with('/') {
+        out.push("/");
+    }
+    let mut flash_device = std::ffi::OsString::from("FLASH_DEVICE=");
+    flash_device.push(dev);
+    let mut kconfig = std::ffi::OsString::from("KCONFIG_CONFIG=");
+    kconfig.push(job.kconfig);
+    let mut out_arg = std::ffi::OsString::from("OUT=");
+    out_arg.push(out);
+    let cmd = Cmd::new("make")
+        .arg("flash")
+        .arg(flash_device)
+        .arg(kconfig)
+        .arg(out_arg)
+        .arg("NOSUDO=1")
+        .env("NOSUDO", "1")
+        .cwd(&tools.klipper_dir)
+        .timeout(tools.flash_timeout)
+        .cancel(cancel)
+        .on_line(progress(sink, job.key));
+    // The lock only guards the shared tree; a poisoned lock still serialises.
+    let _one_at_a_time = MAKE_FLASH
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if cancel.is_cancelled() {
+        return Err(Error::Cancelled);
+    }
+    sink(&Event::info(
+        Stage::Flash,
+        Some(job.key),
+        format!("flashing with {}", cmd.display()),
+    ));
+    cmd.run().map(|_| ()).map_err(command_error)
+}
+
+/// Replace the linux-process MCU binary with the new klipper.elf (new inode: no ETXTBSY),
+/// then restart its service.
+pub(super) fn linux(
+    tools: &Tools,
+    job: &Job<'_>,
+    cancel: &Cancel,
+    sink: &Sink,
+) -> Result<(), Error> {
+    let elf = if job.image.extension().is_some_and(|e| e == "elf") {
+        job.image.to_path_buf()
+    } else {
+        job.out_dir.join("klipper.elf")
+    };
+    if !elf.is_file() {
+        return Err(Error::NoFirmware(elf));
+    }
+    let dest = &tools.linux_mcu_binary;
+    install_binary(&elf, dest).map_err(|source| Error::Install {
+        path: dest.clone(),
+        source,
+    })?;
+    sink(&Event::info(
+        Stage::Flash,
+        Some(job.key),
+        format!("installed {}", dest.display()),
+    ));
+    if cancel.is_cancelled() {
+        return Err(Error::Cancelled);
+    }
+    match &tools.linux_restart {
+        Some(restart) => match restart(cancel) {
+            Ok(Some(unit)) => {
+                sink(&Event::info(
+                    Stage::Flash,
+                    Some(job.key),
+                    format!("restarted {unit}"),
+                ));
+                Ok(())
+            }
+            Ok(None) => {
+                sink(&Event::info(
+                    Stage::Flash,
+                    Some(job.key),
+                    "no klipper-mcu/klipper_mcu service: the new binary runs at its next start",
+                ));
+                Ok(())
+            }
+            Err(e) => Err(Error::LinuxRestart(e)),
+        },
+        None => Ok(()),
+    }
+}
+
+/// Copy `src` next to `dest`, make it executable, rename it over `dest`, fsync the dir.
+fn install_binary(src: &Path, dest: &Path) -> std::io::Result<()> {
+    let dir = dest
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = dest.file_name().map_or_else(
+        || "klipper_mcu".into(),
+        |n| n.to_string_lossy().into_owned(),
+    );
+    let tmp = dir.join(format!(".{name}.kflash-new"));
+    let result = (|| {
+        let data = fs::read(src)?;
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(&data)?;
+        f.set_permissions(fs::Permissions::from_mode(0o755))?;
+        f.sync_all()?;
+        drop(f);
+        fs::rename(&tmp, dest)?;
+        fs::File::open(dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}

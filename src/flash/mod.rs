@@ -1,0 +1,495 @@
+//! Flash methods and the fallback chain: how one device gets its new firmware.
+//!
+//! Owns: Katapult through the user's `flashtool.py` (serial and CAN), `make flash` in the
+//! Klipper tree, the linux-process MCU (replace the binary, restart its service), the
+//! `auto` chain between them, waiting for a USB/UART board to come back running Klipper,
+//! and the recovery hint per board family when it does not (STM32 DFU, RP2040 BOOTSEL,
+//! power-cycle).
+//!
+//! Invariants:
+//! - A Katapult flash succeeds ONLY when flashtool printed `Programming Complete`; its exit
+//!   code alone proves nothing (it exits 0 with "Device is not Katapult").
+//! - At most one `make flash` runs at a time in the whole process (it builds helper tools
+//!   inside the shared Klipper tree): a global mutex.
+//! - The linux MCU binary is replaced by a new inode (copy next to it, rename over), never
+//!   written in place: writing over a running executable fails with ETXTBSY.
+//! - Every external command runs through `crate::process` with the caller's `Cancel`.
+//!
+//! Seams for the lead: `Tools::native_katapult` (the native serial flasher replaces
+//! flashtool.py for serial devices when set) and `Tools::linux_restart` (restarts the
+//! linux MCU's service through the configured service backend).
+//!
+//! Thread-safety: `Flasher` is `Send + Sync`; flashing different devices from different
+//! threads is allowed, `make flash` serialises itself.
+
+mod methods;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::events::{Event, Level, Sink, Stage};
+use crate::process::{self, Cancel};
+
+pub use methods::{find_flashtool, flashtool_verdict, FlashtoolVerdict};
+
+/// How a device is flashed (the registry's method: auto, katapult, make, linux).
+pub use crate::registry::FlashMethod as Method;
+
+/// Where a device is reached.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Endpoint {
+    /// A USB or UART tty (as registered: usually a /dev/serial/by-id or by-path link).
+    Serial { path: PathBuf, baud: Option<u32> },
+    /// A CAN node by its Katapult/Klipper UUID on an interface.
+    Can { interface: String, uuid: String },
+    /// The linux-process MCU (its socket or pty path, for information only).
+    Linux { path: PathBuf },
+}
+
+impl Endpoint {
+    /// Short text for tables and messages.
+    pub fn describe(&self) -> String {
+        match self {
+            Endpoint::Serial { path, .. } | Endpoint::Linux { path } => path.display().to_string(),
+            Endpoint::Can { interface, uuid } => format!("{interface}:{uuid}"),
+        }
+    }
+}
+
+/// A board family, for recovery instructions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Family {
+    Stm32,
+    Rp2040,
+    Generic,
+}
+
+impl Family {
+    /// Family of a Kconfig `CONFIG_MCU` value ("stm32f446xx", "rp2040", "atmega2560"...).
+    pub fn of_mcu(mcu: &str) -> Self {
+        let mcu = mcu.to_ascii_lowercase();
+        if mcu.starts_with("stm32") {
+            Family::Stm32
+        } else if mcu.starts_with("rp2") {
+            Family::Rp2040
+        } else {
+            Family::Generic
+        }
+    }
+}
+
+/// What to tell a user whose board did not come back running Klipper.
+pub fn recovery_hint(family: Family, job: &Job<'_>, klipper_dir: &Path) -> String {
+    let out = job.out_dir.display();
+    let cfg = job.kconfig.display();
+    let tree = klipper_dir.display();
+    match family {
+        Family::Stm32 => format!(
+            "STM32 recovery: power the board off, set the BOOT0 jumper, power it on (it \
+             enumerates as DFU 0483:df11), then run `cd {tree} && make flash \
+             FLASH_DEVICE=0483:df11 KCONFIG_CONFIG={cfg} OUT={out}/` (or `dfu-util -a 0 -d \
+             0483:df11 -s 0x08000000:leave -D {out}/klipper.bin`, adding the bootloader \
+             offset if your config uses one); remove the jumper and power-cycle."
+        ),
+        Family::Rp2040 => format!(
+            "RP2040 recovery: unplug the board, hold BOOTSEL while plugging it in (it mounts \
+             as RPI-RP2), copy {out}/klipper.uf2 onto that drive (or run `cd {tree} && make \
+             flash FLASH_DEVICE=2e8a:0003 KCONFIG_CONFIG={cfg} OUT={out}/`); it reboots into \
+             Klipper."
+        ),
+        Family::Generic => format!(
+            "Power-cycle the board. If it does not come back, flash {out} through its \
+             bootloader or SD card (see Klipper's docs for your board), with KCONFIG_CONFIG={cfg}."
+        ),
+    }
+}
+
+/// A ROM bootloader seen on the USB bus (no tty): STM32 DFU or RP2040 BOOTSEL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RomLoader {
+    pub family: Family,
+    /// e.g. "STM32 DFU 0483:df11 at usb 1-1.3".
+    pub description: String,
+}
+
+/// How a serial board came back after a flash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Comeback {
+    /// Running Klipper again, at this path.
+    Klipper(PathBuf),
+    /// Stuck in a ROM bootloader.
+    RomLoader(RomLoader),
+    /// Not seen at all within the timeout.
+    Gone,
+}
+
+/// Device discovery as the flasher needs it (the real one wraps `crate::discovery`).
+pub trait Watch: Send + Sync {
+    /// Where the device's tty is now (its ttyACM number may have changed).
+    fn locate(&self, key: &str, endpoint: &Endpoint) -> Option<PathBuf>;
+    /// Wait until the device is back running Klipper, identified by its stable identity.
+    fn wait_back(
+        &self,
+        key: &str,
+        endpoint: &Endpoint,
+        timeout: Duration,
+        cancel: &Cancel,
+    ) -> Comeback;
+    /// ROM loaders currently on the bus.
+    fn rom_loaders(&self) -> Vec<RomLoader>;
+}
+
+/// The native Katapult serial flasher (seam): `(device, baud, firmware, cancel, sink)`.
+/// Must return `Ok` only when the image was written and verified.
+pub type NativeKatapult =
+    Arc<dyn Fn(&Path, Option<u32>, &Path, &Cancel, &Sink) -> Result<(), String> + Send + Sync>;
+
+/// Restarts the linux MCU's service (seam): `Ok(Some(unit))` restarted, `Ok(None)` when no
+/// `klipper-mcu`/`klipper_mcu` service exists.
+pub type LinuxRestart = Arc<dyn Fn(&Cancel) -> Result<Option<String>, String> + Send + Sync>;
+
+/// The tools and paths flashing needs (from the settings).
+#[derive(Clone)]
+pub struct Tools {
+    pub klipper_dir: PathBuf,
+    pub katapult_dir: Option<PathBuf>,
+    /// Interpreter for flashtool.py.
+    pub python: PathBuf,
+    /// The linux-process MCU binary that gets replaced (default /usr/local/bin/klipper_mcu).
+    pub linux_mcu_binary: PathBuf,
+    /// Deadline for one flash command.
+    pub flash_timeout: Duration,
+    /// How long a board may take to come back running Klipper.
+    pub return_timeout: Duration,
+    pub native_katapult: Option<NativeKatapult>,
+    pub linux_restart: Option<LinuxRestart>,
+}
+
+impl Tools {
+    /// Defaults for a Klipper tree (timeouts 300 s per command, 30 s to come back).
+    pub fn new(klipper_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            klipper_dir: klipper_dir.into(),
+            katapult_dir: None,
+            python: PathBuf::from("python3"),
+            linux_mcu_binary: PathBuf::from("/usr/local/bin/klipper_mcu"),
+            flash_timeout: Duration::from_secs(300),
+            return_timeout: Duration::from_secs(30),
+            native_katapult: None,
+            linux_restart: None,
+        }
+    }
+}
+
+/// One device to flash with one built firmware.
+#[derive(Debug, Clone, Copy)]
+pub struct Job<'a> {
+    pub key: &'a str,
+    pub method: Method,
+    pub endpoint: &'a Endpoint,
+    /// Kconfig `CONFIG_MCU` ("linux" for the linux target).
+    pub mcu: &'a str,
+    /// The build's OUT directory (what `make flash OUT=` needs).
+    pub out_dir: &'a Path,
+    /// The image to flash (klipper.bin / .uf2 / .elf.hex, or klipper.elf for linux).
+    pub image: &'a Path,
+    /// The device's Kconfig file.
+    pub kconfig: &'a Path,
+}
+
+/// Errors of one device's flash. Every variant says what went wrong in the user's words.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{device}: the device is not in Katapult (flashtool: \"Device is not Katapult\"); nothing was flashed")]
+    NotKatapult { device: String },
+    #[error("flashtool.py not found (looked in {})", searched.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "))]
+    NoFlashtool { searched: Vec<PathBuf> },
+    #[error(
+        "flashtool did not confirm the flash (no `Programming Complete` line){}",
+        tail_text(tail)
+    )]
+    NotConfirmed { tail: String },
+    #[error("no firmware to flash: {0} is missing")]
+    NoFirmware(PathBuf),
+    #[error("{0}")]
+    Command(#[from] process::Error),
+    #[error("method `{method}` cannot flash {what}")]
+    Unsupported { method: &'static str, what: String },
+    #[error("the device's tty was not found ({0}); is it plugged in?")]
+    NotConnected(String),
+    #[error("after flashing, the board came back as {0} instead of Klipper")]
+    CameBackInRomLoader(String),
+    #[error("after flashing, the board did not come back running Klipper within {0:?}")]
+    DidNotReturn(Duration),
+    #[error("cannot replace {path}: {source}")]
+    Install {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the linux MCU binary was replaced but its service could not be restarted: {0}")]
+    LinuxRestart(String),
+    #[error("native Katapult flasher: {0}")]
+    Native(String),
+    #[error("Katapult failed: {katapult}; the fallback `make flash` failed too: {make}")]
+    BothFailed {
+        katapult: Box<Error>,
+        make: Box<Error>,
+    },
+    #[error("cancelled")]
+    Cancelled,
+}
+
+fn tail_text(tail: &str) -> String {
+    if tail.trim().is_empty() {
+        String::new()
+    } else {
+        format!("; last output:\n{}", tail.trim_end())
+    }
+}
+
+/// A failed flash: the error and what the user can do about it.
+#[derive(Debug)]
+pub struct Failure {
+    pub error: Error,
+    pub hint: Option<String>,
+    /// The methods tried, in order.
+    pub tried: Vec<Method>,
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.error)
+    }
+}
+
+/// A successful flash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Flashed {
+    /// The method that did it.
+    pub method: Method,
+    /// Where the board is now (serial devices).
+    pub path: Option<PathBuf>,
+}
+
+/// Flashes devices with the configured tools; waits for them to come back.
+pub struct Flasher {
+    pub tools: Tools,
+    pub watch: Arc<dyn Watch>,
+}
+
+impl Flasher {
+    pub fn new(tools: Tools, watch: Arc<dyn Watch>) -> Self {
+        Self { tools, watch }
+    }
+
+    /// Checks before any downtime that some method can flash this device.
+    pub fn check(&self, job: &Job<'_>) -> Result<(), String> {
+        let flashtool = find_flashtool(&self.tools).is_some();
+        let native = self.tools.native_katapult.is_some();
+        let make = self.tools.klipper_dir.join("Makefile").is_file();
+        let ok = match (job.endpoint, job.method) {
+            (Endpoint::Linux { .. }, Method::Auto | Method::Linux) => true,
+            (Endpoint::Can { .. }, Method::Auto | Method::Katapult) => flashtool,
+            (Endpoint::Serial { .. }, Method::Auto) => flashtool || native || make,
+            (Endpoint::Serial { .. }, Method::Katapult) => flashtool || native,
+            (Endpoint::Serial { .. }, Method::Make) => make,
+            _ => {
+                return Err(format!(
+                    "method `{}` cannot flash {}",
+                    job.method.as_str(),
+                    job.endpoint.describe()
+                ))
+            }
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(match job.method {
+                Method::Make => format!(
+                    "no Klipper tree at {} (set klipper_dir)",
+                    self.tools.klipper_dir.display()
+                ),
+                _ => format!(
+                    "no flash tool: flashtool.py not found (looked in {}); install Katapult or set katapult_dir",
+                    methods::flashtool_candidates(&self.tools)
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            })
+        }
+    }
+
+    /// Flash one device following its method (and the `auto` chain), then wait for it.
+    pub fn flash(&self, job: &Job<'_>, cancel: &Cancel, sink: &Sink) -> Result<Flashed, Failure> {
+        let family = Family::of_mcu(job.mcu);
+        let mut tried = Vec::new();
+        let fail =
+            |error: Error, tried: Vec<Method>, hint: Option<String>| Failure { error, hint, tried };
+        let result = match (job.endpoint, job.method) {
+            (Endpoint::Linux { .. }, Method::Auto | Method::Linux) => {
+                tried.push(Method::Linux);
+                return methods::linux(&self.tools, job, cancel, sink)
+                    .map(|()| Flashed {
+                        method: Method::Linux,
+                        path: None,
+                    })
+                    .map_err(|e| fail(e, tried, None));
+            }
+            (Endpoint::Can { .. }, Method::Auto | Method::Katapult) => {
+                tried.push(Method::Katapult);
+                return methods::katapult(&self.tools, job, None, cancel, sink)
+                    .map(|()| Flashed {
+                        method: Method::Katapult,
+                        path: None,
+                    })
+                    .map_err(|e| {
+                        let hint = Some(format!(
+                            "Check that {} is up (`ip link show`) and the node is powered; \
+                             `flashtool.py -i IFACE -q` lists nodes waiting in Katapult. {}",
+                            match job.endpoint {
+                                Endpoint::Can { interface, .. } => interface.as_str(),
+                                _ => "the CAN interface",
+                            },
+                            recovery_hint(family, job, &self.tools.klipper_dir)
+                        ));
+                        fail(e, tried, hint)
+                    });
+            }
+            (
+                Endpoint::Serial { .. },
+                method @ (Method::Auto | Method::Katapult | Method::Make),
+            ) => self.flash_serial(job, method, &mut tried, cancel, sink),
+            (endpoint, method) => Err(Error::Unsupported {
+                method: method.as_str(),
+                what: endpoint.describe(),
+            }),
+        };
+        match result {
+            Ok(method) => self.wait_back(job, method, tried, family, cancel, sink),
+            Err(Error::Cancelled) => Err(fail(Error::Cancelled, tried, None)),
+            Err(error) => {
+                let hint = Some(self.rom_loader_hint(job, family));
+                Err(fail(error, tried, hint))
+            }
+        }
+    }
+
+    fn flash_serial(
+        &self,
+        job: &Job<'_>,
+        method: Method,
+        tried: &mut Vec<Method>,
+        cancel: &Cancel,
+        sink: &Sink,
+    ) -> Result<Method, Error> {
+        let locate = || {
+            self.watch
+                .locate(job.key, job.endpoint)
+                .ok_or_else(|| Error::NotConnected(job.endpoint.describe()))
+        };
+        let mut katapult_error = None;
+        if matches!(method, Method::Auto | Method::Katapult) {
+            tried.push(Method::Katapult);
+            let dev = locate()?;
+            match methods::katapult(&self.tools, job, Some(&dev), cancel, sink) {
+                Ok(()) => return Ok(Method::Katapult),
+                // Fall back to make flash only when Katapult could not even be tried or
+                // failed talking; never after "not Katapult" (the board sits in a ROM
+                // loader: that needs the user) nor after a cancel.
+                Err(e @ (Error::NotKatapult { .. } | Error::Cancelled)) => return Err(e),
+                Err(e) if method == Method::Katapult => return Err(e),
+                Err(e) => {
+                    sink(
+                        &Event::info(
+                            Stage::Flash,
+                            Some(job.key),
+                            format!("Katapult failed ({e}); falling back to `make flash`"),
+                        )
+                        .with_level(Level::Warning),
+                    );
+                    katapult_error = Some(e);
+                }
+            }
+        }
+        if cancel.is_cancelled() {
+            return Err(Error::Cancelled);
+        }
+        tried.push(Method::Make);
+        let result = locate().and_then(|dev| {
+            methods::make_flash(&self.tools, job, &dev, cancel, sink).map(|()| Method::Make)
+        });
+        match (result, katapult_error) {
+            (Err(Error::Cancelled), _) => Err(Error::Cancelled),
+            (Err(make), Some(katapult)) => Err(Error::BothFailed {
+                katapult: Box::new(katapult),
+                make: Box::new(make),
+            }),
+            (result, _) => result,
+        }
+    }
+
+    fn wait_back(
+        &self,
+        job: &Job<'_>,
+        method: Method,
+        tried: Vec<Method>,
+        family: Family,
+        cancel: &Cancel,
+        sink: &Sink,
+    ) -> Result<Flashed, Failure> {
+        sink(&Event::info(
+            Stage::Flash,
+            Some(job.key),
+            "waiting for the board to come back running Klipper",
+        ));
+        let hint = recovery_hint(family, job, &self.tools.klipper_dir);
+        match self
+            .watch
+            .wait_back(job.key, job.endpoint, self.tools.return_timeout, cancel)
+        {
+            Comeback::Klipper(path) => Ok(Flashed {
+                method,
+                path: Some(path),
+            }),
+            Comeback::RomLoader(rom) => Err(Failure {
+                error: Error::CameBackInRomLoader(rom.description),
+                hint: Some(recovery_hint(rom.family, job, &self.tools.klipper_dir)),
+                tried,
+            }),
+            Comeback::Gone if cancel.is_cancelled() => Err(Failure {
+                error: Error::Cancelled,
+                hint: Some(hint),
+                tried,
+            }),
+            Comeback::Gone => Err(Failure {
+                error: Error::DidNotReturn(self.tools.return_timeout),
+                hint: Some(hint),
+                tried,
+            }),
+        }
+    }
+
+    /// After a failure: a ROM loader on the bus explains it (and says how to recover).
+    fn rom_loader_hint(&self, job: &Job<'_>, family: Family) -> String {
+        let roms = self.watch.rom_loaders();
+        if let Some(rom) = roms.first() {
+            return format!(
+                "{} is on the USB bus. {}",
+                rom.description,
+                recovery_hint(rom.family, job, &self.tools.klipper_dir)
+            );
+        }
+        recovery_hint(family, job, &self.tools.klipper_dir)
+    }
+}
+
+#[cfg(test)]
+mod tests;

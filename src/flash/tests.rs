@@ -1,0 +1,429 @@
+use super::*;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::sync::Mutex;
+
+struct FakeWatch {
+    comeback: Comeback,
+    roms: Vec<RomLoader>,
+    path: Option<PathBuf>,
+    waited: Mutex<u32>,
+}
+
+impl Watch for FakeWatch {
+    fn locate(&self, _key: &str, _endpoint: &Endpoint) -> Option<PathBuf> {
+        self.path.clone()
+    }
+    fn wait_back(&self, _: &str, _: &Endpoint, _: Duration, _: &Cancel) -> Comeback {
+        *self.waited.lock().unwrap() += 1;
+        self.comeback.clone()
+    }
+    fn rom_loaders(&self) -> Vec<RomLoader> {
+        self.roms.clone()
+    }
+}
+
+fn watch(comeback: Comeback, roms: Vec<RomLoader>) -> Arc<FakeWatch> {
+    Arc::new(FakeWatch {
+        comeback,
+        roms,
+        path: Some(PathBuf::from("/dev/ttyACM0")),
+        waited: Mutex::new(0),
+    })
+}
+
+struct Sandbox {
+    dir: tempfile::TempDir,
+}
+
+impl Sandbox {
+    /// A Klipper tree whose flashtool prints `script_body`'s output; OUT with a firmware.
+    fn new(flashtool_body: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let tree = dir.path().join("klipper");
+        fs::create_dir_all(tree.join("lib/katapult")).unwrap();
+        fs::write(
+            tree.join("lib/katapult/flashtool.py"),
+            format!(
+                "import sys\nopen(sys.argv[0] + '.args', 'w').write(' '.join(sys.argv[1:]))\n{flashtool_body}\n"
+            ),
+        )
+        .unwrap();
+        fs::write(
+            tree.join("Makefile"),
+            "flash:\n\t@echo make-flash $(FLASH_DEVICE) $(OUT) NOSUDO=$(NOSUDO) > $(OUT)made\n",
+        )
+        .unwrap();
+        let out = dir.path().join("out");
+        fs::create_dir_all(&out).unwrap();
+        fs::write(out.join("klipper.bin"), b"firmware").unwrap();
+        fs::write(out.join("klipper.elf"), b"\x7fELF new").unwrap();
+        fs::write(
+            dir.path().join("board.config"),
+            "CONFIG_MCU=\"stm32f446xx\"\n",
+        )
+        .unwrap();
+        Self { dir }
+    }
+    fn tools(&self) -> Tools {
+        let mut t = Tools::new(self.dir.path().join("klipper"));
+        t.flash_timeout = Duration::from_secs(20);
+        t
+    }
+    fn out(&self) -> PathBuf {
+        self.dir.path().join("out")
+    }
+    fn cfg(&self) -> PathBuf {
+        self.dir.path().join("board.config")
+    }
+    fn flashtool_args(&self) -> String {
+        fs::read_to_string(
+            self.dir
+                .path()
+                .join("klipper/lib/katapult/flashtool.py.args"),
+        )
+        .unwrap_or_default()
+    }
+}
+
+fn serial() -> Endpoint {
+    Endpoint::Serial {
+        path: PathBuf::from("/dev/serial/by-id/usb-Klipper_stm32f446xx_1-if00"),
+        baud: None,
+    }
+}
+
+fn job<'a>(
+    sb: &'a Sandbox,
+    endpoint: &'a Endpoint,
+    method: Method,
+    out: &'a Path,
+    cfg: &'a Path,
+) -> Job<'a> {
+    let _ = sb;
+    Job {
+        key: "octopus",
+        method,
+        endpoint,
+        mcu: "stm32f446xx",
+        out_dir: out,
+        image: Path::new("/nonexistent/klipper.uf2"),
+        kconfig: cfg,
+    }
+}
+
+#[test]
+fn verdict_requires_programming_complete() {
+    assert_eq!(
+        flashtool_verdict("Connecting...\nProgramming Complete\n"),
+        FlashtoolVerdict::Programmed
+    );
+    assert_eq!(
+        flashtool_verdict("Device is not Katapult, exiting...\nBootloader Request Complete\n"),
+        FlashtoolVerdict::NotKatapult
+    );
+    assert_eq!(
+        flashtool_verdict("Bootloader Request Complete\n"),
+        FlashtoolVerdict::Unconfirmed
+    );
+}
+
+#[test]
+fn katapult_success_waits_for_the_board() {
+    let sb = Sandbox::new("print('Flashing...')\nprint('Programming Complete')");
+    let w = watch(Comeback::Klipper(PathBuf::from("/dev/ttyACM1")), vec![]);
+    let flasher = Flasher::new(sb.tools(), w.clone());
+    let (ep, out, cfg) = (serial(), sb.out(), sb.cfg());
+    let done = flasher
+        .flash(
+            &job(&sb, &ep, Method::Auto, &out, &cfg),
+            &Cancel::new(),
+            &crate::events::discard(),
+        )
+        .unwrap();
+    assert_eq!(done.method, Method::Katapult);
+    assert_eq!(done.path, Some(PathBuf::from("/dev/ttyACM1")));
+    assert_eq!(*w.waited.lock().unwrap(), 1);
+    let args = sb.flashtool_args();
+    assert!(args.contains("-d /dev/ttyACM0"), "{args}");
+    assert!(args.contains("klipper.bin"), "{args}");
+}
+
+#[test]
+fn not_katapult_with_rc0_is_a_failure_with_dfu_hint() {
+    let sb = Sandbox::new(
+        "print('Device is not Katapult, exiting...')\nprint('Bootloader Request Complete')",
+    );
+    let w = watch(
+        Comeback::Gone,
+        vec![RomLoader {
+            family: Family::Stm32,
+            description: "STM32 DFU 0483:df11".into(),
+        }],
+    );
+    let flasher = Flasher::new(sb.tools(), w.clone());
+    let (ep, out, cfg) = (serial(), sb.out(), sb.cfg());
+    let err = flasher
+        .flash(
+            &job(&sb, &ep, Method::Auto, &out, &cfg),
+            &Cancel::new(),
+            &crate::events::discard(),
+        )
+        .unwrap_err();
+    assert!(matches!(err.error, Error::NotKatapult { .. }), "{err}");
+    let hint = err.hint.unwrap();
+    assert!(
+        hint.contains("BOOT0") && hint.contains("0483:df11"),
+        "{hint}"
+    );
+    // No fallback to make flash after "not Katapult", and no waiting.
+    assert!(!out.join("made").exists());
+    assert_eq!(err.tried, vec![Method::Katapult]);
+}
+
+#[test]
+fn katapult_error_falls_back_to_make_flash() {
+    let sb = Sandbox::new("import sys\nprint('ERROR: no response')\nsys.exit(1)");
+    let w = watch(Comeback::Klipper(PathBuf::from("/dev/ttyACM0")), vec![]);
+    let flasher = Flasher::new(sb.tools(), w);
+    let (ep, out, cfg) = (serial(), sb.out(), sb.cfg());
+    let done = flasher
+        .flash(
+            &job(&sb, &ep, Method::Auto, &out, &cfg),
+            &Cancel::new(),
+            &crate::events::discard(),
+        )
+        .unwrap();
+    assert_eq!(done.method, Method::Make);
+    let made = fs::read_to_string(out.join("made")).unwrap();
+    assert!(made.contains("make-flash /dev/ttyACM0"), "{made}");
+    assert!(made.contains("NOSUDO=1"), "{made}");
+}
+
+#[test]
+fn rc0_without_confirmation_is_not_a_flash() {
+    let sb = Sandbox::new("print('Bootloader Request Complete')");
+    let w = watch(Comeback::Klipper(PathBuf::from("/dev/ttyACM0")), vec![]);
+    let flasher = Flasher::new(sb.tools(), w);
+    let (ep, out, cfg) = (serial(), sb.out(), sb.cfg());
+    let err = flasher
+        .flash(
+            &job(&sb, &ep, Method::Katapult, &out, &cfg),
+            &Cancel::new(),
+            &crate::events::discard(),
+        )
+        .unwrap_err();
+    assert!(matches!(err.error, Error::NotConfirmed { .. }), "{err}");
+}
+
+#[test]
+fn came_back_in_bootsel_gives_rp2040_steps() {
+    let sb = Sandbox::new("print('Programming Complete')");
+    let w = watch(
+        Comeback::RomLoader(RomLoader {
+            family: Family::Rp2040,
+            description: "RP2040 BOOTSEL 2e8a:0003".into(),
+        }),
+        vec![],
+    );
+    let flasher = Flasher::new(sb.tools(), w);
+    let (ep, out, cfg) = (serial(), sb.out(), sb.cfg());
+    let err = flasher
+        .flash(
+            &job(&sb, &ep, Method::Katapult, &out, &cfg),
+            &Cancel::new(),
+            &crate::events::discard(),
+        )
+        .unwrap_err();
+    assert!(matches!(err.error, Error::CameBackInRomLoader(_)));
+    let hint = err.hint.unwrap();
+    assert!(
+        hint.contains("BOOTSEL") && hint.contains("klipper.uf2"),
+        "{hint}"
+    );
+}
+
+#[test]
+fn board_that_never_returns_is_a_failure() {
+    let sb = Sandbox::new("print('Programming Complete')");
+    let flasher = Flasher::new(sb.tools(), watch(Comeback::Gone, vec![]));
+    let (ep, out, cfg) = (serial(), sb.out(), sb.cfg());
+    let err = flasher
+        .flash(
+            &job(&sb, &ep, Method::Katapult, &out, &cfg),
+            &Cancel::new(),
+            &crate::events::discard(),
+        )
+        .unwrap_err();
+    assert!(matches!(err.error, Error::DidNotReturn(_)));
+    assert!(err.hint.unwrap().contains("BOOT0"));
+}
+
+#[test]
+fn can_uses_interface_and_uuid() {
+    let sb = Sandbox::new("print('Programming Complete')");
+    let flasher = Flasher::new(sb.tools(), watch(Comeback::Gone, vec![]));
+    let ep = Endpoint::Can {
+        interface: "can0".into(),
+        uuid: "aabbccddeeff".into(),
+    };
+    let (out, cfg) = (sb.out(), sb.cfg());
+    let done = flasher
+        .flash(
+            &job(&sb, &ep, Method::Auto, &out, &cfg),
+            &Cancel::new(),
+            &crate::events::discard(),
+        )
+        .unwrap();
+    assert_eq!(done.method, Method::Katapult);
+    assert!(sb.flashtool_args().contains("-i can0 -u aabbccddeeff"));
+}
+
+#[test]
+fn katapult_dir_wins_over_klipper_copy() {
+    let sb = Sandbox::new("print('Programming Complete')");
+    let kat = sb.dir.path().join("katapult/scripts");
+    fs::create_dir_all(&kat).unwrap();
+    fs::write(kat.join("flashtool.py"), "print('x')").unwrap();
+    let mut tools = sb.tools();
+    tools.katapult_dir = Some(sb.dir.path().join("katapult"));
+    assert_eq!(find_flashtool(&tools), Some(kat.join("flashtool.py")));
+    tools.katapult_dir = Some(sb.dir.path().join("nowhere"));
+    assert_eq!(
+        find_flashtool(&tools),
+        Some(sb.dir.path().join("klipper/lib/katapult/flashtool.py"))
+    );
+}
+
+#[test]
+fn native_seam_replaces_flashtool_for_serial() {
+    let sb = Sandbox::new("print('Programming Complete')");
+    let called = Arc::new(Mutex::new(None));
+    let seen = called.clone();
+    let mut tools = sb.tools();
+    tools.native_katapult = Some(Arc::new(move |dev, _baud, fw, _c, _s| {
+        *seen.lock().unwrap() = Some((dev.to_path_buf(), fw.to_path_buf()));
+        Ok(())
+    }));
+    let flasher = Flasher::new(
+        tools,
+        watch(Comeback::Klipper(PathBuf::from("/dev/ttyACM0")), vec![]),
+    );
+    let (ep, out, cfg) = (serial(), sb.out(), sb.cfg());
+    flasher
+        .flash(
+            &job(&sb, &ep, Method::Auto, &out, &cfg),
+            &Cancel::new(),
+            &crate::events::discard(),
+        )
+        .unwrap();
+    let (dev, fw) = called.lock().unwrap().clone().unwrap();
+    assert_eq!(dev, PathBuf::from("/dev/ttyACM0"));
+    assert_eq!(fw, out.join("klipper.bin"));
+    assert_eq!(sb.flashtool_args(), "", "flashtool must not run");
+}
+
+#[test]
+fn linux_replaces_a_running_binary_and_restarts() {
+    let sb = Sandbox::new("");
+    let bin = sb.dir.path().join("klipper_mcu");
+    // A running copy of the old binary: writing over it in place would fail (ETXTBSY).
+    fs::copy("/bin/sleep", &bin).unwrap();
+    fs::set_permissions(&bin, fs::Permissions::from_mode(0o755)).unwrap();
+    let mut running = std::process::Command::new(&bin).arg("30").spawn().unwrap();
+    let restarted = Arc::new(Mutex::new(0));
+    let count = restarted.clone();
+    let mut tools = sb.tools();
+    tools.linux_mcu_binary = bin.clone();
+    tools.linux_restart = Some(Arc::new(move |_c| {
+        *count.lock().unwrap() += 1;
+        Ok(Some("klipper-mcu".into()))
+    }));
+    let flasher = Flasher::new(tools, watch(Comeback::Gone, vec![]));
+    let ep = Endpoint::Linux {
+        path: PathBuf::from("/tmp/klipper_host_mcu"),
+    };
+    let (out, cfg) = (sb.out(), sb.cfg());
+    let done = flasher.flash(
+        &job(&sb, &ep, Method::Auto, &out, &cfg),
+        &Cancel::new(),
+        &crate::events::discard(),
+    );
+    running.kill().unwrap();
+    running.wait().unwrap();
+    assert_eq!(done.unwrap().method, Method::Linux);
+    assert_eq!(fs::read(&bin).unwrap(), b"\x7fELF new");
+    assert_eq!(*restarted.lock().unwrap(), 1);
+}
+
+#[test]
+fn check_reports_missing_flash_tool_for_can() {
+    let sb = Sandbox::new("");
+    fs::remove_file(sb.dir.path().join("klipper/lib/katapult/flashtool.py")).unwrap();
+    let flasher = Flasher::new(sb.tools(), watch(Comeback::Gone, vec![]));
+    let ep = Endpoint::Can {
+        interface: "can0".into(),
+        uuid: "aabbccddeeff".into(),
+    };
+    let (out, cfg) = (sb.out(), sb.cfg());
+    let err = flasher
+        .check(&job(&sb, &ep, Method::Auto, &out, &cfg))
+        .unwrap_err();
+    assert!(err.contains("flashtool.py"), "{err}");
+    // Serial still has make flash.
+    let ep = serial();
+    flasher
+        .check(&job(&sb, &ep, Method::Auto, &out, &cfg))
+        .unwrap();
+}
+
+#[test]
+fn cancel_stops_a_hanging_flashtool() {
+    let sb = Sandbox::new("import time\ntime.sleep(30)");
+    let flasher = Flasher::new(sb.tools(), watch(Comeback::Gone, vec![]));
+    let cancel = Cancel::new();
+    let c = cancel.clone();
+    let t = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        c.cancel();
+    });
+    let (ep, out, cfg) = (serial(), sb.out(), sb.cfg());
+    let started = std::time::Instant::now();
+    let err = flasher
+        .flash(
+            &job(&sb, &ep, Method::Auto, &out, &cfg),
+            &cancel,
+            &crate::events::discard(),
+        )
+        .unwrap_err();
+    t.join().unwrap();
+    assert!(matches!(err.error, Error::Cancelled), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert!(!out.join("made").exists(), "no fallback after cancel");
+}
+
+#[test]
+fn when_both_methods_fail_the_katapult_error_is_kept() {
+    let sb =
+        Sandbox::new("import sys\nprint('Verification failed: checksum mismatch')\nsys.exit(1)");
+    fs::write(
+        sb.dir.path().join("klipper/Makefile"),
+        "flash:\n\t@echo no way; exit 2\n",
+    )
+    .unwrap();
+    let flasher = Flasher::new(sb.tools(), watch(Comeback::Gone, vec![]));
+    let (ep, out, cfg) = (serial(), sb.out(), sb.cfg());
+    let err = flasher
+        .flash(
+            &job(&sb, &ep, Method::Auto, &out, &cfg),
+            &Cancel::new(),
+            &crate::events::discard(),
+        )
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("checksum mismatch") && msg.contains("make flash"),
+        "{msg}"
+    );
+    assert_eq!(err.tried, vec![Method::Katapult, Method::Make]);
+}

@@ -1,0 +1,184 @@
+"""The kflash CLI: devices, settings, build, and bad input (exit 2, nothing lost)."""
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+PRINTER_CFG = """
+[include extra.cfg]
+[mcu]
+serial: /dev/serial/by-id/usb-Klipper_stm32f446xx_MAIN-if00
+
+[printer]
+kinematics: corexy
+"""
+
+EXTRA_CFG = """
+[mcu EBB36]
+canbus_uuid: 0A1B2C3D4E5F
+
+[mcu host]
+serial: /tmp/klipper_host_mcu
+"""
+
+
+def test_devices_import_list_remove(sandbox, tmp_path):
+    cfg = tmp_path / "printer.cfg"
+    cfg.write_text(PRINTER_CFG)
+    (tmp_path / "extra.cfg").write_text(EXTRA_CFG)
+    result = sandbox.json("devices", "import", str(cfg))
+    # Klipper's order: the include comes first.
+    assert [d["key"] for d in result["added"]] == ["EBB36", "host", "mcu"]
+    again = sandbox.json("devices", "import", str(cfg))
+    assert again["added"] == [] and len(again["skipped"]) == 3
+    devices = sandbox.json("devices", "list")
+    by_key = {d["key"]: d for d in devices}
+    assert by_key["EBB36"]["identity"] == {
+        "type": "can",
+        "uuid": "0a1b2c3d4e5f",
+        "interface": "can0",
+    }
+    assert by_key["host"]["method"] == "linux"
+    assert by_key["mcu"]["config_present"] is False
+    human = sandbox.ok("devices", "list").stdout
+    assert "EBB36" in human and "missing" in human
+    sandbox.ok("devices", "remove", "EBB36")
+    assert [d["key"] for d in sandbox.json("devices", "list")] == ["host", "mcu"]
+
+
+def test_settings_show_and_set(sandbox):
+    doc = sandbox.json("settings")
+    assert doc["settings"]["service"] == "command"
+    assert doc["state_dir"] == str(sandbox.home)
+    sandbox.ok("settings", "set", "klipper_service", "klipper-1")
+    assert sandbox.json("settings")["settings"]["klipper_service"] == "klipper-1"
+
+
+def test_build_then_cached(sandbox):
+    sandbox.add_board("octopus")
+    first = sandbox.json("build")
+    assert first[0]["build"] == "pass"
+    assert sandbox.json("build", "octopus")[0]["build"] == "cached"
+    assert sandbox.service_events() == []
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["devices", "add", "a/b", "--serial", "/dev/x"], ["a/b", "path separators"]),
+        (["devices", "add", "", "--serial", "/dev/x"], ["empty"]),
+        (["devices", "add", "tête", "--serial", "/dev/x"], ["ASCII"]),
+        (["devices", "add", "octopus", "--serial", "/dev/x"], ["already exists"]),
+        (["devices", "add", "ebb", "--can-uuid", "xyz"], ["12 hex digits"]),
+        (["devices", "remove", "nope"], ["nope", "octopus"]),
+        (["flash", "nope"], ["nope", "octopus"]),
+        (["flash-all", "nope*"], ["nope*", "octopus"]),
+        (["settings", "set", "service", "init.d"], ["moonraker, systemd, command"]),
+        (["settings", "set", "colour", "red"], ["colour", "klipper_dir"]),
+        (["devices", "add", "x"], ["--serial"]),
+    ],
+)
+def test_bad_input_exits_2_and_changes_nothing(sandbox, args, words):
+    sandbox.add_board("octopus")
+    registry = sandbox.home / "devices.json"
+    before = registry.read_bytes()
+    result = sandbox.run(*args)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    for word in words:
+        assert word in result.stderr, result.stderr
+    assert registry.read_bytes() == before
+    assert sandbox.service_events() == []
+
+
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ('{"version": 1, "devices": [}', ["devices.json", "line 1", "column"]),
+        ('{"version": 7, "devices": []}', ["devices.json", "newer kflash"]),
+    ],
+)
+def test_broken_registry_is_named_and_never_overwritten(sandbox, text, words):
+    registry = sandbox.home / "devices.json"
+    registry.write_text(text)
+    for args in (["devices", "list"], ["devices", "add", "x", "--serial", "/dev/x"]):
+        result = sandbox.run(*args)
+        assert result.returncode == 2
+        for word in words:
+            assert word in result.stderr, result.stderr
+    assert registry.read_text() == text
+
+
+def test_missing_config_is_exit_2_and_stops_nothing(sandbox):
+    sandbox.add_board("octopus")
+    sandbox.start_moonraker()
+    (sandbox.home / "configs" / "octopus.config").unlink()
+    result = sandbox.run("flash-all")
+    assert result.returncode == 2
+    assert "octopus" in result.stderr and "kflash config octopus" in result.stderr
+    assert sandbox.service_events() == []
+
+
+def test_config_for_another_interface_is_exit_2(sandbox, tmp_path):
+    cfg = tmp_path / "usb.config"
+    cfg.write_text('CONFIG_MCU="stm32g0b1xx"\nCONFIG_USBSERIAL=y\n')
+    sandbox.ok(
+        "devices", "add", "ebb", "--can-uuid", "0a1b2c3d4e5f", "--config", str(cfg)
+    )
+    sandbox.start_moonraker()
+    result = sandbox.run("flash-all")
+    assert result.returncode == 2
+    assert "CAN" in result.stderr
+    assert sandbox.service_events() == []
+
+
+def test_not_a_klipper_config_is_refused(sandbox, tmp_path):
+    cfg = tmp_path / "notes.txt"
+    cfg.write_text("hello\n")
+    result = sandbox.run(
+        "devices", "add", "x", "--serial", "/dev/x", "--config", str(cfg)
+    )
+    assert result.returncode == 2
+    assert "CONFIG_" in result.stderr
+    assert sandbox.json("devices", "list") == []
+
+
+def test_help_speaks_klipper():
+    out = subprocess.run(
+        [sys.executable, "-m", "kflash.cli", "--help"], capture_output=True, text=True
+    ).stdout
+    for word in ("flash-all", "printer.cfg", "klipper"):
+        assert word in out
+
+
+def test_devices_list_starts_fast(sandbox):
+    sandbox.add_board("octopus")
+    best = min(_timed(sandbox) for _ in range(3))
+    # 150 ms on an idle machine; leave room for a loaded CI box.
+    assert best < 1.0, best
+
+
+def _timed(sandbox):
+    started = time.monotonic()
+    result = sandbox.run("devices", "list", "--json")
+    assert json.loads(result.stdout)[0]["key"] == "octopus"
+    return time.monotonic() - started
+
+
+def test_config_runs_menuconfig_on_the_device_config(sandbox, tmp_path):
+    tree = tmp_path / "menuconfig-tree"
+    tree.mkdir()
+    (tree / "Makefile").write_text(
+        "menuconfig:\n"
+        "\tprintf 'CONFIG_MCU=\"rp2040\"\\nCONFIG_USBSERIAL=y\\n' > $(KCONFIG_CONFIG)\n"
+    )
+    sandbox.settings(klipper_dir=tree)
+    sandbox.ok("devices", "add", "pico", "--serial", "/dev/serial/by-id/usb-x")
+    result = sandbox.ok("config", "pico")
+    assert "rp2040" in result.stdout
+    config = sandbox.home / "configs" / "pico.config"
+    assert 'CONFIG_MCU="rp2040"' in config.read_text()
+    (dev,) = sandbox.json("devices", "list")
+    assert (dev["mcu"], dev["config_present"]) == ("rp2040", True)

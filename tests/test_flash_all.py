@@ -1,0 +1,217 @@
+"""flash-all end to end: real builds and processes, fake hardware (sandbox.py)."""
+
+import json
+import signal
+import time
+
+import pytest
+
+
+def two_boards(sandbox):
+    sandbox.add_board("octopus")
+    sandbox.add_board("ebb", mcu="rp2040")
+    return sandbox.start_moonraker()
+
+
+def test_stops_once_flashes_all_restarts_once_and_verifies(sandbox):
+    two_boards(sandbox)
+    report = sandbox.json("flash-all")
+    assert sandbox.service_events() == ["stop", "start"]
+    assert report["ok"] is True
+    assert report["service"]["stopped"] and report["service"]["restarted"]
+    target = report["target_version"]
+    assert target.startswith("v0.1.0-0-g")
+    for dev in report["devices"]:
+        assert (dev["build"], dev["flash"], dev["verify"]) == ("pass", "pass", "pass")
+        assert dev["version_after"] == target
+        assert dev["method"] == "katapult"
+    assert sandbox.flashed_version(sandbox.boards["octopus"]) == target
+    with open(report["record"]) as f:
+        record = json.load(f)
+    assert record["ok"] is True and len(record["devices"]) == 2
+
+
+def test_json_stdout_is_one_document_and_progress_goes_to_stderr(sandbox):
+    two_boards(sandbox)
+    result = sandbox.run("flash-all", "--json")
+    assert result.returncode == 0, result.stderr
+    json.loads(result.stdout)  # exactly one document, nothing else
+    assert "Programming Complete" in result.stderr
+
+
+def test_second_run_uses_the_cache_and_only_outdated_skips(sandbox):
+    two_boards(sandbox)
+    sandbox.json("flash-all")
+    again = sandbox.json("flash-all")
+    assert [d["build"] for d in again["devices"]] == ["cached", "cached"]
+    skip = sandbox.json("flash-all", "--only-outdated")
+    assert [d["action"] for d in skip["devices"]] == ["skip", "skip"]
+    assert skip["service"]["stopped"] is False
+    # Two stop windows so far, never more.
+    assert sandbox.service_events() == ["stop", "start", "stop", "start"]
+
+
+def test_one_failing_device_does_not_stop_the_others(sandbox):
+    two_boards(sandbox)
+    sandbox.add_board("bad")
+    sandbox.set_behaviour("bad", "fail")
+    report = sandbox.json("flash-all", code=1)
+    assert sandbox.service_events() == ["stop", "start"]
+    by_key = {d["key"]: d for d in report["devices"]}
+    assert by_key["bad"]["flash"] == "fail"
+    assert by_key["bad"]["error"]
+    assert by_key["octopus"]["verify"] == "pass"
+    assert by_key["ebb"]["verify"] == "pass"
+
+
+def test_device_in_dfu_is_a_failure_with_recovery_steps(sandbox):
+    two_boards(sandbox)
+    sandbox.set_behaviour("octopus", "dfu")
+    report = sandbox.json("flash-all", code=1)
+    octopus = report["devices"][0]
+    assert octopus["flash"] == "fail"
+    assert "not Katapult" in octopus["error"]
+    assert "BOOT0" in octopus["hint"] and "0483:df11" in octopus["hint"]
+    assert report["devices"][1]["verify"] == "pass"
+    assert sandbox.service_events() == ["stop", "start"]
+
+
+def test_nothing_is_stopped_when_every_build_fails(sandbox):
+    sandbox.add_board("broken", fail_build=True)
+    sandbox.start_moonraker()
+    report = sandbox.json("flash-all", code=1)
+    assert report["devices"][0]["build"] == "fail"
+    assert "fixture failure requested" in report["devices"][0]["error"]
+    assert sandbox.service_events() == []
+
+
+def test_boards_that_built_are_flashed_when_another_build_fails(sandbox):
+    two_boards(sandbox)
+    sandbox.add_board("broken", fail_build=True)
+    report = sandbox.json("flash-all", code=1)
+    by_key = {d["key"]: d for d in report["devices"]}
+    assert by_key["broken"]["build"] == "fail"
+    assert by_key["broken"]["flash"] == "skip"
+    assert by_key["octopus"]["flash"] == "pass"
+    assert sandbox.service_events() == ["stop", "start"]
+
+
+def test_printing_refuses_before_anything(sandbox):
+    moonraker = two_boards(sandbox)
+    for state in ("printing", "paused"):
+        moonraker.print_state = state
+        result = sandbox.run("flash-all", "--yes")
+        assert result.returncode == 3, result.stderr
+        assert state in result.stderr
+    assert sandbox.service_events() == []
+    assert not (sandbox.home / "builds").exists()
+
+
+def test_no_moonraker_needs_yes(sandbox):
+    sandbox.add_board("octopus")
+    result = sandbox.run("flash-all")
+    assert result.returncode == 3
+    assert "Moonraker" in result.stderr and "--yes" in result.stderr
+    assert sandbox.service_events() == []
+    # With --yes it proceeds; without Moonraker nothing can be verified.
+    report = sandbox.json("flash-all", "--yes", code=1)
+    assert sandbox.service_events() == ["stop", "start"]
+    assert report["devices"][0]["flash"] == "pass"
+    assert report["devices"][0]["verify"] == "fail"
+
+
+def test_no_service_control_refuses(sandbox):
+    two_boards(sandbox)
+    sandbox.settings(stop_command="/nonexistent/stop-klipper")
+    result = sandbox.run("flash-all")
+    assert result.returncode == 3, result.stderr
+    assert "/nonexistent/stop-klipper" in result.stderr
+    assert sandbox.service_events() == []
+
+
+def test_restart_failure_is_exit_4_with_instructions(sandbox):
+    two_boards(sandbox)
+    sandbox.settings(start_command="false")
+    result = sandbox.run("flash-all")
+    assert result.returncode == 4, result.stderr
+    assert "KLIPPER IS NOT RUNNING" in result.stderr
+    assert "false" in result.stderr  # the start command to run by hand
+
+
+def test_plan_has_no_side_effects(sandbox):
+    two_boards(sandbox)
+    sandbox.json("build")
+    before = sandbox.snapshot_state()
+    plan = sandbox.json("plan")
+    assert [d["action"] for d in plan["devices"]] == ["flash", "flash"]
+    assert plan["devices"][0]["state"] == "outdated"
+    assert sandbox.snapshot_state() == before
+    assert sandbox.service_events() == []
+
+
+def test_flash_one_device(sandbox):
+    two_boards(sandbox)
+    report = sandbox.json("flash", "ebb")
+    assert [d["key"] for d in report["devices"]] == ["ebb"]
+    assert sandbox.service_events() == ["stop", "start"]
+    assert sandbox.flashed_version(sandbox.boards["octopus"]) is None
+
+
+def start_blocked_run(sandbox):
+    two_boards(sandbox)
+    sandbox.set_behaviour("octopus", "hang")
+    proc = sandbox.spawn("flash-all", "--json")
+    sandbox.wait_for(
+        lambda: (sandbox.root / "hanging").exists(), timeout=60, what="flash to block"
+    )
+    assert sandbox.service_events() == ["stop"]
+    return proc
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_signal_in_the_stop_window_restarts_klipper(sandbox, sig):
+    proc = start_blocked_run(sandbox)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 1, err
+    assert sandbox.service_events() == ["stop", "start"]
+    report = json.loads(out)
+    assert report["cancelled"] is True
+    assert report["service"]["restarted"] is True
+    # The flash was cancelled; the board after it was not flashed.
+    assert report["devices"][1]["flash"] == "skip"
+
+
+def test_sigkill_of_the_runner_is_recovered_by_the_watchdog(sandbox):
+    proc = start_blocked_run(sandbox)
+    proc.kill()
+    proc.communicate()
+    started = time.monotonic()
+    sandbox.wait_for(
+        lambda: sandbox.service_events() == ["stop", "start"],
+        timeout=10,
+        what="the watchdog to start klipper",
+    )
+    assert time.monotonic() - started < 10
+
+
+def test_a_second_run_is_refused_while_one_holds_the_lock(sandbox):
+    proc = start_blocked_run(sandbox)
+    second = sandbox.run("flash-all", "--yes")
+    assert second.returncode == 3
+    assert "another kflash run" in second.stderr
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=30)
+    assert sandbox.service_events() == ["stop", "start"]
+
+
+def test_status_after_a_run(sandbox):
+    two_boards(sandbox)
+    before = sandbox.json("status")
+    assert [d["state"] for d in before["devices"]] == ["outdated", "outdated"]
+    assert before["last_run"] is None
+    sandbox.json("flash-all")
+    after = sandbox.json("status")
+    assert [d["state"] for d in after["devices"]] == ["current", "current"]
+    assert after["last_run"]["ok"] is True
+    assert "current" in sandbox.ok("status").stdout

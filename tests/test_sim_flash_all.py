@@ -1,0 +1,117 @@
+"""kflash flash-all end to end on the bench: real klippy and Moonraker, virtual boards.
+
+The printer starts on firmware built from the tree's tag; flash-all must build HEAD,
+stop klipper once, flash every MCU (Katapult over USB, the linux MCU by replace +
+restart), restart klipper and verify that klippy reports the built version. Failure
+modes of the mainboard must leave klipper restarted and the report saying what
+happened and what to do.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from kflash.sim import Printer, tree
+from kflash.sim.demo import kflash_command, register
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("gcc") is None or shutil.which("make") is None,
+    reason="the bench tree needs gcc and make",
+)
+
+
+def supports_flash_all():
+    res = subprocess.run(
+        [*kflash_command(), "flash-all", "--help"], capture_output=True
+    )
+    return res.returncode == 0
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    if not supports_flash_all():
+        pytest.skip("this kflash has no flash-all yet")
+    p = Printer(
+        str(tmp_path_factory.mktemp("flashall")),
+        build_cache=str(tmp_path_factory.getbasetemp() / "sim-build-cache"),
+    )
+    p.up()
+    env = dict(p.env(), KFLASH_HOME=os.path.join(p.dir, "kflash"))
+
+    def run(*args):
+        return subprocess.run(
+            [*kflash_command(), *args], env=env, capture_output=True, text=True
+        ).returncode
+
+    register(p, env, run)
+    yield p, env
+    p.down()
+
+
+def flash_all(env, **extra):
+    res = subprocess.run(
+        [*kflash_command(), "flash-all", "--yes", "--json"],
+        env=dict(env, **extra),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    return res.returncode, json.loads(res.stdout), res
+
+
+def klipper_spawns(p):
+    with open(os.path.join(p.dir, "logs", "supervisord.log")) as f:
+        return f.read().count("spawned: 'klipper'")
+
+
+def test_flash_all_updates_every_mcu_with_one_stop(bench):
+    p, env = bench
+    target = tree.describe(p.tree)
+    spawns = klipper_spawns(p)
+    rc, report, res = flash_all(env)
+    assert rc == 0, res.stdout + res.stderr
+    assert (
+        report["ok"] and report["service"]["stopped"] and report["service"]["restarted"]
+    )
+    assert klipper_spawns(p) == spawns + 1  # stopped once, started once
+    for d in report["devices"]:
+        assert (d["build"], d["flash"], d["verify"]) == ("pass", "pass", "pass"), d
+        assert d["version_after"] == target
+    versions = p.wait_ready()
+    assert set(versions.values()) == {target}
+
+
+@pytest.mark.parametrize(
+    "faults,words",
+    [
+        ({"after_complete": "never"}, ["power"]),
+        ({"after_complete": "dfu"}, ["dfu"]),
+        ({"corrupt_readback": True}, ["checksum", "make flash"]),
+    ],
+)
+def test_failing_mainboard_is_reported_and_klipper_restarted(bench, faults, words):
+    p, env = bench
+    p.set_faults("mainboard", **faults)
+    try:
+        # The lost mainboard keeps klippy from `ready`: do not wait a minute for it.
+        rc, report, res = flash_all(env, KFLASH_READY_TIMEOUT_S="10")
+    finally:
+        p.clear_faults()
+    assert rc == 1, res.stdout + res.stderr
+    assert report["service"]["restarted"]
+    assert p.program_state("klipper") == "RUNNING"
+    flashed = [d for d in report["devices"] if d["flash"] == "fail"]
+    assert len(flashed) == 1, report  # only the mainboard failed to flash
+    failed = flashed[0]
+    assert failed["error"] and failed["hint"], failed
+    text = (failed["error"] + " " + failed["hint"]).lower()
+    assert any(w in text for w in words), text
+    assert all(d["flash"] == "pass" for d in report["devices"] if d is not failed)
+    # Recover the board for the next case: replug it, restart klipper.
+    p.power_cycle("mainboard")
+    p.wait_app(p.board("mainboard"), 10)
+    p.stop_klipper()
+    p.start_klipper()
