@@ -25,7 +25,10 @@ FLASHTOOL = os.environ.get("KFLASH_FLASHTOOL", "/tmp/katapult/flashtool.py")
 
 @pytest.fixture(scope="module")
 def printer(tmp_path_factory):
-    p = Printer(str(tmp_path_factory.mktemp("bench")))
+    p = Printer(
+        str(tmp_path_factory.mktemp("bench")),
+        build_cache=str(tmp_path_factory.getbasetemp() / "sim-build-cache"),
+    )
     p.up()
     yield p
     p.down()
@@ -236,3 +239,25 @@ def test_bench_failure_raises_katapult_error_without_bootloader(stopped):
     with KatapultClient(stopped.by_id(b), timeout=0.3) as client:
         with pytest.raises(KatapultError):
             client.connect()  # the application does not speak Katapult
+
+
+def processes_mentioning(text):
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if text.encode() in f.read():
+                    found.append(int(pid))
+        except OSError:
+            continue
+    return found
+
+
+def test_down_leaves_no_process_behind(printer):
+    assert processes_mentioning(printer.dir)  # sim_boards, klipper_mcu, klippy, ...
+    printer.down()
+    assert processes_mentioning(printer.dir) == []
+    assert not os.path.lexists(printer.linux_serial)
+    assert not os.listdir(os.path.join(printer.dev_root, "serial", "by-id"))

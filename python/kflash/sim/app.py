@@ -64,6 +64,7 @@ class KlipperApp:
         """Forget what a reset forgets: seq, sync, configuration, shutdown, clock."""
         self.next_seq = 0
         self.need_sync = False
+        self._nakked = False
         self.buf = bytearray()
         self.is_config = False
         self.crc = 0
@@ -120,7 +121,7 @@ class KlipperApp:
             if kind == "bad":
                 # One NAK per run of garbage: the flag in need_sync is the run.
                 self.need_sync = True
-                if not getattr(self, "_nakked", False):
+                if not self._nakked:
                     self._nakked = True
                     self._write(proto.frame_block(self.next_seq))
                 continue
@@ -204,4 +205,3 @@ class KlipperApp:
                 self.send_starting()
             return True
         return False
-

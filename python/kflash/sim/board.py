@@ -117,6 +117,7 @@ class Board:
         self.timers: list[tuple[float, str]] = []
         self.hup_until = 0.0
         self.touch_seen: Optional[float] = None
+        self._uart_tail = b""
         self.power_seen = self.faults().get("power_cycle")
         self.log_path = os.path.join(self.state_dir, "events.log")
 
@@ -242,17 +243,17 @@ class Board:
     # ------------------------------------------------------ device entries
 
     def _alloc_tty(self) -> str:
-        prefix = "ttyACM" if self.interface == "usb" else "ttyS"
+        """UART: a stable ttyS<n>. USB: the lowest free ttyACM<n> other than the last
+        one, so the number changes across re-enumeration (as it may on real hosts)."""
         if self.interface != "usb":
             return "ttyS{}".format(self.spec.get("uart_index", 0))
         n = 0
-        while True:
-            if n != self.last_tty_num and not os.path.lexists(
-                os.path.join(self.dev_root, f"{prefix}{n}")
-            ):
-                self.last_tty_num = n
-                return f"{prefix}{n}"
+        while n == self.last_tty_num or os.path.lexists(
+            os.path.join(self.dev_root, f"ttyACM{n}")
+        ):
             n += 1
+        self.last_tty_num = n
+        return f"ttyACM{n}"
 
     def _write_usb_ids(self, vid: str, pid: str, maker: str, product: str, serial: str):
         os.makedirs(self.usb_dir, exist_ok=True)
@@ -287,6 +288,7 @@ class Board:
         self.pty = Pty(keep_slave=False)
         self.hup_until = 0.0
         self.touch_seen = None
+        self._uart_tail = b""
         tty = self._alloc_tty()
         self.tty = tty
         dev_link = os.path.join(self.dev_root, tty)
@@ -356,10 +358,14 @@ class Board:
         if not data:
             return
         if self.app is not None:
-            if self.interface != "usb" and proto.SERIAL_BOOTLOADER_REQUEST in data:
-                self.log("serial bootloader request")
-                self._enter_katapult()
-                return
+            if self.interface != "usb":
+                # The request may arrive split over reads: look across the boundary.
+                seen = self._uart_tail + data
+                self._uart_tail = seen[-len(proto.SERIAL_BOOTLOADER_REQUEST) :]
+                if proto.SERIAL_BOOTLOADER_REQUEST in seen:
+                    self.log("serial bootloader request")
+                    self._enter_katapult()
+                    return
             self.app.feed(data)
         elif self.katapult is not None:
             self.katapult.feed(data)
@@ -368,7 +374,6 @@ class Board:
         self.hup_until = time.monotonic() + HUP_RECHECK
 
     def tick(self, now: float) -> None:
-        self.control.refresh()
         faults = self.faults()
         power = faults.get("power_cycle")
         if power != self.power_seen:
@@ -466,6 +471,7 @@ def run_boards(spec_path: str) -> int:
                 elif ev & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
                     b.on_hangup()
             now = time.monotonic()
+            control.refresh()
             for b in boards:
                 b.tick(now)
     finally:

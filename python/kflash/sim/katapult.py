@@ -67,6 +67,9 @@ class KatapultBootloader:
         self.mcu = mcu
         self.app_start = app_start
         self.block_size = block_size
+        # Real builds use 64-byte blocks in frames of at most 128 bytes; larger
+        # (configurable) blocks need frames that can carry them.
+        self.frame_max = max(FRAME_MAX, 12 + block_size)
         self.image_path = image_path
         self._write = write
         self._faults = faults
@@ -77,7 +80,6 @@ class KatapultBootloader:
         self._pending: list[tuple[float, bytes]] = []
         self.blocks_received = 0
         self.erased = False
-        self.completed = False
         try:
             with open(image_path, "rb") as f:
                 self.flash = bytearray(f.read())
@@ -125,7 +127,7 @@ class KatapultBootloader:
             if len(self.buf) < 8:
                 return
             size = self.buf[3] * 4 + 8
-            if size > FRAME_MAX:
+            if size > self.frame_max:
                 self._garbage()
                 continue
             if len(self.buf) < size:
@@ -179,7 +181,6 @@ class KatapultBootloader:
             if self.erased:
                 self._store()
             self._ack(cmd)
-            self.completed = True
             self._on_complete()
         else:
             self._respond(RESP_COMMAND_ERROR)

