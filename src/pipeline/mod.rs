@@ -528,7 +528,9 @@ pub fn flash_all(
 
     // Pre-flight: nothing is stopped if any of this refuses.
     let _lock = preflight(deps, opts, &plan, &devices, &selected, sink)?;
-    check_cancel(cancel, None)?;
+    if cancel.is_cancelled() {
+        return Err(Error::Cancelled { report: None });
+    }
 
     // Build everything selected.
     let to_build: Vec<DeviceInfo> = selected.iter().map(|&i| devices[i].clone()).collect();
@@ -540,11 +542,7 @@ pub fn flash_all(
     );
     let results = deps.firmware.build(&to_build, cancel, sink);
     if cancel.is_cancelled() {
-        report.cancelled = true;
-        let report = finish(deps, report, sink);
-        return Err(Error::Cancelled {
-            report: Some(Box::new(report)),
-        });
+        return Err(cancelled(deps, report, sink));
     }
     let mut built: Vec<(usize, Built)> = Vec::new();
     for (&i, result) in selected.iter().zip(results) {
@@ -574,16 +572,14 @@ pub fn flash_all(
         );
         return Ok(finish(deps, report, sink));
     }
-    check_cancel(cancel, Some(&mut report))
-        .map_err(|e| with_report(e, finish(deps, report.clone(), sink)))?;
+    if cancel.is_cancelled() {
+        return Err(cancelled(deps, report, sink));
+    }
 
     // The stop window.
     stop_window(deps, &devices, &built, &mut report, cancel, sink);
     if report.cancelled {
-        let report = finish(deps, report, sink);
-        return Err(Error::Cancelled {
-            report: Some(Box::new(report)),
-        });
+        return Err(cancelled(deps, report, sink));
     }
     if report.service.restarted {
         // Moonraker was unreachable before the run: do not wait long for it now.
@@ -605,23 +601,12 @@ pub fn flash_all(
     Ok(finish(deps, report, sink))
 }
 
-fn with_report(err: Error, report: Report) -> Error {
-    match err {
-        Error::Cancelled { .. } => Error::Cancelled {
-            report: Some(Box::new(report)),
-        },
-        other => other,
+/// End a cancelled run: record it and return the error carrying its report.
+fn cancelled(deps: &Deps, mut report: Report, sink: &Sink) -> Error {
+    report.cancelled = true;
+    Error::Cancelled {
+        report: Some(Box::new(finish(deps, report, sink))),
     }
-}
-
-fn check_cancel(cancel: &Cancel, report: Option<&mut Report>) -> Result<(), Error> {
-    if cancel.is_cancelled() {
-        if let Some(r) = report {
-            r.cancelled = true;
-        }
-        return Err(Error::Cancelled { report: None });
-    }
-    Ok(())
 }
 
 fn preflight(
