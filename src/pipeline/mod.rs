@@ -778,7 +778,7 @@ fn verify(
     // the full time for it, and do not blame the boards that did flash.
     let another_failed = report.devices.iter().any(|d| d.flash == "fail");
     let ready_timeout = if another_failed {
-        ready_timeout.min(Duration::from_secs(20))
+        ready_timeout.min(Duration::from_secs(10))
     } else {
         ready_timeout
     };
