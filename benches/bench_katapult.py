@@ -181,7 +181,7 @@ def flashed_image(board):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="32768,262144")
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
     try:
@@ -247,7 +247,7 @@ def main(argv=None):
         out.append("")
         out.append(
             "Re-run: `KFLASH_KATAPULT_GIT=/path/to/katapult/.git .venv/bin/python "
-            "benches/bench_katapult.py --sizes 32768,262144 --runs 3`"
+            "benches/bench_katapult.py --sizes 32768,262144 --runs 5`"
         )
         print("\n".join(out))
         return 0
