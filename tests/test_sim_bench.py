@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from kflash.sim import Printer, wait_for
+from kflash.sim import Printer, tree, wait_for
 from kflash.sim.client import KatapultClient, KatapultError, touch
 
 pytestmark = pytest.mark.skipif(
@@ -47,6 +47,10 @@ def stopped(printer):
         printer.stop_klipper()
     yield printer
     printer.clear_faults()
+
+
+def tree_version(printer):
+    return tree.describe(printer.tree)
 
 
 def image(path):
@@ -239,6 +243,47 @@ def test_bench_failure_raises_katapult_error_without_bootloader(stopped):
     with KatapultClient(stopped.by_id(b), timeout=0.3) as client:
         with pytest.raises(KatapultError):
             client.connect()  # the application does not speak Katapult
+
+
+def native_flasher():
+    from kflash.sim.demo import kflash_command
+
+    cmd = [*kflash_command(), "katapult", "flash", "--help"]
+    if subprocess.run(cmd, capture_output=True).returncode != 0:
+        pytest.skip("this kflash has no native Katapult flasher")
+    return kflash_command()
+
+
+@pytest.mark.parametrize("faults", [{}, {"nack_every": 50}, {"corrupt_readback": True}])
+def test_kflash_native_flasher_against_the_virtual_katapult(
+    stopped, new_firmware, faults
+):
+    kflash = native_flasher()
+    b = stopped.board("toolhead")
+    stopped.set_faults("toolhead", **faults)
+    res = subprocess.run(
+        [
+            *kflash,
+            "katapult",
+            "flash",
+            "-d",
+            stopped.wait_app(b),
+            "-f",
+            new_firmware["toolhead"],
+        ],
+        env=stopped.env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if faults.get("corrupt_readback"):
+        assert res.returncode != 0, res.stdout
+        assert "Programming Complete" not in res.stdout
+    else:
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert res.stdout.strip().splitlines()[-1] == "Programming Complete"
+        stopped.wait_app(b)
+        assert stopped.installed_version(b) == tree_version(stopped)
 
 
 def processes_mentioning(text):

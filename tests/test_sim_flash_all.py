@@ -90,6 +90,7 @@ def test_flash_all_updates_every_mcu_with_one_stop(bench):
         ({"after_complete": "never"}, ["power"]),
         ({"after_complete": "dfu"}, ["dfu"]),
         ({"corrupt_readback": True}, ["checksum", "make flash"]),
+        ({"on_touch": "dfu"}, ["dfu", "not katapult"]),
     ],
 )
 def test_failing_mainboard_is_reported_and_klipper_restarted(bench, faults, words):
