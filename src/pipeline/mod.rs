@@ -420,7 +420,6 @@ pub fn plan(deps: &Deps, opts: &Options, sink: &Sink) -> Result<(Plan, Vec<Devic
     }
     Ok((
         Plan {
-            target_version: entries.iter().find_map(|e| e.version_target.clone()),
             devices: entries,
             moonraker: moonraker_error.is_none(),
             moonraker_error,

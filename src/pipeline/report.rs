@@ -36,8 +36,6 @@ pub struct PlanEntry {
 /// The plan: per device what would happen and why. Computing it changes nothing.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Plan {
-    /// The version every build would have (the first device's; they share the tree).
-    pub target_version: Option<String>,
     pub devices: Vec<PlanEntry>,
     pub moonraker: bool,
     /// Why Moonraker could not be asked (when it could not).
