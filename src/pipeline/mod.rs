@@ -722,6 +722,9 @@ fn stop_window(
                     report.cancelled = true;
                 }
                 r.flash = "fail".into();
+                if let Some(last) = failure.tried.last() {
+                    r.method = last.as_str().into();
+                }
                 r.error = Some(failure.error.to_string());
                 r.hint = failure.hint;
                 sink(
