@@ -182,3 +182,19 @@ def test_config_runs_menuconfig_on_the_device_config(sandbox, tmp_path):
     assert 'CONFIG_MCU="rp2040"' in config.read_text()
     (dev,) = sandbox.json("devices", "list")
     assert (dev["mcu"], dev["config_present"]) == ("rp2040", True)
+
+
+def test_status_shm_reads_klippys_mirror(tmp_path):
+    import kflash
+
+    shm = tmp_path / "kflash_status"
+    store = kflash.SnapshotStore(shm_path=str(shm))
+    store.publish({"homed_axes": "xyz"}, 12.5)
+    result = subprocess.run(
+        [sys.executable, "-m", "kflash.cli", "status", "--shm", str(shm), "--json"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert "xyz" in json.dumps(doc)

@@ -19,7 +19,7 @@ import signal
 import subprocess
 import sys
 
-from kflash import katapult_cli
+from kflash import katapult_cli, status_watch
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -485,6 +485,11 @@ def cmd_flash_all(engine, args):
 
 
 def cmd_status(engine, args):
+    if args.watch or args.shm:
+        # klippy's [status_snapshot] mirror, read without asking klippy.
+        if not args.shm:
+            args.shm = os.environ.get(status_watch.ENV_SHM, status_watch.DEFAULT_SHM)
+        return status_watch.run(args)
     status = engine.status()
     if args.json:
         emit_json(status)
@@ -671,7 +676,12 @@ def build_parser():
         help="proceed even when Moonraker is unreachable (make sure nothing prints)",
     )
 
-    reporting(sub.add_parser("status", help="MCU versions and the last run"))
+    p = sub.add_parser(
+        "status",
+        help="MCU versions and the last run (--shm/--watch: klippy's status mirror)",
+    )
+    status_watch.add_arguments(p)
+    p.set_defaults(shm=None)
     katapult_cli.add_parser(sub)
     return parser
 

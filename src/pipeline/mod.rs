@@ -527,7 +527,9 @@ pub fn flash_all(
 
     // Pre-flight: nothing is stopped if any of this refuses.
     let _lock = preflight(deps, opts, &plan, &devices, &selected, sink)?;
-    check_cancel(cancel, None)?;
+    if cancel.is_cancelled() {
+        return Err(Error::Cancelled { report: None });
+    }
 
     // Build everything selected.
     let to_build: Vec<DeviceInfo> = selected.iter().map(|&i| devices[i].clone()).collect();
@@ -539,11 +541,7 @@ pub fn flash_all(
     );
     let results = deps.firmware.build(&to_build, cancel, sink);
     if cancel.is_cancelled() {
-        report.cancelled = true;
-        let report = finish(deps, report, sink);
-        return Err(Error::Cancelled {
-            report: Some(Box::new(report)),
-        });
+        return Err(cancelled(deps, report, sink));
     }
     let mut built: Vec<(usize, Built)> = Vec::new();
     for (&i, result) in selected.iter().zip(results) {
@@ -573,16 +571,14 @@ pub fn flash_all(
         );
         return Ok(finish(deps, report, sink));
     }
-    check_cancel(cancel, Some(&mut report))
-        .map_err(|e| with_report(e, finish(deps, report.clone(), sink)))?;
+    if cancel.is_cancelled() {
+        return Err(cancelled(deps, report, sink));
+    }
 
     // The stop window.
     stop_window(deps, &devices, &built, &mut report, cancel, sink);
     if report.cancelled {
-        let report = finish(deps, report, sink);
-        return Err(Error::Cancelled {
-            report: Some(Box::new(report)),
-        });
+        return Err(cancelled(deps, report, sink));
     }
     if report.service.restarted {
         // Moonraker was unreachable before the run: do not wait long for it now.
@@ -604,23 +600,12 @@ pub fn flash_all(
     Ok(finish(deps, report, sink))
 }
 
-fn with_report(err: Error, report: Report) -> Error {
-    match err {
-        Error::Cancelled { .. } => Error::Cancelled {
-            report: Some(Box::new(report)),
-        },
-        other => other,
+/// End a cancelled run: record it and return the error carrying its report.
+fn cancelled(deps: &Deps, mut report: Report, sink: &Sink) -> Error {
+    report.cancelled = true;
+    Error::Cancelled {
+        report: Some(Box::new(finish(deps, report, sink))),
     }
-}
-
-fn check_cancel(cancel: &Cancel, report: Option<&mut Report>) -> Result<(), Error> {
-    if cancel.is_cancelled() {
-        if let Some(r) = report {
-            r.cancelled = true;
-        }
-        return Err(Error::Cancelled { report: None });
-    }
-    Ok(())
 }
 
 fn preflight(
@@ -737,6 +722,9 @@ fn stop_window(
                     report.cancelled = true;
                 }
                 r.flash = "fail".into();
+                if let Some(last) = failure.tried.last() {
+                    r.method = last.as_str().into();
+                }
                 r.error = Some(failure.error.to_string());
                 r.hint = failure.hint;
                 sink(
@@ -792,7 +780,7 @@ fn verify(
     // the full time for it, and do not blame the boards that did flash.
     let another_failed = report.devices.iter().any(|d| d.flash == "fail");
     let ready_timeout = if another_failed {
-        ready_timeout.min(Duration::from_secs(20))
+        ready_timeout.min(Duration::from_secs(10))
     } else {
         ready_timeout
     };

@@ -69,6 +69,19 @@ pub struct LiveDevices {
     disc: Discovery,
     /// Stable identity of each serial device, learnt when it was resolved.
     stable: Mutex<HashMap<String, StableId>>,
+    /// ROM loaders on the bus when each device was located for flashing (they belong to
+    /// other boards).
+    roms_before: Mutex<HashMap<String, Vec<PathBuf>>>,
+}
+
+impl LiveDevices {
+    fn rom_paths(&self) -> Vec<PathBuf> {
+        self.disc
+            .find_rom_loaders()
+            .into_iter()
+            .map(|r| r.path)
+            .collect()
+    }
 }
 
 impl LiveDevices {
@@ -132,6 +145,7 @@ fn rom_loader(r: &discovery::RomLoader) -> RomLoader {
 
 impl flash::Watch for LiveDevices {
     fn locate(&self, key: &str, endpoint: &Endpoint) -> Option<PathBuf> {
+        lock(&self.roms_before).insert(key.to_owned(), self.rom_paths());
         self.find_port(key, endpoint)
             .ok()
             .map(|p| self.port_path(&p))
@@ -149,18 +163,31 @@ impl flash::Watch for LiveDevices {
         };
         let stable = lock(&self.stable).get(key).cloned();
         let deadline = Instant::now() + timeout;
+        // ROM loaders on the bus before the flash belong to other boards.
+        let known = lock(&self.roms_before)
+            .get(key)
+            .cloned()
+            .unwrap_or_else(|| self.rom_paths());
         loop {
             let port = match &stable {
                 Some(s) => self.disc.find(s),
                 None => Self::serial_pattern(endpoint).and_then(|p| self.disc.resolve(&p).ok()),
             };
-            if let Some(port) = port {
+            if let Some(port) = &port {
                 if matches!(
-                    discovery::usb_mode(&port),
+                    discovery::usb_mode(port),
                     UsbMode::Klipper | UsbMode::UsbCanBridge | UsbMode::Other
                 ) {
-                    return Comeback::Klipper(self.port_path(&port));
+                    return Comeback::Klipper(self.port_path(port));
                 }
+            } else if let Some(r) = self
+                .disc
+                .find_rom_loaders()
+                .iter()
+                .find(|r| !known.contains(&r.path))
+            {
+                // Our board is gone and a new ROM loader appeared: it fell into it.
+                return Comeback::RomLoader(rom_loader(r));
             }
             if cancel.is_cancelled() || Instant::now() >= deadline {
                 return match self.disc.find_rom_loaders().first() {
@@ -373,6 +400,7 @@ impl Home {
             home: self.clone(),
             disc: Discovery::from_env(),
             stable: Mutex::new(HashMap::new()),
+            roms_before: Mutex::new(HashMap::new()),
         });
         let mut tools = Tools::new(&s.klipper_dir);
         tools.katapult_dir = Some(s.katapult_dir.clone());
@@ -498,4 +526,84 @@ pub fn native_katapult() -> flash::NativeKatapult {
             .map(drop)
             .map_err(|e| e.to_string())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::flash::Watch;
+    use std::fs;
+    use std::os::unix::fs::symlink;
+
+    fn board(root: &Path) -> (LiveDevices, Endpoint) {
+        let dev = root.join("dev");
+        let sys = root.join("sys");
+        fs::create_dir_all(dev.join("serial/by-id")).unwrap();
+        fs::create_dir_all(dev.join("serial/by-path")).unwrap();
+        fs::write(dev.join("ttyACM0"), "").unwrap();
+        let name = "usb-Klipper_stm32f446xx_ABC-if00";
+        symlink("../../ttyACM0", dev.join("serial/by-id").join(name)).unwrap();
+        symlink("../../ttyACM0", dev.join("serial/by-path/pci-usb-0:1:1.0")).unwrap();
+        let usb = sys.join("devices/usb1/1-1");
+        fs::create_dir_all(usb.join("1-1:1.0")).unwrap();
+        fs::write(usb.join("idVendor"), "1d50\n").unwrap();
+        fs::write(usb.join("idProduct"), "614e\n").unwrap();
+        fs::create_dir_all(sys.join("class/tty/ttyACM0")).unwrap();
+        symlink(usb.join("1-1:1.0"), sys.join("class/tty/ttyACM0/device")).unwrap();
+        let live = LiveDevices {
+            home: Home::open(Some(root.join("state"))).unwrap(),
+            disc: Discovery::at(&dev, &sys),
+            stable: Mutex::new(HashMap::new()),
+            roms_before: Mutex::new(HashMap::new()),
+        };
+        let endpoint = Endpoint::Serial {
+            path: PathBuf::from(format!("/dev/serial/by-id/{name}")),
+            baud: None,
+        };
+        (live, endpoint)
+    }
+
+    #[test]
+    fn a_board_still_in_katapult_is_not_back_until_it_runs_klipper() {
+        let dir = tempfile::tempdir().unwrap();
+        let (live, ep) = board(dir.path());
+        assert!(live.locate("mcu", &ep).is_some());
+        // In Katapult: another by-id name and USB id; by-path is the same.
+        let dev = dir.path().join("dev");
+        let klipper = dev.join("serial/by-id/usb-Klipper_stm32f446xx_ABC-if00");
+        let katapult = dev.join("serial/by-id/usb-katapult_stm32f446xx_ABC-if00");
+        fs::rename(&klipper, &katapult).unwrap();
+        let usb = dir.path().join("sys/devices/usb1/1-1");
+        fs::write(usb.join("idProduct"), "6177\n").unwrap();
+        let back = live.wait_back("mcu", &ep, Duration::from_millis(300), &Cancel::new());
+        assert!(matches!(back, Comeback::Gone), "{back:?}");
+        fs::rename(&katapult, &klipper).unwrap();
+        fs::write(usb.join("idProduct"), "614e\n").unwrap();
+        let back = live.wait_back("mcu", &ep, Duration::from_secs(5), &Cancel::new());
+        assert_eq!(back, Comeback::Klipper(klipper));
+    }
+
+    #[test]
+    fn a_board_that_fell_into_dfu_is_reported_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (live, ep) = board(dir.path());
+        assert!(live.locate("mcu", &ep).is_some());
+        let dev = dir.path().join("dev");
+        fs::remove_file(dev.join("serial/by-id/usb-Klipper_stm32f446xx_ABC-if00")).unwrap();
+        fs::remove_file(dev.join("serial/by-path/pci-usb-0:1:1.0")).unwrap();
+        let rom = dir.path().join("sys/bus/usb/devices/1-1");
+        fs::create_dir_all(&rom).unwrap();
+        fs::write(rom.join("idVendor"), "0483\n").unwrap();
+        fs::write(rom.join("idProduct"), "df11\n").unwrap();
+        let started = Instant::now();
+        let back = live.wait_back("mcu", &ep, Duration::from_secs(30), &Cancel::new());
+        assert!(started.elapsed() < Duration::from_secs(5));
+        match back {
+            Comeback::RomLoader(r) => {
+                assert_eq!(r.family, Family::Stm32);
+                assert!(r.description.contains("0483:df11"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
 }
