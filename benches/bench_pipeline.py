@@ -42,7 +42,8 @@ def kflash_json(env: dict[str, str], *args: str) -> dict:
     try:
         return json.loads(proc.stdout)
     except json.JSONDecodeError as e:
-        raise SystemExit(f"kflash {' '.join(args)} printed no JSON (rc {proc.returncode})") from e
+        what = f"kflash {' '.join(args)}"
+        raise SystemExit(f"{what} printed no JSON (rc {proc.returncode})") from e
 
 
 def flash_seconds(report: dict) -> float:
@@ -51,7 +52,9 @@ def flash_seconds(report: dict) -> float:
 
 def check(report: dict, what: str) -> None:
     if not report.get("ok"):
-        bad = [f"{d['key']}: {d.get('error')}" for d in report["devices"] if d.get("error")]
+        bad = [
+            f"{d['key']}: {d.get('error')}" for d in report["devices"] if d.get("error")
+        ]
         raise SystemExit(f"{what} failed: {'; '.join(bad) or report}")
 
 
@@ -70,7 +73,7 @@ def downtime(rounds: int) -> dict:
         try:
             register(printer, env, run)
             keys = [dev["key"] for dev in kflash_json(env, "devices", "list")]
-            # Warm the build cache so both ways only flash (builds happen before the stop).
+            # Warm the build cache: both ways then only flash (builds precede the stop).
             run("build")
             all_down, all_flash, loop_down, loop_flash = [], [], [], []
             for i in range(rounds):
@@ -146,14 +149,17 @@ Median of {dt['rounds']} rounds. Downtime = time klipper's service was stopped.
 
 | way | downtime (s) | flash time inside it (s) | vs flash-all |
 |---|---:|---:|---:|
-| `kflash flash-all --yes` (one stop window) | {dt['flash_all_downtime']:.2f} | {dt['flash_all_flash']:.2f} | 1.0x |
-| `kflash flash KEY --yes` per device (stop/flash/start loop) | {dt['loop_downtime']:.2f} | {dt['loop_flash']:.2f} | {ratio:.1f}x longer |
+| `kflash flash-all --yes` (one stop window) \
+| {dt['flash_all_downtime']:.2f} | {dt['flash_all_flash']:.2f} | 1.0x |
+| `kflash flash KEY --yes` per device (stop/flash/start loop) \
+| {dt['loop_downtime']:.2f} | {dt['loop_flash']:.2f} | {ratio:.1f}x longer |
 
 - Target (downtime <= sum of flash times + 1 s = {budget:.2f} s): **{met}**.
 
 `kflash devices list` with 10 devices, median of {st['runs']} runs:
-{st['kflash'] * 1000:.0f} ms (bare `python -c pass`: {st['python'] * 1000:.0f} ms,
-so kflash adds {(st['kflash'] - st['python']) * 1000:.0f} ms); target <= 150 ms: **{st_met}**.
+{st['kflash'] * 1000:.0f} ms (bare `python -c pass`: {st['python'] * 1000:.0f} ms, \
+so kflash adds {(st['kflash'] - st['python']) * 1000:.0f} ms); \
+target <= 150 ms: **{st_met}**.
 
 Re-run: `.venv/bin/python benches/bench_pipeline.py [--rounds N --runs N]`""")
     return 0

@@ -218,6 +218,9 @@ class Sandbox:
             start_command=f"{svc} start",
             moonraker_url="http://127.0.0.1:9",
             linux_mcu_binary=self.root / "klipper_mcu",
+            # The sandbox's boards are plain files that only its fake flashtool.py
+            # "flashes"; the native flasher is exercised on the bench's virtual boards.
+            katapult_flasher="flashtool",
         )
 
     # --- set-up -----------------------------------------------------------

@@ -25,6 +25,10 @@ def test_stops_once_flashes_all_restarts_once_and_verifies(sandbox):
         assert (dev["build"], dev["flash"], dev["verify"]) == ("pass", "pass", "pass")
         assert dev["version_after"] == target
         assert dev["method"] == "katapult"
+        # Each flash's time is reported, and the single stop window holds them all.
+        assert dev["flash_s"] > 0
+    flashing = sum(d["flash_s"] for d in report["devices"])
+    assert report["service"]["downtime_s"] >= flashing - 0.05  # rounded to 0.1 s
     assert sandbox.flashed_version(sandbox.boards["octopus"]) == target
     with open(report["record"]) as f:
         record = json.load(f)

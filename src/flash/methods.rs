@@ -9,7 +9,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use super::{Endpoint, Error, Job, Tools};
+use super::{Endpoint, Error, Job, NativeKatapult, Tools};
 use crate::events::{Event, Sink, Stage};
 use crate::process::{self, Cancel, Cmd};
 
@@ -83,7 +83,54 @@ fn command_error(e: process::Error) -> Error {
     }
 }
 
-/// Flash with Katapult: the native flasher when set (serial only), else flashtool.py.
+/// Flash a serial board with the native Katapult flasher. `Err((error, try_flashtool))`.
+pub(super) fn native_katapult(
+    native: &NativeKatapult,
+    job: &Job<'_>,
+    dev: &Path,
+    cancel: &Cancel,
+    sink: &Sink,
+) -> Result<(), (Error, bool)> {
+    let firmware = katapult_image(job).map_err(|e| (e, false))?;
+    let Endpoint::Serial { baud, .. } = job.endpoint else {
+        let what = job.endpoint.describe();
+        return Err((
+            Error::Unsupported {
+                method: "katapult",
+                what,
+            },
+            false,
+        ));
+    };
+    sink(&Event::info(
+        Stage::Flash,
+        Some(job.key),
+        format!("flashing {} with Katapult (native)", dev.display()),
+    ));
+    native(dev, *baud, &firmware, cancel, sink).map_err(|failure| {
+        if cancel.is_cancelled() {
+            (Error::Cancelled, false)
+        } else {
+            (Error::Native(failure.message), failure.try_flashtool)
+        }
+    })
+}
+
+/// The raw image Katapult writes (klipper.bin next to a .uf2/.elf.hex build).
+fn katapult_image(job: &Job<'_>) -> Result<PathBuf, Error> {
+    let firmware = if job.image.extension().is_some_and(|e| e == "bin") {
+        job.image.to_path_buf()
+    } else {
+        job.out_dir.join("klipper.bin")
+    };
+    if firmware.is_file() {
+        Ok(firmware)
+    } else {
+        Err(Error::NoFirmware(firmware))
+    }
+}
+
+/// Flash with Katapult's flashtool.py (serial `-d`, CAN `-i/-u`).
 pub(super) fn katapult(
     tools: &Tools,
     job: &Job<'_>,
@@ -91,30 +138,7 @@ pub(super) fn katapult(
     cancel: &Cancel,
     sink: &Sink,
 ) -> Result<(), Error> {
-    let firmware = if job.image.extension().is_some_and(|e| e == "bin") {
-        job.image.to_path_buf()
-    } else {
-        job.out_dir.join("klipper.bin")
-    };
-    if !firmware.is_file() {
-        return Err(Error::NoFirmware(firmware));
-    }
-    if let (Some(native), Endpoint::Serial { baud, .. }, Some(dev)) =
-        (&tools.native_katapult, job.endpoint, dev)
-    {
-        sink(&Event::info(
-            Stage::Flash,
-            Some(job.key),
-            format!("flashing {} with Katapult (native)", dev.display()),
-        ));
-        return native(dev, *baud, &firmware, cancel, sink).map_err(|e| {
-            if cancel.is_cancelled() {
-                Error::Cancelled
-            } else {
-                Error::Native(e)
-            }
-        });
-    }
+    let firmware = katapult_image(job)?;
     let Some(flashtool) = find_flashtool(tools) else {
         return Err(Error::NoFlashtool {
             searched: flashtool_candidates(tools),

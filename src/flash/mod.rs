@@ -146,8 +146,19 @@ pub trait Watch: Send + Sync {
 
 /// The native Katapult serial flasher (seam): `(device, baud, firmware, cancel, sink)`.
 /// Must return `Ok` only when the image was written and verified.
-pub type NativeKatapult =
-    Arc<dyn Fn(&Path, Option<u32>, &Path, &Cancel, &Sink) -> Result<(), String> + Send + Sync>;
+pub type NativeKatapult = Arc<
+    dyn Fn(&Path, Option<u32>, &Path, &Cancel, &Sink) -> Result<(), NativeFailure> + Send + Sync,
+>;
+
+/// Why the native flasher failed, and whether flashtool.py could still succeed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NativeFailure {
+    pub message: String,
+    /// False when no other Katapult flasher can do better: the board fell into a ROM
+    /// loader, the image is for another MCU, the firmware file is unusable, or the user
+    /// cancelled. True for communication failures (timeouts, NACKs, verify mismatch).
+    pub try_flashtool: bool,
+}
 
 /// Restarts the linux MCU's service (seam): `Ok(Some(unit))` restarted, `Ok(None)` when no
 /// `klipper-mcu`/`klipper_mcu` service exists.
@@ -398,8 +409,45 @@ impl Flasher {
         let mut katapult_error = None;
         if matches!(method, Method::Auto | Method::Katapult) {
             tried.push(Method::Katapult);
-            let dev = locate()?;
-            match methods::katapult(&self.tools, job, Some(&dev), cancel, sink) {
+            let mut native_error = None;
+            if let Some(native) = &self.tools.native_katapult {
+                let dev = locate()?;
+                match methods::native_katapult(native, job, &dev, cancel, sink) {
+                    Ok(()) => return Ok(Method::Katapult),
+                    Err((e, false)) => return Err(e),
+                    Err((e, true)) if find_flashtool(&self.tools).is_none() => {
+                        native_error = Some(e);
+                    }
+                    Err((e, true)) => {
+                        sink(
+                            &Event::info(
+                                Stage::Flash,
+                                Some(job.key),
+                                format!(
+                                    "native Katapult flasher failed ({e}); trying flashtool.py"
+                                ),
+                            )
+                            .with_level(Level::Warning),
+                        );
+                        native_error = Some(e);
+                    }
+                }
+            }
+            // flashtool.py: the fallback of the native flasher, or the only Katapult
+            // flasher when the native one is switched off. The board may sit in Katapult
+            // under another tty now, so it is located again.
+            let flashtool = match native_error {
+                Some(e) if find_flashtool(&self.tools).is_none() => Err(e),
+                native_error => locate()
+                    .and_then(|dev| methods::katapult(&self.tools, job, Some(&dev), cancel, sink))
+                    .map_err(|e| match native_error {
+                        Some(native) if !matches!(e, Error::Cancelled) => {
+                            Error::Native(format!("{native}; flashtool.py then failed too: {e}"))
+                        }
+                        _ => e,
+                    }),
+            };
+            match flashtool {
                 Ok(()) => return Ok(Method::Katapult),
                 // Fall back to make flash only when Katapult could not even be tried or
                 // failed talking; never after "not Katapult" (the board sits in a ROM

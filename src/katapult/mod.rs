@@ -227,6 +227,22 @@ pub enum Error {
 }
 
 impl Error {
+    /// Whether another Katapult flasher (flashtool.py) could still succeed: true for
+    /// communication failures, false when the image, the MCU or the board's state rule it
+    /// out, or the user cancelled.
+    pub fn worth_another_flasher(&self) -> bool {
+        !matches!(
+            self,
+            Error::Firmware { .. }
+                | Error::EmptyFirmware { .. }
+                | Error::NotRawImage { .. }
+                | Error::NoDictionary
+                | Error::RomLoader { .. }
+                | Error::McuMismatch { .. }
+                | Error::Cancelled { .. }
+        )
+    }
+
     /// True for the errors that mean "the device did not answer in time".
     pub fn is_timeout(&self) -> bool {
         matches!(

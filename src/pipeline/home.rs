@@ -43,7 +43,8 @@ pub struct Home {
     pub state: StateDir,
     /// The Python interpreter that runs `kflash.watchdog` (the host's `sys.executable`).
     pub python: Option<PathBuf>,
-    /// The native Katapult serial flasher, when wired (replaces flashtool.py for serial).
+    /// The native Katapult serial flasher (used unless the setting `katapult_flasher` is
+    /// `flashtool`; tests may swap it).
     pub native_katapult: Option<crate::flash::NativeKatapult>,
 }
 
@@ -67,7 +68,7 @@ impl Home {
         Ok(Home {
             state,
             python: None,
-            native_katapult: None,
+            native_katapult: Some(super::wiring::native_katapult()),
         })
     }
 

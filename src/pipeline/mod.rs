@@ -459,6 +459,7 @@ pub fn build(
                 version_after: None,
                 build: "skip".into(),
                 flash: "skip".into(),
+                flash_s: None,
                 verify: "skip".into(),
                 error: None,
                 hint: None,
@@ -710,7 +711,10 @@ fn stop_window(
             .with_fraction(n as f64 / total as f64),
         );
         let r = &mut report.devices[*i];
-        match deps.flasher.flash(dev, b, cancel, sink) {
+        let started = std::time::Instant::now();
+        let result = deps.flasher.flash(dev, b, cancel, sink);
+        r.flash_s = Some((started.elapsed().as_secs_f64() * 100.0).round() / 100.0);
+        match result {
             Ok(done) => {
                 record_flashed(deps, &dev.key, b, sink);
                 r.flash = "pass".into();

@@ -67,6 +67,8 @@ pub struct DeviceReport {
     pub build: String,
     /// `pass`, `fail`, `skip`.
     pub flash: String,
+    /// How long flashing took, including the wait for the board to come back (seconds).
+    pub flash_s: Option<f64>,
     /// `pass`, `fail`, `skip`.
     pub verify: String,
     pub error: Option<String>,
@@ -85,6 +87,7 @@ impl DeviceReport {
             version_after: None,
             build: "skip".into(),
             flash: "skip".into(),
+            flash_s: None,
             verify: "skip".into(),
             error: None,
             hint: None,

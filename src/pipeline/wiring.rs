@@ -407,7 +407,10 @@ impl Home {
         tools.linux_mcu_binary.clone_from(&s.linux_mcu_binary);
         tools.flash_timeout = Duration::from_secs(s.flash_timeout_s);
         tools.linux_restart = Some(linux_restart(s));
-        tools.native_katapult.clone_from(&self.native_katapult);
+        tools.native_katapult = match s.katapult_flasher {
+            crate::registry::KatapultFlasher::Native => self.native_katapult.clone(),
+            crate::registry::KatapultFlasher::Flashtool => None,
+        };
         let cfg = service_config(s);
         let jobs = std::thread::available_parallelism().map_or(2, usize::from);
         let ready_timeout = std::env::var("KFLASH_READY_TIMEOUT_S")
@@ -517,14 +520,17 @@ fn last_run(dir: &Path) -> Value {
         })
 }
 
-/// The native Katapult serial flasher in the shape of the flasher's seam. Not wired by
-/// default: set `Home::native_katapult = Some(native_katapult())` to use it instead of
-/// flashtool.py for serial devices (`make flash` stays the fallback of `auto`).
+/// The native Katapult serial flasher in the shape of the flasher's seam: the default
+/// for serial boards (setting `katapult_flasher`), flashtool.py its fallback, `make flash`
+/// the last resort of `auto`.
 pub fn native_katapult() -> flash::NativeKatapult {
     Arc::new(|dev, baud, firmware, cancel, sink| {
         crate::katapult::flash_device(dev, baud, firmware, cancel, sink)
             .map(drop)
-            .map_err(|e| e.to_string())
+            .map_err(|e| flash::NativeFailure {
+                message: e.to_string(),
+                try_flashtool: e.worth_another_flasher(),
+            })
     })
 }
 

@@ -15,7 +15,7 @@ mod settings;
 mod state;
 
 pub use import::{import_printer_cfg, import_printer_cfg_file, ImportedMcu};
-pub use settings::{expand_home, ServiceKind, Settings};
+pub use settings::{expand_home, KatapultFlasher, ServiceKind, Settings};
 pub use state::{write_atomic, StateDir};
 
 use serde::{Deserialize, Serialize};

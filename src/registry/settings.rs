@@ -67,6 +67,29 @@ pub struct Settings {
     pub build_timeout_s: u64,
     /// Time limit of flashing one device, seconds.
     pub flash_timeout_s: u64,
+    /// Who speaks Katapult to serial boards: kflash itself (`native`, falling back to
+    /// flashtool.py) or only Katapult's `flashtool` script.
+    pub katapult_flasher: KatapultFlasher,
+}
+
+/// Who flashes serial boards that run Katapult.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum KatapultFlasher {
+    /// kflash's own flasher first, flashtool.py as the fallback.
+    #[default]
+    Native,
+    /// Katapult's flashtool.py only.
+    Flashtool,
+}
+
+impl KatapultFlasher {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KatapultFlasher::Native => "native",
+            KatapultFlasher::Flashtool => "flashtool",
+        }
+    }
 }
 
 impl Default for Settings {
@@ -82,6 +105,7 @@ impl Default for Settings {
             linux_mcu_binary: PathBuf::from("/usr/local/bin/klipper_mcu"),
             build_timeout_s: 600,
             flash_timeout_s: 180,
+            katapult_flasher: KatapultFlasher::Native,
         }
     }
 }
@@ -97,6 +121,7 @@ const KEYS: &[&str] = &[
     "linux_mcu_binary",
     "build_timeout_s",
     "flash_timeout_s",
+    "katapult_flasher",
 ];
 
 /// Expand a leading `~` or `~/` to `$HOME` (left as is when HOME is unset).
@@ -128,6 +153,7 @@ impl Settings {
             "linux_mcu_binary" => self.linux_mcu_binary.display().to_string(),
             "build_timeout_s" => self.build_timeout_s.to_string(),
             "flash_timeout_s" => self.flash_timeout_s.to_string(),
+            "katapult_flasher" => self.katapult_flasher.as_str().to_string(),
             _ => return Err(unknown(key)),
         })
     }
@@ -203,6 +229,13 @@ impl Settings {
                     self.flash_timeout_s = secs;
                 }
             }
+            "katapult_flasher" => {
+                self.katapult_flasher = match trimmed {
+                    "native" => KatapultFlasher::Native,
+                    "flashtool" => KatapultFlasher::Flashtool,
+                    _ => return Err(bad("expected native or flashtool")),
+                };
+            }
             _ => return Err(unknown(key)),
         }
         Ok(())
@@ -228,6 +261,7 @@ mod tests {
         assert_eq!(s.get("moonraker_url").unwrap(), "http://127.0.0.1:7125");
         assert_eq!(s.get("build_timeout_s").unwrap(), "600");
         assert_eq!(s.get("flash_timeout_s").unwrap(), "180");
+        assert_eq!(s.get("katapult_flasher").unwrap(), "native");
         assert_eq!(s.get("stop_command").unwrap(), "");
         assert!(s.klipper_dir.ends_with("klipper"));
         for key in Settings::keys() {
@@ -275,6 +309,7 @@ mod tests {
             ("service", "initd"),
             ("build_timeout_s", "ten"),
             ("flash_timeout_s", "0"),
+            ("katapult_flasher", "dfu-util"),
             ("moonraker_url", "localhost:7125"),
             ("klipper_service", "klipper; rm -rf /"),
             ("klipper_dir", "  "),
