@@ -198,3 +198,24 @@ def test_status_shm_reads_klippys_mirror(tmp_path):
     assert result.returncode == 0, result.stderr
     doc = json.loads(result.stdout)
     assert "xyz" in json.dumps(doc)
+
+
+def test_progress_in_a_log_keeps_one_line_per_ten_percent(capsys):
+    from kflash.cli import Progress
+
+    progress = Progress()
+    progress.tty = False  # as under a pipe, a log file or the detached helper
+    for block in range(1, 795):
+        progress(
+            {
+                "stage": "flash",
+                "device": "mcu",
+                "fraction": block / 794,
+                "level": "info",
+                "message": f"write {block}/794 blocks",
+            }
+        )
+    progress({"stage": "flash", "device": "mcu", "level": "info", "message": "flashed"})
+    lines = capsys.readouterr().err.splitlines()
+    assert 10 <= len(lines) <= 13, lines
+    assert "794/794" in lines[-2] and lines[-1].endswith("flashed")

@@ -73,9 +73,10 @@ def table(rows, headers):
 class Progress:
     """Renders engine events on stderr.
 
-    Not a tty: one line per event. A tty: milestones (stop, restart, a board
-    built/flashed/verified, warnings, errors) stay on screen; chatter (compiler
-    and flashtool output) overwrites one status line.
+    Not a tty (a log, a pipe): one line per event, but a running percentage only
+    every 10 %. A tty: milestones (stop, restart, a board built/flashed/verified,
+    warnings, errors) stay on screen; chatter (compiler and flashtool output)
+    overwrites one status line.
     """
 
     MARKS = {"info": " ", "warning": "!", "error": "x"}
@@ -85,6 +86,7 @@ class Progress:
         self.quiet = quiet
         self.tty = sys.stderr.isatty()
         self.transient = False
+        self.tenths = {}  # (stage, device, first word) -> last 10 % step logged
 
     def line(self, event):
         stage = event.get("stage", "")
@@ -108,6 +110,8 @@ class Progress:
             return
         level = event.get("level", "info")
         if not self.tty:
+            if self.repeats_a_step(event):
+                return
             err(f"{level[0].upper()} {self.line(event)}")
             return
         text = f"{self.MARKS.get(level, ' ')} {self.line(event)}"
@@ -119,6 +123,19 @@ class Progress:
             sys.stderr.write("\r\033[K" + text[:width])
             self.transient = True
         sys.stderr.flush()
+
+    def repeats_a_step(self, event):
+        """A progress line within the same 10 % as the last one logged."""
+        fraction = event.get("fraction")
+        if fraction is None or event.get("level", "info") != "info":
+            return False
+        words = event.get("message", "").split()
+        key = (event.get("stage"), event.get("device"), words[0] if words else "")
+        step = int(fraction * 10)
+        if self.tenths.get(key) == step and fraction < 1.0:
+            return True
+        self.tenths[key] = step
+        return False
 
     def close(self):
         if self.tty and self.transient:

@@ -107,7 +107,15 @@ pub(super) fn native_katapult(
         Some(job.key),
         format!("flashing {} with Katapult (native)", dev.display()),
     ));
-    native(dev, *baud, &firmware, cancel, sink).map_err(|failure| {
+    // The flasher names the tty it talks to; the user knows the board by its key.
+    let key = job.key.to_owned();
+    let outer = Arc::clone(sink);
+    let sink: Sink = Arc::new(move |event: &Event| {
+        let mut event = event.clone();
+        event.device = Some(key.clone());
+        outer(&event);
+    });
+    native(dev, *baud, &firmware, cancel, &sink).map_err(|failure| {
         if cancel.is_cancelled() {
             (Error::Cancelled, false)
         } else {
