@@ -182,7 +182,12 @@ def print_report(report, settings):
     svc = report.get("service", {})
     if svc.get("stopped"):
         state = "restarted" if svc.get("restarted") else "NOT RESTARTED"
-        print(f"\nklipper was stopped for {svc.get('downtime_s', 0):.1f} s; {state}")
+        flashing = sum(d.get("flash_s") or 0 for d in report.get("devices", []))
+        print(
+            f"\nklipper was stopped for {svc.get('downtime_s', 0):.1f} s "
+            f"(flashing {flashing:.1f} s, stop {svc.get('stop_s', 0):.1f} s, "
+            f"start {svc.get('start_s', 0):.1f} s); {state}"
+        )
     elif svc.get("error"):
         print(f"\n{svc['error']}")
     else:

@@ -687,6 +687,7 @@ fn stop_window(
         }
     };
     report.service.stopped = true;
+    report.service.stop_s = tenths(stopped_at.elapsed());
     // Everything below runs with the guard alive: any early exit or panic restarts.
     deps.inventory.rescan();
     let mut order: Vec<&(usize, Built)> = built.iter().collect();
@@ -743,7 +744,10 @@ fn stop_window(
         }
     }
     emit(sink, Stage::Restart, None, "starting klipper");
-    match guard.restart() {
+    let starting_at = Instant::now();
+    let restarted = guard.restart();
+    report.service.start_s = tenths(starting_at.elapsed());
+    match restarted {
         Ok(_) => {
             report.service.restarted = true;
             deps.watchdog.disarm();
@@ -761,7 +765,12 @@ fn stop_window(
             );
         }
     }
-    report.service.downtime_s = (stopped_at.elapsed().as_secs_f64() * 10.0).round() / 10.0;
+    report.service.downtime_s = tenths(stopped_at.elapsed());
+}
+
+/// Seconds rounded to a tenth, as reports show them.
+fn tenths(d: Duration) -> f64 {
+    (d.as_secs_f64() * 10.0).round() / 10.0
 }
 
 fn verify(

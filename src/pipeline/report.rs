@@ -48,7 +48,12 @@ pub struct Plan {
 pub struct ServiceReport {
     pub stopped: bool,
     pub restarted: bool,
+    /// From asking klipper to stop until it runs again (what the user lives through).
     pub downtime_s: f64,
+    /// How long the service manager took to confirm the stop, and the start: part of the
+    /// downtime, but the service manager's own latency (the same for any tool).
+    pub stop_s: f64,
+    pub start_s: f64,
     /// Set when stopping or restarting failed.
     pub error: Option<String>,
 }
