@@ -127,3 +127,32 @@ def test_failing_mainboard_is_reported_and_klipper_restarted(bench, faults, word
     p.wait_app(p.board("mainboard"), 10)
     p.stop_klipper()
     p.start_klipper()
+
+
+@pytest.mark.parametrize(
+    "faults",
+    [{"nack_every": 50}, {"erase_delay": 0.004}],
+    ids=["nacked-blocks", "slow-erase"],
+)
+def test_nacks_and_a_slow_board_are_recovered(bench, faults):
+    """A board that NACKs some blocks or erases slowly still ends on the new version."""
+    p, env = bench
+    tree.git(p.tree, "commit", "-q", "--allow-empty", "-m", f"bump for {faults}")
+    target = tree.describe(p.tree)
+    p.set_faults("mainboard", **faults)
+    try:
+        rc, report, res = flash_all(env)
+    finally:
+        p.clear_faults()
+    assert rc == 0, res.stdout + res.stderr
+    assert report["service"]["restarted"]
+    for d in report["devices"]:
+        assert (d["flash"], d["verify"], d["version_after"]) == ("pass", "pass", target)
+    assert set(p.wait_ready().values()) == {target}
+    # The fault really happened: NACKed blocks were sent again; the slow erase (about
+    # 800 blocks x 4 ms) shows in the mainboard's flash time next to the toolhead's.
+    secs = {d["key"]: d["flash_s"] for d in report["devices"]}
+    if "nack_every" in faults:
+        assert "commands sent again" in res.stderr, res.stderr[-2000:]
+    else:
+        assert secs["mcu"] > secs["toolhead"] + 2.0, secs

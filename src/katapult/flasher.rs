@@ -187,6 +187,8 @@ pub struct FlashReport {
     pub pages: u32,
     /// False when COMPLETE was not acknowledged (the board may still sit in Katapult).
     pub completed: bool,
+    /// Commands that had to be sent again (NACKs, garbled or missing replies).
+    pub retries: u32,
     pub duration: Duration,
 }
 
@@ -261,6 +263,8 @@ pub(crate) struct Session<'a> {
     cancel: &'a Cancel,
     discard_first: bool,
     buf: Vec<u8>,
+    /// Commands sent again so far (after a NACK, a garbled or a missing reply).
+    retries: u32,
 }
 
 impl<'a> Session<'a> {
@@ -278,6 +282,7 @@ impl<'a> Session<'a> {
             cancel,
             discard_first: false,
             buf: vec![0; 4096],
+            retries: 0,
         }
     }
 
@@ -419,6 +424,7 @@ impl<'a> Session<'a> {
                 return Err(Error::Cancelled { step });
             }
             if attempt > 0 {
+                self.retries += 1;
                 self.settle(step)?;
             }
             self.port.write_all(&bytes).map_err(|e| self.io(step, e))?;
@@ -688,10 +694,16 @@ pub(crate) fn flash_connected(
         firmware_version: dictionary.map(|d| d.version.clone()),
         pages,
         completed,
+        retries: session.retries,
         duration: started.elapsed(),
     };
+    let retried = match report.retries {
+        0 => String::new(),
+        1 => ", 1 command sent again".to_owned(),
+        n => format!(", {n} commands sent again"),
+    };
     progress.info(format!(
-        "flashed and verified {} bytes ({} blocks) in {:.2} s, {:.1} KiB/s",
+        "flashed and verified {} bytes ({} blocks) in {:.2} s, {:.1} KiB/s{retried}",
         report.bytes,
         report.blocks,
         report.duration.as_secs_f64(),

@@ -136,6 +136,7 @@ fn report_dict<'py>(py: Python<'py>, r: &FlashReport) -> PyResult<Bound<'py, PyD
     d.set_item("pages", r.pages)?;
     d.set_item("completed", r.completed)?;
     d.set_item("duration_s", r.duration.as_secs_f64())?;
+    d.set_item("retries", r.retries)?;
     d.set_item("rate_bps", r.rate())?;
     Ok(d)
 }

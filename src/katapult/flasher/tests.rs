@@ -207,6 +207,13 @@ fn transient_faults_are_recovered_by_retries() {
         let report = result.unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(report.bytes, image.len(), "{name}");
         assert_holds(&port, &image, 64);
+        // An erase within the block timeout is waited out; every other fault (an erase
+        // beyond the timeout included) costs commands sent again.
+        if name == "slow erase" {
+            assert_eq!(report.retries, 0, "{name}");
+        } else {
+            assert!(report.retries > 0, "{name}: the fault never fired");
+        }
     }
 }
 
