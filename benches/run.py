@@ -28,13 +28,29 @@ def machine():
     return f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}"
 
 
+def previous_sections():
+    """The sections of the current BENCHMARKS.md, by bench name."""
+    try:
+        text = (ROOT / "BENCHMARKS.md").read_text()
+    except OSError:
+        return {}
+    found = {}
+    for part in text.split("\n## ")[1:]:
+        name = part.split()[0].rstrip(":")
+        found[name] = "## " + part.strip() + "\n"
+    return found
+
+
 def main(argv):
     only = set(argv[1:])
     scripts = sorted((ROOT / "benches").glob("bench_*.py"))
+    kept = previous_sections() if only else {}
     sections = []
     failed = []
     for script in scripts:
         if only and script.stem not in only:
+            if script.stem in kept:  # re-running some sections keeps the others
+                sections.append(kept[script.stem])
             continue
         print(f"== {script.name}", file=sys.stderr, flush=True)
         proc = subprocess.run(
@@ -53,7 +69,7 @@ def main(argv):
         "# Benchmarks\n\n"
         f"Written by `make bench` on {stamp}; {machine()}.\n"
         "Every figure is a ratio against the alternative measured in the same run;\n"
-        "re-run one section with `python benches/<script>.py`.\n"
+        "re-run one section with `python benches/run.py bench_<name>`.\n"
     )
     (ROOT / "BENCHMARKS.md").write_text(header + "\n" + "\n".join(sections))
     print("wrote BENCHMARKS.md", file=sys.stderr)

@@ -20,6 +20,7 @@ import pytest
 
 import kflash
 from kflash.sim import Printer, default_boards
+from kflash.sim.stack import wait_for
 from klippy_support import REPO, plugins
 
 BOARDS = default_boards()
@@ -81,17 +82,6 @@ def kflash_status(p):
             "kflash"]
     except (OSError, ValueError, KeyError):
         return None  # klippy down (503)
-
-
-def wait_for(cond, timeout, what):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        time.sleep(0.1)
 
 
 def gcode(p, script):

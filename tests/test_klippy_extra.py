@@ -17,7 +17,7 @@ import pytest
 
 import kflash
 from kflash import helper
-from klippy_support import REPO, Klippy, plugins
+from klippy_support import BASE_CFG, REPO, Klippy, plugins
 
 HERE = Path(__file__).resolve().parent
 FIRMWARE = REPO / "python" / "kflash" / "sim" / "firmware"
@@ -35,18 +35,7 @@ def _plugins():
 def printer_cfg(tmp_path, home, extra=""):
     gcodes = tmp_path / "gcodes"
     gcodes.mkdir(exist_ok=True)
-    return f"""\
-[mcu]
-serial: /dev/null
-
-[printer]
-kinematics: none
-max_velocity: 100
-max_accel: 1000
-
-[telemetry]
-enabled: False
-
+    return BASE_CFG + f"""
 [virtual_sdcard]
 path: {gcodes}
 

@@ -449,21 +449,7 @@ pub fn build(
         .iter()
         .zip(results)
         .map(|(dev, result)| {
-            let mut r = DeviceReport {
-                key: dev.key.clone(),
-                method: dev.method.as_str().into(),
-                action: "build".into(),
-                reason: String::new(),
-                version_before: None,
-                version_target: None,
-                version_after: None,
-                build: "skip".into(),
-                flash: "skip".into(),
-                flash_s: None,
-                verify: "skip".into(),
-                error: None,
-                hint: None,
-            };
+            let mut r = DeviceReport::new(&dev.key, dev.method.as_str(), "build");
             match result {
                 Ok(b) => {
                     r.build = if b.cached { "cached" } else { "pass" }.into();

@@ -81,14 +81,15 @@ pub struct DeviceReport {
 }
 
 impl DeviceReport {
-    pub(super) fn from_plan(entry: &PlanEntry) -> Self {
+    /// A device nothing has happened to yet: every stage `skip`.
+    pub(super) fn new(key: &str, method: &str, action: &str) -> Self {
         Self {
-            key: entry.key.clone(),
-            method: entry.method.clone(),
-            action: entry.action.clone(),
-            reason: entry.reason.clone(),
-            version_before: entry.version_before.clone(),
-            version_target: entry.version_target.clone(),
+            key: key.to_owned(),
+            method: method.to_owned(),
+            action: action.to_owned(),
+            reason: String::new(),
+            version_before: None,
+            version_target: None,
             version_after: None,
             build: "skip".into(),
             flash: "skip".into(),
@@ -96,6 +97,15 @@ impl DeviceReport {
             verify: "skip".into(),
             error: None,
             hint: None,
+        }
+    }
+
+    pub(super) fn from_plan(entry: &PlanEntry) -> Self {
+        Self {
+            reason: entry.reason.clone(),
+            version_before: entry.version_before.clone(),
+            version_target: entry.version_target.clone(),
+            ..Self::new(&entry.key, &entry.method, &entry.action)
         }
     }
     /// Whether this device ended in a failure.
