@@ -86,7 +86,8 @@ impl Error {
     }
 }
 
-fn fmt_tail(tail: &str) -> String {
+/// `"; last output:\n<tail>"` for an error message, or nothing when the tail is empty.
+pub(crate) fn fmt_tail(tail: &str) -> String {
     if tail.trim().is_empty() {
         String::new()
     } else {

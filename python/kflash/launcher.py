@@ -44,6 +44,8 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
+from kflash.helper import write_json_atomic
+
 __all__ = [
     "HELPER_UNIT",
     "LaunchRefused",
@@ -165,12 +167,7 @@ def write_request(home, only_outdated=False, device=None, run_id=None):
     path = os.path.join(d, "request.json")
     doc = {"version": 1, "only_outdated": bool(only_outdated),
            "device": device, "run_id": run_id}
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(doc, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_json_atomic(path, doc)
     return path
 
 

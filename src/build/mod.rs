@@ -152,7 +152,7 @@ pub enum Error {
     },
     #[error(
         "{key}: `{cmd}` timed out after {after:?} and was stopped{}",
-        tail_text(tail)
+        crate::process::fmt_tail(tail)
     )]
     Timeout {
         key: String,
@@ -247,14 +247,6 @@ impl Error {
                 source,
             },
         }
-    }
-}
-
-fn tail_text(tail: &str) -> String {
-    if tail.trim().is_empty() {
-        String::new()
-    } else {
-        format!("; last output:\n{}", tail.trim_end())
     }
 }
 

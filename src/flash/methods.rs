@@ -295,29 +295,13 @@ pub(super) fn linux(
     }
 }
 
-/// Copy `src` next to `dest`, make it executable, rename it over `dest`, fsync the dir.
+/// Copy `src` next to `dest`, make it executable, rename it over `dest`, fsync the dir:
+/// a new inode, so a running binary is never written in place (ETXTBSY), and the mode is
+/// set before the rename, so `dest` is never there without being executable.
 fn install_binary(src: &Path, dest: &Path) -> std::io::Result<()> {
-    let dir = dest
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = dest.file_name().map_or_else(
-        || "klipper_mcu".into(),
-        |n| n.to_string_lossy().into_owned(),
-    );
-    let tmp = dir.join(format!(".{name}.kflash-new"));
-    let result = (|| {
-        let data = fs::read(src)?;
-        let mut f = fs::File::create(&tmp)?;
+    let data = fs::read(src)?;
+    crate::registry::write_atomic_with(dest, |f| {
         f.write_all(&data)?;
-        f.set_permissions(fs::Permissions::from_mode(0o755))?;
-        f.sync_all()?;
-        drop(f);
-        fs::rename(&tmp, dest)?;
-        fs::File::open(dir)?.sync_all()
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
+        f.set_permissions(fs::Permissions::from_mode(0o755))
+    })
 }

@@ -222,7 +222,7 @@ pub enum Error {
     NoFlashtool { searched: Vec<PathBuf> },
     #[error(
         "flashtool did not confirm the flash (no `Programming Complete` line){}",
-        tail_text(tail)
+        crate::process::fmt_tail(tail)
     )]
     NotConfirmed { tail: String },
     #[error("no firmware to flash: {0} is missing")]
@@ -254,14 +254,6 @@ pub enum Error {
     },
     #[error("cancelled")]
     Cancelled,
-}
-
-fn tail_text(tail: &str) -> String {
-    if tail.trim().is_empty() {
-        String::new()
-    } else {
-        format!("; last output:\n{}", tail.trim_end())
-    }
 }
 
 /// A failed flash: the error and what the user can do about it.

@@ -323,33 +323,39 @@ fn native_seam_replaces_flashtool_for_serial() {
     assert_eq!(sb.flashtool_args(), "", "flashtool must not run");
 }
 
-fn native_failing(try_flashtool: bool) -> NativeKatapult {
-    Arc::new(move |_dev, _baud, _fw, _c, _s| {
+/// Flash a serial board whose native flasher fails (`try_flashtool` as given), with a
+/// flashtool.py whose body is `flashtool_body`.
+fn flash_after_native_failure(
+    flashtool_body: &str,
+    try_flashtool: bool,
+    method: Method,
+) -> (Sandbox, Result<Flashed, Failure>) {
+    let sb = Sandbox::new(flashtool_body);
+    let mut tools = sb.tools();
+    tools.native_katapult = Some(Arc::new(move |_dev, _baud, _fw, _c, _s| {
         Err(NativeFailure {
             message: "verify mismatch at address 0x08008040".into(),
             try_flashtool,
         })
-    })
-}
-
-#[test]
-fn native_communication_failure_falls_back_to_flashtool() {
-    let sb = Sandbox::new("print('Programming Complete')");
-    let mut tools = sb.tools();
-    tools.native_katapult = Some(native_failing(true));
+    }));
     let flasher = Flasher::new(
         tools,
         watch(Comeback::Klipper(PathBuf::from("/dev/ttyACM0")), vec![]),
     );
     let (ep, out, cfg) = (serial(), sb.out(), sb.cfg());
-    let done = flasher
-        .flash(
-            &job(&sb, &ep, Method::Auto, &out, &cfg),
-            &Cancel::new(),
-            &crate::events::discard(),
-        )
-        .unwrap();
-    assert_eq!(done.method, Method::Katapult);
+    let result = flasher.flash(
+        &job(&sb, &ep, method, &out, &cfg),
+        &Cancel::new(),
+        &crate::events::discard(),
+    );
+    (sb, result)
+}
+
+#[test]
+fn native_communication_failure_falls_back_to_flashtool() {
+    let (sb, result) =
+        flash_after_native_failure("print('Programming Complete')", true, Method::Auto);
+    assert_eq!(result.unwrap().method, Method::Katapult);
     assert!(
         sb.flashtool_args().contains("-d /dev/ttyACM0"),
         "flashtool must run"
@@ -358,22 +364,8 @@ fn native_communication_failure_falls_back_to_flashtool() {
 
 #[test]
 fn both_katapult_flashers_failing_report_both_errors() {
-    let sb = Sandbox::new("print('Flashing...')");
-    let mut tools = sb.tools();
-    tools.native_katapult = Some(native_failing(true));
-    let flasher = Flasher::new(
-        tools,
-        watch(Comeback::Klipper(PathBuf::from("/dev/ttyACM0")), vec![]),
-    );
-    let (ep, out, cfg) = (serial(), sb.out(), sb.cfg());
-    let done = flasher
-        .flash(
-            &job(&sb, &ep, Method::Katapult, &out, &cfg),
-            &Cancel::new(),
-            &crate::events::discard(),
-        )
-        .unwrap_err();
-    let msg = done.error.to_string();
+    let (_sb, result) = flash_after_native_failure("print('Flashing...')", true, Method::Katapult);
+    let msg = result.unwrap_err().error.to_string();
     assert!(msg.contains("0x08008040"), "native error lost: {msg}");
     assert!(
         msg.contains("Programming Complete"),
@@ -383,24 +375,11 @@ fn both_katapult_flashers_failing_report_both_errors() {
 
 #[test]
 fn native_final_failure_tries_nothing_else() {
-    let sb = Sandbox::new("print('Programming Complete')");
-    let mut tools = sb.tools();
-    tools.native_katapult = Some(native_failing(false));
-    let flasher = Flasher::new(
-        tools,
-        watch(Comeback::Klipper(PathBuf::from("/dev/ttyACM0")), vec![]),
-    );
-    let (ep, out, cfg) = (serial(), sb.out(), sb.cfg());
-    let failure = flasher
-        .flash(
-            &job(&sb, &ep, Method::Auto, &out, &cfg),
-            &Cancel::new(),
-            &crate::events::discard(),
-        )
-        .unwrap_err();
-    assert!(failure.error.to_string().contains("0x08008040"));
+    let (sb, result) =
+        flash_after_native_failure("print('Programming Complete')", false, Method::Auto);
+    assert!(result.unwrap_err().error.to_string().contains("0x08008040"));
     assert_eq!(sb.flashtool_args(), "", "flashtool must not run");
-    assert!(!out.join("made").exists(), "make flash must not run");
+    assert!(!sb.out().join("made").exists(), "make flash must not run");
 }
 
 #[test]

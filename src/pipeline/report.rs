@@ -4,7 +4,6 @@
 //! written atomically to `<state>/runs/<timestamp>.json`, and UTC timestamps.
 //! Plain data: `Send + Sync`, no interior mutability.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -167,30 +166,8 @@ pub(super) fn write_record(runs_dir: &Path, report: &Report) -> std::io::Result<
     }
     let mut bytes = serde_json::to_vec_pretty(report).map_err(std::io::Error::other)?;
     bytes.push(b'\n');
-    write_atomic(&path, &bytes)?;
+    crate::registry::write_atomic(&path, &bytes)?;
     Ok(path)
-}
-
-/// Temp file in the same dir, sync, rename, fsync the dir.
-fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.tmp{}",
-        path.file_name().unwrap_or_default().to_string_lossy(),
-        std::process::id()
-    ));
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        drop(f);
-        std::fs::rename(&tmp, path)?;
-        std::fs::File::open(dir)?.sync_all()
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
 }
 
 /// Now as `YYYY-MM-DDTHH:MM:SSZ`.

@@ -16,6 +16,7 @@ mod state;
 
 pub use import::{import_printer_cfg, import_printer_cfg_file, ImportedMcu};
 pub use settings::{expand_home, KatapultFlasher, ServiceKind, Settings};
+pub(crate) use state::write_atomic_with;
 pub use state::{write_atomic, StateDir};
 
 use serde::{Deserialize, Serialize};
