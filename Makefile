@@ -17,6 +17,9 @@ $(VENV)/.deps: requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-dev.txt
+	# The virtual printer (sim/virtual_printer) is not part of the wheel: put it on the
+	# venv's path for the tests, the benches and `make demo`.
+	echo "$(CURDIR)/sim" > "$$($(PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/virtual_printer.pth"
 	touch $@
 
 $(VENV_MR)/.deps:
@@ -32,7 +35,7 @@ build: $(VENV)/.deps
 	VIRTUAL_ENV=$(CURDIR)/$(VENV) $(VENV)/bin/maturin develop --release --quiet
 
 demo: build $(VENV_MR)/.deps
-	$(PY) -m kflash.sim demo
+	$(PY) -m virtual_printer demo
 
 test-rust:
 	cargo test --quiet
@@ -40,7 +43,7 @@ test-rust:
 	cargo fmt --check
 
 test-python: build deps
-	$(VENV)/bin/ruff check python tests klippy_extras benches
+	$(VENV)/bin/ruff check python tests sim benches
 	$(PY) -m pytest -q
 
 test: test-rust test-python
@@ -48,7 +51,7 @@ test: test-rust test-python
 lint: $(VENV)/.deps
 	cargo fmt --check
 	cargo clippy --all-targets -- -D warnings
-	$(VENV)/bin/ruff check python tests klippy_extras benches
+	$(VENV)/bin/ruff check python tests sim benches
 
 bench: build $(VENV_MR)/.deps
 	$(PY) benches/run.py

@@ -1,6 +1,6 @@
 """Native Katapult flashing vs Katapult's flashtool.py, same virtual board and image.
 
-Starts one virtual USB board of the bench (``kflash.sim``: a Katapult bootloader on a
+Starts one virtual USB board of the bench (``virtual_printer``: Katapult on a
 pty, 64-byte blocks like every real build), then flashes the same image with
 ``kflash.katapult_flash`` and with ``python flashtool.py -d DEV -f IMAGE``, alternating,
 several times; reports write+verify throughput (image bytes per second of wall time)
@@ -70,7 +70,7 @@ def find_flashtool(tmp):
 
 
 class VirtualBoard:
-    """One bench board in its own process (``python -m kflash.sim boards``)."""
+    """One bench board in its own process (``python -m virtual_printer boards``)."""
 
     def __init__(self, root):
         self.root = Path(root)
@@ -101,7 +101,8 @@ class VirtualBoard:
         spec_path.write_text(json.dumps(spec))
         self.ready = state / "boards.ready"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kflash.sim", "boards", "--spec", str(spec_path)],
+            [sys.executable, "-m", "virtual_printer", "boards",
+             "--spec", str(spec_path)],
             stdout=subprocess.DEVNULL,
         )
         name = f"usb-katapult_{MCU}_{SERIAL}-if00"
@@ -186,10 +187,11 @@ def main(argv=None):
     sizes = [int(s) for s in args.sizes.split(",")]
     try:
         import kflash  # noqa: F401
-        import kflash.sim  # noqa: F401
+        import virtual_printer  # noqa: F401
     except ImportError as err:
         print(
-            f"## bench_katapult\n\nSkipped: {err} (needs `make build` and kflash.sim)."
+            f"## bench_katapult\n\nSkipped: {err} "
+            "(needs `make build` and virtual_printer)."
         )
         return 0
     tmp = tempfile.mkdtemp(prefix="kflash-bench-katapult-")
@@ -214,7 +216,8 @@ def main(argv=None):
         out = [
             "## bench_katapult: native Katapult flasher vs flashtool.py",
             "",
-            f"One virtual USB board (kflash.sim, {MCU}, 64-byte blocks, Katapult on a "
+            f"One virtual USB board (virtual_printer, {MCU}, 64-byte blocks, "
+            "Katapult on a "
             "pty), the same image for both tools, write + read-back verify + COMPLETE; "
             f"median of {args.runs} alternating runs, wall time of the whole call "
             "(flashtool.py includes its interpreter start).",

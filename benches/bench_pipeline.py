@@ -1,6 +1,6 @@
 """Service downtime of flash-all vs the per-device loop, and CLI start-up time.
 
-Downtime: the virtual printer (kflash.sim: STM32 and RP2040 USB boards with Katapult,
+Downtime: the virtual printer (STM32 and RP2040 USB boards with Katapult,
 the linux MCU, real klippy and real Moonraker under supervisord). Each round makes all
 three MCUs outdated (an empty commit in the firmware tree), then either runs
 ``kflash flash-all --yes`` (one stop window) or ``kflash flash KEY --yes`` for each
@@ -27,9 +27,9 @@ import sys
 import tempfile
 import time
 
-from kflash.sim import tree
-from kflash.sim.demo import kflash_command, register
-from kflash.sim.stack import Printer
+from virtual_printer import tree
+from virtual_printer.demo import kflash_command, register
+from virtual_printer.stack import Printer
 
 
 def kflash_json(env: dict[str, str], *args: str) -> dict:
@@ -157,7 +157,7 @@ def main() -> int:
     st_met = "met" if st["kflash"] <= 0.150 else "MISSED"
     print(f"""## bench_pipeline: service downtime and CLI start-up
 
-Virtual printer (kflash.sim): {dt['devices']} MCUs (STM32F446 and RP2040 over USB with
+Virtual printer: {dt['devices']} MCUs (STM32F446 and RP2040 over USB with
 Katapult, linux MCU), real klippy (kalico) and Moonraker under supervisord; all MCUs
 outdated before each run; builds cached beforehand, so only the stop windows differ.
 Median of {dt['rounds']} rounds. Downtime = from asking klipper to stop until it runs

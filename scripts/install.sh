@@ -9,9 +9,9 @@
 # that, nothing else):
 #   - the kflash wheel into <klippy-env> (pip install; built with maturin
 #     from this checkout unless --wheel is given);
-#   - a symlink of each klippy_extras/*.py into <klipper>/klippy/extras
+#   - a symlink of each python/kflash/klippy_extras/*.py into <klipper>/klippy/extras
 #     (Kalico: <klipper>/klippy/plugins);
-#   - config/kflash.cfg copied to <printer_data>/config/kflash.cfg;
+#   - python/kflash/klippy_extras/kflash.cfg copied to <printer_data>/config/kflash.cfg;
 #   - printer.cfg: a marked block at the top with [include kflash.cfg] and
 #     [kflash] (whichever is missing);
 #   - moonraker.conf: a marked [update_manager kflash] block at the end;
@@ -209,7 +209,7 @@ install_wheel() {
 install_extras() {
     local dir src name dst
     dir="$(extras_dir)"
-    for src in "$REPO"/klippy_extras/*.py; do
+    for src in "$REPO"/python/kflash/klippy_extras/*.py; do
         name="$(basename "$src")"
         dst="$dir/$name"
         if [ -L "$dst" ] && [ "$(readlink "$dst")" = "$src" ]; then
@@ -231,14 +231,14 @@ install_extras() {
 
 install_macros() {
     local dst="$CONFIG_DIR/kflash.cfg"
-    if [ -f "$dst" ] && cmp -s "$REPO/config/kflash.cfg" "$dst"; then
+    if [ -f "$dst" ] && cmp -s "$REPO/python/kflash/klippy_extras/kflash.cfg" "$dst"; then
         return
     fi
     if [ -e "$dst" ] && ! recorded file "$dst"; then
         say "WARNING: $dst exists and differs from kflash's: left alone"
         return
     fi
-    cp "$REPO/config/kflash.cfg" "$dst"
+    cp "$REPO/python/kflash/klippy_extras/kflash.cfg" "$dst"
     record file "$dst"
     say "copied kflash.cfg to $CONFIG_DIR"
 }

@@ -120,7 +120,7 @@ def printer_cfg(snapshot_section):
 
 
 EXTRA_FILES = {
-    "status_snapshot.py": REPO / "klippy_extras" / "status_snapshot.py",
+    "status_snapshot.py": REPO / "python/kflash/klippy_extras/status_snapshot.py",
     "snapshot_probe.py": REPO / "benches" / "snapshot_probe.py",
 }
 

@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 
 import kflash
-from kflash.sim import Printer, default_boards
-from kflash.sim.stack import wait_for
 from klippy_support import REPO, plugins
+from virtual_printer import Printer, default_boards
+from virtual_printer.stack import wait_for
 
 BOARDS = default_boards()
 
@@ -46,7 +46,7 @@ def bench(tmp_path_factory):
     state = base / "state"
     state.mkdir()
     p = KflashPrinter(str(base / "printer"), str(state), boards=BOARDS)
-    with plugins({"kflash": REPO / "klippy_extras" / "kflash.py"}), \
+    with plugins({"kflash": REPO / "python/kflash/klippy_extras/kflash.py"}), \
             pytest.MonkeyPatch.context() as mp:
         # klippy, and so the helper it starts, see the bench's devices
         mp.setenv("KFLASH_DEV_ROOT", p.dev_root)

@@ -110,10 +110,10 @@ def test_install_twice_is_idempotent_and_uninstall_restores(tmp_path):
     assert snapshot(home) == first
 
     link = home / "klipper/klippy/extras/kflash.py"
-    assert os.readlink(link) == str(REPO / "klippy_extras" / "kflash.py")
+    assert os.readlink(link) == str(REPO / "python/kflash/klippy_extras/kflash.py")
     cfg = home / "printer_data/config"
     assert (cfg / "kflash.cfg").read_bytes() == \
-        (REPO / "config" / "kflash.cfg").read_bytes()
+        (REPO / "python/kflash/klippy_extras/kflash.cfg").read_bytes()
     printer = (cfg / "printer.cfg").read_text()
     lines = printer.splitlines()
     assert lines[0].startswith("# >>> kflash")

@@ -14,7 +14,7 @@ import zlib
 
 import pytest
 
-pytest.importorskip("kflash.sim.board")
+pytest.importorskip("virtual_printer.board")
 
 from kflash import _core  # noqa: E402
 
@@ -77,7 +77,7 @@ class Bench:
         (root / "spec.json").write_text(json.dumps(spec))
         spec_path = str(root / "spec.json")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kflash.sim", "boards", "--spec", spec_path]
+            [sys.executable, "-m", "virtual_printer", "boards", "--spec", spec_path]
         )
         if interface == "usb":
             self.app_link = (

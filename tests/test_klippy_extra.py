@@ -20,13 +20,13 @@ from kflash import helper
 from klippy_support import BASE_CFG, REPO, Klippy, plugins
 
 HERE = Path(__file__).resolve().parent
-FIRMWARE = REPO / "python" / "kflash" / "sim" / "firmware"
+FIRMWARE = REPO / "sim/virtual_printer/firmware"
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _plugins():
     with plugins({
-        "kflash": REPO / "klippy_extras" / "kflash.py",
+        "kflash": REPO / "python/kflash/klippy_extras/kflash.py",
         "kflash_test_print": HERE / "klippy_plugins" / "kflash_test_print.py",
     }):
         yield
@@ -249,7 +249,7 @@ def test_next_start_reports_an_interrupted_run_and_closes_dialog(
 
 def test_macros_of_kflash_cfg_load_and_call_the_commands(tmp_path, home):
     cfg = printer_cfg(tmp_path, home,
-                      f"[include {REPO / 'config' / 'kflash.cfg'}]\n")
+                      f"[include {REPO / 'python/kflash/klippy_extras/kflash.cfg'}]\n")
     with Klippy(tmp_path / "k", cfg) as k:
         st = k.query({"gcode_macro KFLASH_UPDATE_ALL": None,
                       "gcode_macro KFLASH_SHOW_PLAN": None})

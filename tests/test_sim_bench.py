@@ -12,8 +12,8 @@ import sys
 
 import pytest
 
-from kflash.sim import Printer, tree, wait_for
-from kflash.sim.client import KatapultClient, KatapultError, touch
+from virtual_printer import Printer, tree, wait_for
+from virtual_printer.client import KatapultClient, KatapultError, touch
 
 pytestmark = pytest.mark.skipif(
     shutil.which("gcc") is None or shutil.which("make") is None,
@@ -246,7 +246,7 @@ def test_bench_failure_raises_katapult_error_without_bootloader(stopped):
 
 
 def native_flasher():
-    from kflash.sim.demo import kflash_command
+    from virtual_printer.demo import kflash_command
 
     cmd = [*kflash_command(), "katapult", "flash", "--help"]
     if subprocess.run(cmd, capture_output=True).returncode != 0:

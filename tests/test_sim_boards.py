@@ -10,9 +10,9 @@ import termios
 
 import pytest
 
-from kflash.sim import stack, tree, wait_for
-from kflash.sim.client import KatapultClient
-from kflash.sim.proto import SERIAL_BOOTLOADER_REQUEST
+from virtual_printer import stack, tree, wait_for
+from virtual_printer.client import KatapultClient
+from virtual_printer.proto import SERIAL_BOOTLOADER_REQUEST
 
 pytestmark = pytest.mark.skipif(
     shutil.which("gcc") is None or shutil.which("make") is None,
@@ -23,7 +23,8 @@ pytestmark = pytest.mark.skipif(
 def start_boards(spec_path):
     env = dict(os.environ, PYTHONPATH=stack.PACKAGE_PARENT)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kflash.sim", "boards", "--spec", spec_path], env=env
+        [sys.executable, "-m", "virtual_printer", "boards", "--spec", spec_path],
+        env=env,
     )
     return proc
 

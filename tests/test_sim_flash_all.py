@@ -14,8 +14,8 @@ import subprocess
 
 import pytest
 
-from kflash.sim import Printer, tree
-from kflash.sim.demo import kflash_command, register
+from virtual_printer import Printer, tree
+from virtual_printer.demo import kflash_command, register
 
 pytestmark = pytest.mark.skipif(
     shutil.which("gcc") is None or shutil.which("make") is None,

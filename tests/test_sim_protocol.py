@@ -4,9 +4,9 @@ import struct
 
 import pytest
 
-from kflash.sim import proto
-from kflash.sim.app import KlipperApp
-from kflash.sim.katapult import KatapultBootloader
+from virtual_printer import proto
+from virtual_printer.app import KlipperApp
+from virtual_printer.katapult import KatapultBootloader
 
 DICT = {
     "app": "Kalico",

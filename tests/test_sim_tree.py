@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from kflash.sim import tree
+from virtual_printer import tree
 
 pytestmark = pytest.mark.skipif(
     shutil.which("gcc") is None or shutil.which("make") is None,

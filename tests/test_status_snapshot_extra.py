@@ -13,7 +13,7 @@ from klippy.clocksync import ClockSync
 from snapshot_printer import REPO
 
 spec = importlib.util.spec_from_file_location(
-    "status_snapshot", REPO / "klippy_extras" / "status_snapshot.py"
+    "status_snapshot", REPO / "python/kflash/klippy_extras/status_snapshot.py"
 )
 status_snapshot = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(status_snapshot)

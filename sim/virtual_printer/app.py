@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from typing import Any, Callable, Optional
 
-from kflash.sim import proto
+from virtual_printer import proto
 
 # Commands that still run while the MCU is shut down (the firmware's HF_IN_SHUTDOWN).
 _RUN_IN_SHUTDOWN = {

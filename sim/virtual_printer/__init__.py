@@ -7,6 +7,6 @@ kalico) and real Moonraker under supervisord. Used by `make demo` and the tests.
 Pure Python stdlib.
 """
 
-from kflash.sim.stack import BoardSpec, Printer, default_boards, wait_for
+from virtual_printer.stack import BoardSpec, Printer, default_boards, wait_for
 
 __all__ = ["BoardSpec", "Printer", "default_boards", "wait_for"]

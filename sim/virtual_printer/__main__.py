@@ -1,4 +1,4 @@
-"""``python -m kflash.sim``: the virtual printer bench from the command line.
+"""``python -m virtual_printer``: the virtual printer bench from the command line.
 
 up --dir D [--boards mainboard,toolhead,host]   start the printer, wait for ready
 down --dir D                                     stop it, leave no process behind
@@ -15,7 +15,7 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m kflash.sim",
+        prog="python -m virtual_printer",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -36,19 +36,19 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     if args.cmd == "boards":
-        from kflash.sim.board import run_boards
+        from virtual_printer.board import run_boards
 
         return run_boards(args.spec)
     if args.cmd == "linux-mcu":
-        from kflash.sim.linux_mcu import run_linux_mcu
+        from virtual_printer.linux_mcu import run_linux_mcu
 
         return run_linux_mcu(args.firmware, args.serial)
     if args.cmd == "demo":
-        from kflash.sim.demo import run_demo
+        from virtual_printer.demo import run_demo
 
         return run_demo(args.dir, keep=args.keep)
 
-    from kflash.sim.stack import Printer, default_boards
+    from virtual_printer.stack import Printer, default_boards
 
     if args.cmd == "up":
         wanted = [n for n in args.boards.split(",") if n]

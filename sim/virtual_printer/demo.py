@@ -18,8 +18,8 @@ import subprocess
 import sys
 from typing import Any
 
-from kflash.sim import tree
-from kflash.sim.stack import Printer
+from virtual_printer import tree
+from virtual_printer.stack import Printer
 
 
 def kflash_command() -> list[str]:
@@ -113,18 +113,18 @@ def run_demo(directory: str, keep: bool = False) -> int:
         if keep:
             say(
                 f"the printer keeps running; stop it with: "
-                f"python -m kflash.sim down --dir {directory}"
+                f"python -m virtual_printer down --dir {directory}"
             )
         else:
             say("stopping the virtual printer")
             printer.down()
     say("try next")
-    print(f"""    python -m kflash.sim up --dir {directory}     # the printer again
+    print(f"""    python -m virtual_printer up --dir {directory}     # the printer again
     export KFLASH_HOME={env["KFLASH_HOME"]} KFLASH_DEV_ROOT={printer.dev_root} \\
            KFLASH_SYS_ROOT={printer.sys_root}
     kflash status; kflash plan                  # everything current now
     kflash flash-all --only-outdated --yes       # nothing to do
     (cd {printer.tree} && git commit --allow-empty -m bump)
     kflash plan                                  # a version-only change
-    python -m kflash.sim down --dir {directory}""")
+    python -m virtual_printer down --dir {directory}""")
     return rc

@@ -17,9 +17,9 @@ import signal
 import sys
 from typing import Any
 
-from kflash.sim import proto
-from kflash.sim.app import KlipperApp
-from kflash.sim.ptys import Pty, symlink_atomic, unlink_quiet
+from virtual_printer import proto
+from virtual_printer.app import KlipperApp
+from virtual_printer.ptys import Pty, symlink_atomic, unlink_quiet
 
 
 def read_firmware(path: str) -> dict[str, Any]:
@@ -59,7 +59,8 @@ def run_linux_mcu(firmware: str, serial: str) -> int:
     if reset:
         # Like the real linux MCU: execv ourselves, new pty, symlink replaced.
         pty.close()
-        os.execv(sys.executable, [sys.executable, "-m", "kflash.sim", *sys.argv[1:]])
+        argv = [sys.executable, "-m", "virtual_printer", *sys.argv[1:]]
+        os.execv(sys.executable, argv)
     if os.path.islink(serial) and os.readlink(serial) == pty.name:
         unlink_quiet(serial)
     pty.close()

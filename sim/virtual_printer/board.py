@@ -39,10 +39,10 @@ import termios
 import time
 from typing import Any, Optional
 
-from kflash.sim import proto
-from kflash.sim.app import KlipperApp
-from kflash.sim.katapult import KatapultBootloader, write_atomic
-from kflash.sim.ptys import Pty, symlink_atomic, unlink_quiet
+from virtual_printer import proto
+from virtual_printer.app import KlipperApp
+from virtual_printer.katapult import KatapultBootloader, write_atomic
+from virtual_printer.ptys import Pty, symlink_atomic, unlink_quiet
 
 KLIPPER_USB = ("1d50", "614e", "Klipper")
 KATAPULT_USB = ("1d50", "6177", "katapult")

@@ -16,7 +16,7 @@ import struct
 import time
 from typing import Any, Callable
 
-from kflash.sim import proto
+from virtual_printer import proto
 
 CMD_CONNECT = 0x11
 CMD_SEND_BLOCK = 0x12

@@ -1,6 +1,6 @@
 """The bench's Klipper-like source tree: materialise it, version it with git, build it.
 
-`materialise` copies the package data tree (``kflash/sim/firmware``) into a directory,
+`materialise` copies the data tree (``virtual_printer/firmware``) into a directory,
 makes it a git repository tagged ``v0.13.0`` and adds commits on top, so a checkout of
 the tag builds "outdated" firmware and HEAD builds the "new" one (``git describe``
 gives ``v0.13.0-<n>-g<hash>``). Commit dates are fixed, so hashes are reproducible.

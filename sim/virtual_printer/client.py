@@ -19,8 +19,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from kflash.sim import proto
-from kflash.sim.katapult import (
+from virtual_printer import proto
+from virtual_printer.katapult import (
     CMD_COMPLETE,
     CMD_CONNECT,
     CMD_REQUEST_BLOCK,

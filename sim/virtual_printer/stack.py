@@ -34,12 +34,11 @@ import urllib.request
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from kflash.sim import proto, tree
-from kflash.sim.katapult import write_atomic
+from virtual_printer import proto, tree
+from virtual_printer.katapult import write_atomic
 
-PACKAGE_PARENT = os.path.dirname(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-)
+#: The directory holding this package (``sim/`` of the repository).
+PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REPO = os.path.dirname(PACKAGE_PARENT)
 
 
@@ -364,7 +363,7 @@ dev_mode: True
             [bindir, os.path.dirname(moonraker), "/usr/local/bin", "/usr/bin", "/bin"]
         )
         logs = os.path.join(self.dir, "logs")
-        sim = f"{self.python} -m kflash.sim"
+        sim = f"{self.python} -m virtual_printer"
         programs = [
             ("sim_boards", f"{sim} boards --spec {self.sim_dir}/spec.json", 0),
         ]
@@ -532,7 +531,7 @@ dev_mode: True
 
     def enter_bootloader(self, b: BoardSpec, timeout: float = 5.0) -> str:
         """1200-baud touch on the board's tty; returns its Katapult by-id path."""
-        from kflash.sim.client import touch
+        from virtual_printer.client import touch
 
         touch(self.wait_app(b, timeout))
         path = self.by_id(b, katapult=True)
