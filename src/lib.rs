@@ -1,7 +1,8 @@
 //! kflash's Rust core, compiled as the Python extension `kflash._core`.
 //!
 //! Domain modules are plain Rust and never touch pyo3; `py/` is the only layer that does.
-//! - `build`: out-of-tree parallel firmware builds with a content-hash cache.
+//! - `commands`: what each front-end command does, over one state dir.
+//! - `firmware`: out-of-tree parallel firmware builds with a content-hash cache.
 //! - `events`: typed progress events and the one callback they go through.
 //! - `process`: running external commands safely (process groups, deadlines, output tails).
 //! - `snapshot`: the lock-free status snapshot store and its shared-memory mirror.
@@ -16,9 +17,10 @@
 //! The `#[pymodule]` below only declares what Python sees; the classes and functions live in
 //! `py/`.
 
-pub mod build;
+pub mod commands;
 pub mod discovery;
 pub mod events;
+pub mod firmware;
 pub mod flash;
 pub mod katapult;
 pub mod kconfig;

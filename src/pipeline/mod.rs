@@ -15,13 +15,11 @@
 //!   the stop window => restart, report, `Error::Cancelled` carrying the report.
 //!
 //! Everything outside is reached through the traits in `Deps` (dependency injection), so
-//! the whole run is unit-testable with recording fakes; `wiring` builds the real ones.
+//! the whole run is unit-testable with recording fakes; `crate::commands::printer` builds the real ones.
 //! Thread-safety: a run blocks its thread; `Deps` members are `Send + Sync`.
 
-pub mod home;
 pub mod lock;
 pub mod report;
-pub mod wiring;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

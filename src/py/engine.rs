@@ -24,8 +24,8 @@ use pyo3::types::{PyDict, PyList};
 use serde::Serialize;
 use serde_json::Value;
 
+use crate::commands::{Home, NewDevice};
 use crate::events::{Event, Sink};
-use crate::pipeline::home::{Home, NewDevice};
 use crate::pipeline::{self, Options};
 use crate::process::Cancel;
 

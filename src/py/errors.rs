@@ -7,8 +7,8 @@ use pyo3::create_exception;
 use pyo3::exceptions::PyException;
 use pyo3::PyErr;
 
-use crate::build;
 use crate::discovery;
+use crate::firmware;
 use crate::katapult;
 use crate::kconfig;
 use crate::pipeline;
@@ -88,11 +88,11 @@ impl From<process::Error> for PyErr {
     }
 }
 
-impl From<build::Error> for PyErr {
-    fn from(err: build::Error) -> PyErr {
+impl From<firmware::Error> for PyErr {
+    fn from(err: firmware::Error) -> PyErr {
         match err {
-            build::Error::Timeout { .. } => CommandTimeout::new_err(err.to_string()),
-            build::Error::ConfigMissing { .. } => ConfigError::new_err(err.to_string()),
+            firmware::Error::Timeout { .. } => CommandTimeout::new_err(err.to_string()),
+            firmware::Error::ConfigMissing { .. } => ConfigError::new_err(err.to_string()),
             _ => BuildError::new_err(err.to_string()),
         }
     }
@@ -197,7 +197,7 @@ mod tests {
     fn build_errors_map_to_their_classes() {
         Python::initialize();
         Python::attach(|py| {
-            let timeout: PyErr = build::Error::Timeout {
+            let timeout: PyErr = firmware::Error::Timeout {
                 key: "ebb".into(),
                 cmd: "make -C klipper".into(),
                 after: Duration::from_secs(600),
@@ -206,7 +206,7 @@ mod tests {
             .into();
             assert!(timeout.is_instance_of::<CommandTimeout>(py));
             assert!(timeout.to_string().contains("make -C klipper"));
-            let failed: PyErr = build::Error::Make {
+            let failed: PyErr = firmware::Error::Make {
                 key: "ebb".into(),
                 source: process::Error::Failed {
                     cmd: "make".into(),
@@ -217,14 +217,14 @@ mod tests {
             .into();
             assert!(failed.is_instance_of::<BuildError>(py));
             assert!(failed.to_string().contains("error: foo.c"));
-            let toolchain: PyErr = build::Error::ToolchainMissing {
+            let toolchain: PyErr = firmware::Error::ToolchainMissing {
                 key: "ebb".into(),
                 compiler: "arm-none-eabi-gcc".into(),
                 packages: "gcc-arm-none-eabi".into(),
             }
             .into();
             assert!(toolchain.is_instance_of::<BuildError>(py));
-            let config: PyErr = build::Error::ConfigMissing {
+            let config: PyErr = firmware::Error::ConfigMissing {
                 key: "ebb".into(),
                 path: "/x/ebb.config".into(),
                 source: std::io::Error::from(std::io::ErrorKind::NotFound),

@@ -16,16 +16,16 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use super::home::Home;
-use super::{
+use super::Home;
+use crate::discovery::{self, Discovery, StableId, UsbMode};
+use crate::events::Sink;
+use crate::firmware::{self, BuildRequest};
+use crate::flash::{self, Comeback, Endpoint, Family, RomLoader, Tools};
+use crate::moonraker::{Client, ServiceAction};
+use crate::pipeline::{
     Built, Deps, DeviceInfo, Error, Firmware, Freshness, Inventory, Printer, Service, Stopped,
     Watchdog,
 };
-use crate::build::{self, BuildRequest};
-use crate::discovery::{self, Discovery, StableId, UsbMode};
-use crate::events::Sink;
-use crate::flash::{self, Comeback, Endpoint, Family, RomLoader, Tools};
-use crate::moonraker::{Client, ServiceAction};
 use crate::process::{Cancel, Cmd};
 use crate::registry::{Registry, ServiceKind, Settings};
 use crate::service::{self, Backend, ServiceConfig, ServiceControl, StopGuard};
@@ -231,13 +231,13 @@ impl LiveFirmware {
 impl Firmware for LiveFirmware {
     fn target_version(&self, dev: &DeviceInfo) -> Option<String> {
         // The cached build's dictionary when the cache is valid, else the tree's version.
-        build::up_to_date(&self.request(dev))
+        firmware::up_to_date(&self.request(dev))
             .map(|fw| fw.version)
-            .or_else(|| Some(build::source_version(&self.klipper_dir)))
+            .or_else(|| Some(firmware::source_version(&self.klipper_dir)))
     }
 
     fn target_dict(&self, dev: &DeviceInfo) -> Option<Value> {
-        build::up_to_date(&self.request(dev)).and_then(|fw| fw.dict().ok())
+        firmware::up_to_date(&self.request(dev)).and_then(|fw| fw.dict().ok())
     }
 
     fn build(
@@ -247,7 +247,7 @@ impl Firmware for LiveFirmware {
         sink: &Sink,
     ) -> Vec<Result<Built, String>> {
         let reqs: Vec<BuildRequest> = devs.iter().map(|d| self.request(d)).collect();
-        build::build_all(&reqs, self.jobs, cancel, sink)
+        firmware::build_all(&reqs, self.jobs, cancel, sink)
             .into_iter()
             .map(|r| {
                 r.map(|fw| Built {

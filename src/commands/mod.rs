@@ -12,14 +12,16 @@
 //! Thread-safety: `Home` is an immutable value; concurrent runs are serialised by the run
 //! lock, concurrent edits are last-writer-wins on an atomic file.
 
+pub mod printer;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
 
-use super::{DeviceInfo, Error, Link, Target};
 use crate::flash::Endpoint;
 use crate::kconfig::{Interface, KConfig};
+use crate::pipeline::{DeviceInfo, Error, Link, Target};
 use crate::registry::{self, Device, FlashMethod, Identity, Registry, StateDir};
 
 /// A device to add (the CLI's `devices add`).
@@ -68,7 +70,7 @@ impl Home {
         Ok(Home {
             state,
             python: None,
-            native_katapult: Some(super::wiring::native_katapult()),
+            native_katapult: Some(printer::native_katapult()),
         })
     }
 
