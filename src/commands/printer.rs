@@ -23,8 +23,8 @@ use crate::firmware::{self, BuildRequest};
 use crate::flash::{self, Comeback, Endpoint, Family, RomLoader, Tools};
 use crate::moonraker::{Client, ServiceAction};
 use crate::pipeline::{
-    Built, Deps, DeviceInfo, Error, Firmware, Freshness, Inventory, Printer, Service, Stopped,
-    Watchdog,
+    Built, Deps, DeviceInfo, Error, Firmware, Flash, Freshness, Inventory, Printer, Service,
+    Stopped, Watchdog,
 };
 use crate::process::{Cancel, Cmd};
 use crate::registry::{Registry, ServiceKind, Settings};
@@ -344,6 +344,42 @@ impl Watchdog for LiveWatchdog {
                 eprintln!("kflash: {e}");
             }
         }
+    }
+}
+
+/// The real flasher behind the pipeline's `Flash` port.
+impl Flash for flash::Flasher {
+    fn check(&self, dev: &DeviceInfo) -> Result<(), String> {
+        let mcu = dev.target.as_ref().map_or("", |t| t.mcu.as_str());
+        let job = flash::Job {
+            key: &dev.key,
+            method: dev.method,
+            endpoint: &dev.endpoint,
+            mcu,
+            out_dir: Path::new(""),
+            image: Path::new(""),
+            kconfig: &dev.config,
+        };
+        flash::Flasher::check(self, &job)
+    }
+    fn flash(
+        &self,
+        dev: &DeviceInfo,
+        built: &Built,
+        cancel: &Cancel,
+        sink: &Sink,
+    ) -> Result<flash::Flashed, flash::Failure> {
+        let mcu = dev.target.as_ref().map_or("", |t| t.mcu.as_str());
+        let job = flash::Job {
+            key: &dev.key,
+            method: dev.method,
+            endpoint: &dev.endpoint,
+            mcu,
+            out_dir: &built.out_dir,
+            image: &built.image,
+            kconfig: &dev.config,
+        };
+        flash::Flasher::flash(self, &job, cancel, sink)
     }
 }
 

@@ -1,7 +1,12 @@
 //! The pipeline with recording fakes: every side effect lands in one shared log.
 
 use super::*;
-use std::sync::Mutex;
+use crate::flash::{self, Endpoint, Method};
+use crate::process::Cancel;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 type Log = Arc<Mutex<Vec<String>>>;
 
