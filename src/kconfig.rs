@@ -16,7 +16,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 /// Errors reading or checking a firmware config.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
     #[error("firmware config {path} does not exist (create it with `kflash config KEY` or `make menuconfig KCONFIG_CONFIG={path}`)")]
     Missing { path: PathBuf },
@@ -24,7 +24,7 @@ pub enum Error {
     Read {
         path: PathBuf,
         #[source]
-        source: io::Error,
+        source: std::sync::Arc<io::Error>,
     },
     #[error(
         "{what} is not a Klipper firmware config: it sets neither CONFIG_MCU nor CONFIG_MACH_LINUX"
@@ -120,7 +120,7 @@ impl KConfig {
             } else {
                 Error::Read {
                     path: path.into(),
-                    source,
+                    source: source.into(),
                 }
             }
         })?;

@@ -38,19 +38,28 @@ use pyo3::prelude::*;
 /// kflash's native core: build and flash every MCU of a Klipper printer.
 #[pymodule]
 mod _core {
+    use pyo3::prelude::*;
+
     #[pymodule_export]
     use crate::py::engine::Engine;
     #[pymodule_export]
-    use crate::py::errors::MoonrakerError;
-    #[pymodule_export]
     use crate::py::errors::{
         BuildError, CommandTimeout, ConfigError, DeviceNotFound, FlashError, KflashError,
-        PreflightRefused, RegistryError, ServiceError,
+        MoonrakerError, PreflightRefused, RegistryError, ServiceError,
     };
+    #[pymodule_export]
+    use crate::py::exit_status::ExitStatus;
     #[pymodule_export]
     use crate::py::katapult::{katapult_flash, katapult_status};
     #[pymodule_export]
     use crate::py::snapshot::{SnapshotReader, SnapshotStore};
     #[pymodule_export]
     use crate::py::versions::compare_versions;
+
+    /// The exception classes with two bases (`BuildTimeout`, `FlashTimeout`,
+    /// `ServiceUnavailable`, `MoonrakerUnavailable`).
+    #[pymodule_init]
+    fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {
+        crate::py::errors::add_combined_classes(m)
+    }
 }

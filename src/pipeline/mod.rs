@@ -15,7 +15,8 @@
 //!   the stop window => restart, report, `Error::Cancelled` carrying the report.
 //!
 //! Everything outside is reached through the traits in `Deps` (dependency injection), so
-//! the whole run is unit-testable with recording fakes; `crate::commands::printer` builds the real ones.
+//! the whole run is unit-testable with recording fakes; `crate::commands::printer` builds
+//! the real ones.
 //! Thread-safety: a run blocks its thread; `Deps` members are `Send + Sync`.
 
 pub mod lock;
@@ -27,11 +28,12 @@ mod stop_window;
 mod verify;
 
 use crate::events::{Event, Level, Sink, Stage};
+use crate::{firmware, flash, moonraker, registry, service};
 
 pub use lock::{LockError, RunLock};
-pub use plan::{plan, select};
+pub use plan::{plan, select, Planned};
 pub use ports::{
-    Built, Deps, DeviceInfo, Firmware, Flash, Freshness, Inventory, Link, Printer, Service,
+    Built, ConfigError, Deps, DeviceInfo, Firmware, Flash, Inventory, Klippy, Link, Service,
     Stopped, Target, Watchdog,
 };
 pub use report::{DeviceReport, Plan, PlanEntry, Report, ServiceReport};
@@ -48,11 +50,12 @@ pub struct Options {
     pub yes: bool,
 }
 
-/// Errors that end a run before (or instead of) a report.
+/// Errors that end a run before (or instead of) a report. Every variant keeps the
+/// domain error that caused it.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{0}")]
-    Registry(#[from] crate::registry::Error),
+    #[error(transparent)]
+    Registry(#[from] registry::Error),
     #[error(
         "no device matches `{pattern}`; registered devices: {}",
         list(candidates)
@@ -61,14 +64,52 @@ pub enum Error {
         pattern: String,
         candidates: Vec<String>,
     },
-    #[error("{0}")]
-    Config(String),
+    /// A selected device's config cannot build its firmware (nothing was stopped).
+    #[error("device `{device}`: {source} (fix it with `kflash config {device}`)")]
+    Config {
+        device: String,
+        #[source]
+        source: ConfigError,
+    },
+    /// No method can flash these devices (no flash tool, no Klipper tree).
+    #[error("cannot flash: {}", unflashable.iter().map(|(k, e)| format!("{k}: {e}")).collect::<Vec<_>>().join("; "))]
+    CannotFlash {
+        unflashable: Vec<(String, flash::Error)>,
+    },
     #[error("refused before stopping anything: {0}")]
-    Refused(String),
+    Refused(#[from] Refusal),
+    /// The run lock could not be taken for another reason than another run holding it.
+    #[error(transparent)]
+    Lock(LockError),
+    /// `build`: a device's firmware did not build (the first failure; `results` has all).
+    #[error("{source}")]
+    Build {
+        #[source]
+        source: Box<firmware::Error>,
+        results: Vec<DeviceReport>,
+    },
     #[error("cancelled{}", if report.as_ref().is_some_and(|r| r.service.stopped) { " (klipper was restarted)" } else { " (nothing was stopped)" })]
     Cancelled { report: Option<Box<Report>> },
-    #[error("{0}")]
-    Io(String),
+}
+
+/// Why pre-flight refused to stop klipper.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    #[error(
+        "the printer is {state}; flashing would stop klipper mid-print. Try again when the \
+         print is done"
+    )]
+    Printing { state: String },
+    #[error(
+        "Moonraker is unreachable ({0}), so kflash cannot tell whether the printer is \
+         printing. Make sure it is idle and pass --yes to proceed anyway"
+    )]
+    NoMoonraker(moonraker::Error),
+    /// Another kflash run holds the state dir's lock.
+    #[error(transparent)]
+    LockHeld(LockError),
+    #[error("cannot control the klipper service: {0}")]
+    NoServiceControl(service::Error),
 }
 
 fn list(items: &[String]) -> String {

@@ -3,23 +3,20 @@
 //! No side effects: reads the registry, configs, the device tree and Moonraker, and
 //! writes nothing.
 
-use super::{emit, Deps, DeviceInfo, Error, Freshness, Options, Plan, PlanEntry};
+use super::{emit, Deps, DeviceInfo, Error, Options, Plan, PlanEntry};
+use crate::discovery::glob_match;
 use crate::events::{Sink, Stage};
+use crate::moonraker;
+use crate::versions::{self, DictChange, VersionState};
 
-/// `*` and `?` glob match.
-fn glob(pattern: &str, text: &str) -> bool {
-    fn m(p: &[char], t: &[char]) -> bool {
-        match (p.first(), t.first()) {
-            (None, None) => true,
-            (Some('*'), _) => m(&p[1..], t) || (!t.is_empty() && m(p, &t[1..])),
-            (Some('?'), Some(_)) => m(&p[1..], &t[1..]),
-            (Some(a), Some(b)) if a == b => m(&p[1..], &t[1..]),
-            _ => false,
-        }
-    }
-    let p: Vec<char> = pattern.chars().collect();
-    let t: Vec<char> = text.chars().collect();
-    m(&p, &t)
+/// A plan and what it was made from: the selected devices and klippy's print state.
+#[derive(Debug)]
+pub struct Planned {
+    pub plan: Plan,
+    /// The selected devices, in registry order (the plan's order).
+    pub devices: Vec<DeviceInfo>,
+    /// `print_stats.state`, or why Moonraker could not be asked.
+    pub print_state: Result<String, moonraker::Error>,
 }
 
 /// The devices `keys` selects, in registry order. Each pattern must match something.
@@ -28,7 +25,7 @@ pub fn select(all: Vec<DeviceInfo>, keys: Option<&[String]>) -> Result<Vec<Devic
         return Ok(all);
     };
     for pattern in keys {
-        if !all.iter().any(|d| glob(pattern, &d.key)) {
+        if !all.iter().any(|d| glob_match(pattern, &d.key)) {
             return Err(Error::NoMatch {
                 pattern: pattern.clone(),
                 candidates: all.iter().map(|d| d.key.clone()).collect(),
@@ -37,7 +34,7 @@ pub fn select(all: Vec<DeviceInfo>, keys: Option<&[String]>) -> Result<Vec<Devic
     }
     Ok(all
         .into_iter()
-        .filter(|d| keys.iter().any(|p| glob(p, &d.key)))
+        .filter(|d| keys.iter().any(|p| glob_match(p, &d.key)))
         .collect())
 }
 
@@ -51,16 +48,16 @@ fn outdated_reason(deps: &Deps, dev: &DeviceInfo, before: Option<&str>) -> Strin
         .as_ref()
         .and_then(|d| d.get("version").and_then(serde_json::Value::as_str))
         .zip(before)
-        .is_some_and(|(flashed, before)| (deps.compare)(before, flashed) == Freshness::Current);
+        .is_some_and(|(flashed, before)| (deps.compare)(before, flashed) == VersionState::Current);
     match (
         flashed.filter(|_| last_matches),
         deps.firmware.target_dict(dev),
     ) {
-        (Some(old), Some(new)) => match crate::versions::compare_dicts(&old, &new) {
-            crate::versions::DictChange::Protocol { detail } => {
+        (Some(old), Some(new)) => match versions::compare_dicts(&old, &new) {
+            DictChange::Protocol { detail } => {
                 format!("outdated; protocol changed, must flash ({detail})")
             }
-            crate::versions::DictChange::VersionOnly | crate::versions::DictChange::Identical => {
+            DictChange::VersionOnly | DictChange::Identical => {
                 "outdated; version string only (protocol unchanged)".into()
             }
         },
@@ -69,7 +66,7 @@ fn outdated_reason(deps: &Deps, dev: &DeviceInfo, before: Option<&str>) -> Strin
 }
 
 /// Compute the plan. No side effects.
-pub fn plan(deps: &Deps, opts: &Options, sink: &Sink) -> Result<(Plan, Vec<DeviceInfo>), Error> {
+pub fn plan(deps: &Deps, opts: &Options, sink: &Sink) -> Result<Planned, Error> {
     let devices = select(deps.inventory.devices()?, opts.keys.as_deref())?;
     emit(
         sink,
@@ -77,12 +74,12 @@ pub fn plan(deps: &Deps, opts: &Options, sink: &Sink) -> Result<(Plan, Vec<Devic
         None,
         format!("planning {} device(s)", devices.len()),
     );
-    let print_state = deps.printer.print_state();
+    let print_state = deps.klippy.print_state();
     let versions = match &print_state {
-        Ok(_) => deps.printer.mcu_versions().ok(),
+        Ok(_) => deps.klippy.mcu_versions().ok(),
         Err(_) => None,
     };
-    let moonraker_error = print_state.as_ref().err().cloned();
+    let moonraker_error = print_state.as_ref().err().map(ToString::to_string);
     let mut entries = Vec::new();
     for dev in &devices {
         let resolved = deps.inventory.resolve(dev);
@@ -97,36 +94,39 @@ pub fn plan(deps: &Deps, opts: &Options, sink: &Sink) -> Result<(Plan, Vec<Devic
             .cloned();
         let state = match (&version_before, &version_target) {
             (Some(before), Some(target)) => (deps.compare)(before, target),
-            _ => Freshness::Unknown,
+            _ => VersionState::Unknown,
         };
         let (action, reason) = match (&dev.target, &resolved) {
-            (Err(problem), _) | (Ok(_), Err(problem)) => ("error", problem.clone()),
+            (Err(problem), _) => ("error", problem.to_string()),
+            (Ok(_), Err(problem)) => ("error", problem.to_string()),
             (Ok(_), Ok(_)) => match state {
-                Freshness::Current if opts.only_outdated => {
+                VersionState::Current if opts.only_outdated => {
                     ("skip", "already runs the target version".to_owned())
                 }
-                Freshness::Newer if opts.only_outdated => (
+                VersionState::Newer if opts.only_outdated => (
                     "skip",
                     "runs a newer version than this build (not downgrading)".to_owned(),
                 ),
-                Freshness::Current => ("flash", "current; flashing anyway (all selected)".into()),
-                Freshness::Newer => (
+                VersionState::Current => {
+                    ("flash", "current; flashing anyway (all selected)".into())
+                }
+                VersionState::Newer => (
                     "flash",
                     "WARNING: runs a newer version; this is a downgrade".into(),
                 ),
-                Freshness::Outdated => (
+                VersionState::Outdated => (
                     "flash",
                     outdated_reason(deps, dev, version_before.as_deref()),
                 ),
-                Freshness::Unknown if moonraker_error.is_some() => (
+                VersionState::Unknown if moonraker_error.is_some() => (
                     "flash",
                     "current version unknown (Moonraker unreachable)".into(),
                 ),
-                Freshness::Unknown if version_before.is_none() => (
+                VersionState::Unknown if version_before.is_none() => (
                     "flash",
                     "current version unknown (MCU did not identify)".into(),
                 ),
-                Freshness::Unknown => ("flash", "version not comparable".into()),
+                VersionState::Unknown => ("flash", "version not comparable".into()),
             },
         };
         entries.push(PlanEntry {
@@ -145,13 +145,14 @@ pub fn plan(deps: &Deps, opts: &Options, sink: &Sink) -> Result<(Plan, Vec<Devic
             reason,
         });
     }
-    Ok((
-        Plan {
+    Ok(Planned {
+        plan: Plan {
             devices: entries,
             moonraker: moonraker_error.is_none(),
             moonraker_error,
-            print_state: print_state.ok(),
+            print_state: print_state.as_ref().ok().cloned(),
         },
         devices,
-    ))
+        print_state,
+    })
 }

@@ -1,20 +1,24 @@
 //! The pipeline's ports: what a run needs from the outside world, as traits, and `Deps`
 //! that bundles them.
 //!
-//! The real implementations live in `crate::commands::printer`; the tests use recording
-//! fakes. Every member of `Deps` is `Send + Sync`.
+//! Every port returns its domain's error type, never a string: the registry's, discovery's,
+//! the firmware builder's, Moonraker's, the service's, the flasher's. The real
+//! implementations live in `crate::commands::printer`; the tests use recording fakes.
+//! Every member of `Deps` is `Send + Sync`.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
 
-use super::Error;
 use crate::events::Sink;
 use crate::flash::{self, Endpoint, Method};
+use crate::kconfig::{self, Interface, KConfig};
 use crate::process::Cancel;
+use crate::versions::VersionState;
+use crate::{discovery, firmware, moonraker, registry, service};
 
 /// How a device talks to the host: decides the flash order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -37,12 +41,64 @@ impl Link {
     }
 }
 
+/// Why a device's config cannot build firmware for it.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ConfigError {
+    /// Missing, unreadable, or not a Klipper config.
+    #[error(transparent)]
+    Unreadable(#[from] kconfig::Error),
+    #[error("{} builds {mcu} firmware, but the device is the linux-process MCU", config.display())]
+    NotLinux { config: PathBuf, mcu: String },
+    #[error("{} builds the linux-process MCU, but the device is a board", config.display())]
+    Linux { config: PathBuf },
+    #[error(
+        "{} builds {mcu} firmware for USB/serial, but the device is on CAN (enable CAN in \
+         `kflash config KEY`)",
+        config.display()
+    )]
+    NotCan { config: PathBuf, mcu: String },
+    #[error(
+        "{} builds {mcu} firmware for CAN, but the device is registered by serial path",
+        config.display()
+    )]
+    Can { config: PathBuf, mcu: String },
+}
+
 /// What a device's config builds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
     /// `CONFIG_MCU` ("linux" for the linux-process MCU).
     pub mcu: String,
     pub link: Link,
+}
+
+impl Target {
+    /// Read a device's config: its MCU and link, checked against how the device is reached.
+    pub fn read(config: &Path, endpoint: &Endpoint) -> Result<Target, ConfigError> {
+        let target = KConfig::load(config)?.target()?;
+        let mcu = target.mcu;
+        let link = if mcu == "linux" {
+            Link::Linux
+        } else {
+            match target.interface {
+                Interface::UsbCanBridge => Link::UsbCanBridge,
+                Interface::Can => Link::Can,
+                Interface::Usb | Interface::Serial | Interface::Unknown => Link::Serial,
+            }
+        };
+        let config = config.to_path_buf();
+        match (endpoint, link) {
+            (Endpoint::Linux { .. }, Link::Linux)
+            | (Endpoint::Can { .. }, Link::Can)
+            | (Endpoint::Serial { .. }, Link::Serial | Link::UsbCanBridge) => {
+                Ok(Target { mcu, link })
+            }
+            (Endpoint::Linux { .. }, _) => Err(ConfigError::NotLinux { config, mcu }),
+            (_, Link::Linux) => Err(ConfigError::Linux { config }),
+            (Endpoint::Can { .. }, _) => Err(ConfigError::NotCan { config, mcu }),
+            (Endpoint::Serial { .. }, _) => Err(ConfigError::Can { config, mcu }),
+        }
+    }
 }
 
 /// One registered device, with its config read.
@@ -52,12 +108,30 @@ pub struct DeviceInfo {
     pub name: Option<String>,
     pub method: Method,
     pub endpoint: Endpoint,
+    /// UART baud rate (serial boards on a UART).
+    pub baud: Option<u32>,
     /// The printer.cfg section whose Moonraker status carries `mcu_version` (`mcu`,
     /// `mcu EBB36`).
     pub mcu_section: String,
     pub config: PathBuf,
     /// The config's target, or why it is unusable (missing, invalid, wrong MCU).
-    pub target: Result<Target, String>,
+    pub target: Result<Target, ConfigError>,
+}
+
+impl DeviceInfo {
+    /// The flasher's job for this device and a build (`None`: only checking).
+    pub fn job<'a>(&'a self, built: Option<&'a Built>) -> flash::Job<'a> {
+        flash::Job {
+            key: &self.key,
+            method: self.method,
+            endpoint: &self.endpoint,
+            baud: self.baud,
+            mcu: self.target.as_ref().map_or("", |t| t.mcu.as_str()),
+            out_dir: built.map_or(Path::new(""), |b| b.out_dir.as_path()),
+            image: built.map_or(Path::new(""), |b| b.image.as_path()),
+            kconfig: &self.config,
+        }
+    }
 }
 
 /// The result of building one device.
@@ -72,34 +146,12 @@ pub struct Built {
     pub cached: bool,
 }
 
-/// Version relation of an MCU to the firmware that would be built.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Freshness {
-    Current,
-    Outdated,
-    Newer,
-    Unknown,
-}
-
-impl Freshness {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Freshness::Current => "current",
-            Freshness::Outdated => "outdated",
-            Freshness::Newer => "newer",
-            Freshness::Unknown => "unknown",
-        }
-    }
-}
-
 /// The registry and the device tree.
 pub trait Inventory: Send + Sync {
     /// Every registered device, configs read. Fails on an unreadable registry.
-    fn devices(&self) -> Result<Vec<DeviceInfo>, Error>;
-    /// Where the device is now (`Err` says why it cannot be found).
-    fn resolve(&self, dev: &DeviceInfo) -> Result<String, String>;
-    /// Forget cached device state (after the service stopped, ttys may have moved).
-    fn rescan(&self);
+    fn devices(&self) -> Result<Vec<DeviceInfo>, registry::Error>;
+    /// Where the device is now.
+    fn resolve(&self, dev: &DeviceInfo) -> Result<String, discovery::Error>;
 }
 
 /// Building firmware.
@@ -118,43 +170,43 @@ pub trait Firmware: Send + Sync {
         devs: &[DeviceInfo],
         cancel: &Cancel,
         sink: &Sink,
-    ) -> Vec<Result<Built, String>>;
+    ) -> Vec<Result<Built, firmware::Error>>;
 }
 
-/// Klippy through Moonraker.
-pub trait Printer: Send + Sync {
-    /// `print_stats.state` (`standby`, `printing`, `paused`, ...); `Err` when unreachable.
-    fn print_state(&self) -> Result<String, String>;
+/// Klippy, asked through Moonraker.
+pub trait Klippy: Send + Sync {
+    /// `print_stats.state` (`standby`, `printing`, `paused`, ...).
+    fn print_state(&self) -> Result<String, moonraker::Error>;
     /// `mcu_version` per section (`mcu`, `mcu EBB36`).
-    fn mcu_versions(&self) -> Result<BTreeMap<String, String>, String>;
+    fn mcu_versions(&self) -> Result<BTreeMap<String, String>, moonraker::Error>;
     /// Wait until klippy is `ready`.
-    fn wait_ready(&self, timeout: Duration, cancel: &Cancel) -> Result<(), String>;
+    fn wait_ready(&self, timeout: Duration, cancel: &Cancel) -> Result<(), moonraker::Error>;
 }
 
 /// A stopped service. Dropping it without `restart` restarts the service (and only logs).
 pub trait Stopped: Send {
     /// Start the service again; returns how long it was down.
-    fn restart(self: Box<Self>) -> Result<Duration, String>;
+    fn restart(self: Box<Self>) -> Result<Duration, service::Error>;
 }
 
 /// The klipper service.
 pub trait Service: Send + Sync {
     /// Check, without stopping anything, that the real stop/start path works.
-    fn check(&self) -> Result<(), String>;
+    fn check(&self) -> Result<(), service::Error>;
     /// Stop the service; the guard restarts it.
-    fn stop(&self) -> Result<Box<dyn Stopped>, String>;
+    fn stop(&self) -> Result<Box<dyn Stopped>, service::Error>;
 }
 
 /// The watchdog outside the runner that restarts the service if the runner dies.
 pub trait Watchdog: Send + Sync {
-    fn arm(&self) -> Result<(), String>;
+    fn arm(&self) -> Result<(), service::Error>;
     fn disarm(&self);
 }
 
 /// Flashing one device (the real one is `flash::Flasher`).
 pub trait Flash: Send + Sync {
     /// Before any downtime: can some method flash this device?
-    fn check(&self, dev: &DeviceInfo) -> Result<(), String>;
+    fn check(&self, dev: &DeviceInfo) -> Result<(), flash::Error>;
     fn flash(
         &self,
         dev: &DeviceInfo,
@@ -169,12 +221,12 @@ pub trait Flash: Send + Sync {
 pub struct Deps {
     pub inventory: Arc<dyn Inventory>,
     pub firmware: Arc<dyn Firmware>,
-    pub printer: Arc<dyn Printer>,
+    pub klippy: Arc<dyn Klippy>,
     pub service: Arc<dyn Service>,
     pub flasher: Arc<dyn Flash>,
     pub watchdog: Arc<dyn Watchdog>,
     /// `compare(mcu_version, target_version)`.
-    pub compare: fn(&str, &str) -> Freshness,
+    pub compare: fn(&str, &str) -> VersionState,
     /// `<state>/lock`.
     pub lock_path: PathBuf,
     /// `<state>/runs`.

@@ -6,16 +6,19 @@
 
 use std::time::Duration;
 
-use super::report::{self, DeviceReport, Plan, Report, ServiceReport};
+use super::report::{self, DeviceReport, Report, ServiceReport};
 use super::stop_window::stop_window;
 use super::verify::verify;
 use super::{
-    emit, plan, select, warn, Built, Deps, DeviceInfo, Error, LockError, Options, RunLock,
+    emit, plan, select, warn, Built, Deps, DeviceInfo, Error, LockError, Options, Planned, Refusal,
+    RunLock,
 };
 use crate::events::{Sink, Stage};
+use crate::moonraker;
 use crate::process::Cancel;
 
-/// Build the selected devices (no stop window). One report entry per device.
+/// Build the selected devices (no stop window). One report entry per device; when a
+/// build failed, `Error::Build` carries the first failure and every entry.
 pub fn build(
     deps: &Deps,
     keys: Option<&[String]>,
@@ -23,15 +26,14 @@ pub fn build(
     sink: &Sink,
 ) -> Result<Vec<DeviceReport>, Error> {
     let devices = select(deps.inventory.devices()?, keys)?;
-    if let Some(bad) = devices.iter().find(|d| d.target.is_err()) {
-        return Err(config_error(bad));
-    }
-    let _lock = RunLock::acquire(&deps.lock_path).map_err(|e| Error::Refused(e.to_string()))?;
+    check_configs(&devices)?;
+    let _lock = take_lock(deps)?;
     let results = deps.firmware.build(&devices, cancel, sink);
     if cancel.is_cancelled() {
         return Err(Error::Cancelled { report: None });
     }
-    Ok(devices
+    let mut first_failure = None;
+    let reports: Vec<DeviceReport> = devices
         .iter()
         .zip(results)
         .map(|(dev, result)| {
@@ -43,25 +45,45 @@ pub fn build(
                 }
                 Err(e) => {
                     r.build = "fail".into();
-                    r.error = Some(e);
+                    r.error = Some(e.to_string());
+                    first_failure.get_or_insert(e);
                 }
             }
             r
         })
-        .collect())
+        .collect();
+    match first_failure {
+        None => Ok(reports),
+        Some(source) => Err(Error::Build {
+            source: Box::new(source),
+            results: reports,
+        }),
+    }
 }
 
-fn config_error(dev: &DeviceInfo) -> Error {
-    Error::Config(format!(
-        "device `{}`: {} (fix it with `kflash config {}`)",
-        dev.key,
-        dev.target.as_ref().err().map_or("", String::as_str),
-        dev.key
-    ))
+/// Every selected device's config must build its firmware before anything starts.
+fn check_configs(devices: &[DeviceInfo]) -> Result<(), Error> {
+    for dev in devices {
+        if let Err(source) = &dev.target {
+            return Err(Error::Config {
+                device: dev.key.clone(),
+                source: source.clone(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// One run at a time: another run holding the lock is a refusal.
+fn take_lock(deps: &Deps) -> Result<RunLock, Error> {
+    RunLock::acquire(&deps.lock_path).map_err(|e| match e {
+        LockError::Held { .. } => Error::Refused(Refusal::LockHeld(e)),
+        LockError::Io { .. } => Error::Lock(e),
+    })
 }
 
 /// The whole run. Returns the report (also when devices failed or the restart failed:
-/// see `Report::exit_code`); errors only when nothing was stopped, or when cancelled.
+/// see `commands::ExitStatus`); errors only when nothing was stopped, or when cancelled.
 pub fn flash_all(
     deps: &Deps,
     opts: &Options,
@@ -69,10 +91,12 @@ pub fn flash_all(
     sink: &Sink,
 ) -> Result<Report, Error> {
     let started = report::utc_now();
-    let (plan, devices) = plan(deps, opts, sink)?;
-    if let Some(bad) = devices.iter().find(|d| d.target.is_err()) {
-        return Err(config_error(bad));
-    }
+    let Planned {
+        plan,
+        devices,
+        print_state,
+    } = plan(deps, opts, sink)?;
+    check_configs(&devices)?;
     let mut report = Report {
         ok: false,
         target_version: None,
@@ -99,7 +123,7 @@ pub fn flash_all(
     }
 
     // Pre-flight: nothing is stopped if any of this refuses.
-    let _lock = preflight(deps, opts, &plan, &devices, &selected, sink)?;
+    let _lock = preflight(deps, opts, print_state, &devices, &selected, sink)?;
     if cancel.is_cancelled() {
         return Err(Error::Cancelled { report: None });
     }
@@ -127,7 +151,7 @@ pub fn flash_all(
             }
             Err(e) => {
                 r.build = "fail".into();
-                r.error = Some(e);
+                r.error = Some(e.to_string());
                 r.hint = Some(
                     "see the build output above; `kflash build KEY` rebuilds one device".into(),
                 );
@@ -184,50 +208,36 @@ fn cancelled(deps: &Deps, mut report: Report, sink: &Sink) -> Error {
 fn preflight(
     deps: &Deps,
     opts: &Options,
-    plan: &Plan,
+    print_state: Result<String, moonraker::Error>,
     devices: &[DeviceInfo],
     selected: &[usize],
     sink: &Sink,
 ) -> Result<RunLock, Error> {
     emit(sink, Stage::Preflight, None, "pre-flight checks");
-    let lock = RunLock::acquire(&deps.lock_path).map_err(|e| match e {
-        LockError::Held { .. } => Error::Refused(e.to_string()),
-        LockError::Io { .. } => Error::Io(e.to_string()),
-    })?;
-    match (&plan.print_state, &plan.moonraker_error) {
-        (Some(state), _) if state == "printing" || state == "paused" => {
-            return Err(Error::Refused(format!(
-                "the printer is {state}; flashing would stop klipper mid-print. Try again when the print is done"
-            )));
+    let lock = take_lock(deps)?;
+    match print_state {
+        Ok(state) if state == "printing" || state == "paused" => {
+            return Err(Refusal::Printing { state }.into());
         }
-        (None, Some(why)) if !opts.yes => {
-            return Err(Error::Refused(format!(
-                "Moonraker is unreachable ({why}), so kflash cannot tell whether the printer is printing. \
-                 Make sure it is idle and pass --yes to proceed anyway"
-            )));
-        }
-        (None, Some(why)) => warn(
+        Err(why) if !opts.yes => return Err(Refusal::NoMoonraker(why).into()),
+        Err(why) => warn(
             sink,
             Stage::Preflight,
             None,
             format!("Moonraker unreachable ({why}); proceeding because of --yes"),
         ),
-        _ => {}
+        Ok(_) => {}
     }
-    deps.service
-        .check()
-        .map_err(|e| Error::Refused(format!("cannot control the klipper service: {e}")))?;
-    let mut missing = Vec::new();
-    for &i in selected {
-        if let Err(e) = deps.flasher.check(&devices[i]) {
-            missing.push(format!("{}: {e}", devices[i].key));
-        }
-    }
-    if !missing.is_empty() {
-        return Err(Error::Config(format!(
-            "cannot flash: {}",
-            missing.join("; ")
-        )));
+    deps.service.check().map_err(Refusal::NoServiceControl)?;
+    let unflashable: Vec<(String, crate::flash::Error)> = selected
+        .iter()
+        .filter_map(|&i| {
+            let dev = &devices[i];
+            deps.flasher.check(dev).err().map(|e| (dev.key.clone(), e))
+        })
+        .collect();
+    if !unflashable.is_empty() {
+        return Err(Error::CannotFlash { unflashable });
     }
     Ok(lock)
 }

@@ -40,7 +40,6 @@ pub(super) fn stop_window(
     report.service.stopped = true;
     report.service.stop_s = tenths(stopped_at.elapsed());
     // Everything below runs with the guard alive: any early exit or panic restarts.
-    deps.inventory.rescan();
     let mut order: Vec<&(usize, Built)> = built.iter().collect();
     order.sort_by_key(|(i, _)| devices[*i].target.as_ref().map_or(Link::Serial, |t| t.link));
     let total = order.len();
@@ -105,7 +104,7 @@ pub(super) fn stop_window(
         }
         Err(e) => {
             // Leave the watchdog armed: it keeps trying after we are gone.
-            report.service.error = Some(e.clone());
+            report.service.error = Some(e.to_string());
             sink(
                 &Event::info(
                     Stage::Restart,

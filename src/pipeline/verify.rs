@@ -2,9 +2,10 @@
 
 use std::time::Duration;
 
-use super::{emit, warn, Built, Deps, DeviceInfo, Freshness, Report};
+use super::{emit, warn, Built, Deps, DeviceInfo, Report};
 use crate::events::{Sink, Stage};
 use crate::process::Cancel;
+use crate::versions::VersionState;
 
 pub(super) fn verify(
     deps: &Deps,
@@ -31,8 +32,8 @@ pub(super) fn verify(
         ready_timeout
     };
     emit(sink, Stage::Verify, None, "waiting for klippy to be ready");
-    let ready = deps.printer.wait_ready(ready_timeout, cancel);
-    let versions = deps.printer.mcu_versions();
+    let ready = deps.klippy.wait_ready(ready_timeout, cancel);
+    let versions = deps.klippy.mcu_versions();
     for (i, b) in flashed {
         let r = &mut report.devices[*i];
         let after = versions
@@ -43,7 +44,7 @@ pub(super) fn verify(
             .cloned();
         r.version_after.clone_from(&after);
         match (&after, &ready, &versions) {
-            (Some(v), _, _) if (deps.compare)(v, &b.version) == Freshness::Current => {
+            (Some(v), _, _) if (deps.compare)(v, &b.version) == VersionState::Current => {
                 r.verify = "pass".into();
             }
             (Some(v), _, _) => {

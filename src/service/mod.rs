@@ -22,7 +22,6 @@ mod watchdog;
 
 use std::fmt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::str::FromStr;
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -33,6 +32,9 @@ pub use command::{split_command, CommandService};
 pub use moonraker::MoonrakerService;
 pub use systemd::SystemdService;
 pub use watchdog::Watchdog;
+
+/// Which way the service is controlled (the `service` setting).
+pub use crate::registry::Backend;
 
 use crate::{moonraker as mr, process};
 
@@ -120,50 +122,6 @@ pub trait ServiceControl: Send + Sync {
     fn is_active(&self) -> Result<bool, Error>;
     /// Verify, without stopping anything, that `stop` and `start` would work.
     fn check(&self) -> Result<(), Error>;
-}
-
-/// Which way the service is controlled.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Backend {
-    /// Moonraker's `/machine/services/*` (no sudo; preferred).
-    #[default]
-    Moonraker,
-    /// `sudo -n systemctl stop|start <unit>`.
-    Systemd,
-    /// User-given stop/start commands (non-systemd hosts, the bench).
-    Command,
-}
-
-impl Backend {
-    /// The settings value naming this backend.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Backend::Moonraker => "moonraker",
-            Backend::Systemd => "systemd",
-            Backend::Command => "command",
-        }
-    }
-}
-
-impl fmt::Display for Backend {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for Backend {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self, Error> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "moonraker" => Ok(Backend::Moonraker),
-            "systemd" => Ok(Backend::Systemd),
-            "command" => Ok(Backend::Command),
-            other => Err(Error::Config(format!(
-                "unknown service backend `{other}`; use moonraker, systemd or command"
-            ))),
-        }
-    }
 }
 
 /// The service settings (`service`, `klipper_service`, `moonraker_url`, `stop_command`,
@@ -551,7 +509,7 @@ mod tests {
         assert_eq!("Systemd".parse::<Backend>().unwrap(), Backend::Systemd);
         let err = "openrc".parse::<Backend>().unwrap_err();
         assert!(
-            err.to_string().contains("moonraker, systemd or command"),
+            err.to_string().contains("moonraker, systemd, command"),
             "{err}"
         );
         let cfg = ServiceConfig {
