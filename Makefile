@@ -44,6 +44,8 @@ test-rust:
 
 test-python: build deps
 	$(VENV)/bin/ruff check python tests sim benches
+	# The hand-written stub must match the native module.
+	$(PY) -m mypy.stubtest kflash._core
 	$(PY) -m pytest -q
 
 test: test-rust test-python
