@@ -30,8 +30,6 @@ pub enum Error {
         "{what} is not a Klipper firmware config: it sets neither CONFIG_MCU nor CONFIG_MACH_LINUX"
     )]
     NotKlipper { what: String },
-    #[error("firmware config is for MCU {found:?}, but the device is a {expected:?}")]
-    WrongMcu { expected: String, found: String },
 }
 
 /// How the firmware talks to the host.
@@ -240,19 +238,6 @@ impl KConfig {
     }
 }
 
-/// Refuse a config built for another MCU than `expected` (case-insensitive).
-pub fn check_mcu(expected: &str, config: &KConfig) -> Result<Target, Error> {
-    let target = config.target()?;
-    if target.mcu.eq_ignore_ascii_case(expected.trim()) {
-        Ok(target)
-    } else {
-        Err(Error::WrongMcu {
-            expected: expected.trim().to_string(),
-            found: target.mcu,
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -354,20 +339,6 @@ CONFIG_USB_SERIAL_NUMBER="12345"
         let err = KConfig::load(&path).unwrap_err();
         assert!(matches!(err, Error::Missing { .. }));
         assert!(err.to_string().contains("EBB36.config"), "{err}");
-    }
-
-    #[test]
-    fn check_mcu_names_both_mcus() {
-        let config = KConfig::parse(OCTOPUS);
-        assert_eq!(
-            check_mcu("STM32F446XX", &config).unwrap().mcu,
-            "stm32f446xx"
-        );
-        let msg = check_mcu("rp2040", &config).unwrap_err().to_string();
-        assert!(
-            msg.contains("rp2040") && msg.contains("stm32f446xx"),
-            "{msg}"
-        );
     }
 
     #[test]
