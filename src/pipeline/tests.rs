@@ -823,3 +823,26 @@ fn plan_tells_a_protocol_change_from_a_version_string_change() {
         );
     }
 }
+
+#[test]
+fn build_returns_every_entry_with_the_first_failure() {
+    let w = world(
+        vec![device("a", Link::Serial), device("b", Link::Serial)],
+        Setup {
+            build_fail: vec!["b".into()],
+            ..Setup::default()
+        },
+    );
+    let err = build(&w.deps, None, &Cancel::new(), &crate::events::discard()).unwrap_err();
+    let Error::Build { source, results } = &err else {
+        panic!("expected a build error, got {err}");
+    };
+    assert_eq!(source.key(), "b");
+    assert!(matches!(**source, firmware::Error::Make { .. }), "{source}");
+    let builds: Vec<(&str, &str)> = results
+        .iter()
+        .map(|r| (r.key.as_str(), r.build.as_str()))
+        .collect();
+    assert_eq!(builds, [("a", "pass"), ("b", "fail")]);
+    assert_eq!(count(&log_of(&w.log), "stop"), 0);
+}
