@@ -1,12 +1,12 @@
 """Type stubs for the native core ``kflash._core`` (hand-written, checked by
 ``python -m mypy.stubtest kflash._core`` in ``make test``). The JSON shapes the
-calls return are the TypedDicts of ``kflash.types``."""
+calls return are the TypedDicts of ``kflash.results``."""
 
 import os
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Mapping, Optional, final
 
-from kflash.types import (
+from kflash.results import (
     DeviceReport,
     DeviceRow,
     ErrorDetails,
