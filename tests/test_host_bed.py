@@ -255,6 +255,10 @@ def test_5_sigkill_of_the_helper_mid_flash(host):
     wait_for(lambda: host.unit(KLIPPER, "ActiveState") == "active", 10,
              "klipper started again by the watchdog")
     print(f"klipper active again {time.monotonic() - killed:.1f} s after the kill")
+    log = host.c.read(f"{STATE}/watchdog.log")
+    assert f"kflash watchdog {dog}: the runner went away without finishing" in log, log
+    assert f"kflash watchdog {dog}: klipper via sudo -n systemctl started again" \
+        in log, log
     assert host.jobs(KLIPPER, since) == ["stop", "start"]
     bed.wait_ready(host.c, 120)
     lines = wait_for(
