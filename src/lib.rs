@@ -48,6 +48,8 @@ mod _core {
     #[pymodule_export]
     use crate::py::katapult::{katapult_flash, katapult_status};
     #[pymodule_export]
+    use crate::py::moonraker::wait_klippy_ready;
+    #[pymodule_export]
     use crate::py::snapshot::{SnapshotReader, SnapshotStore};
     #[pymodule_export]
     use crate::py::versions::compare_versions;

@@ -91,6 +91,11 @@ impl Error {
     pub fn is_unreachable(&self) -> bool {
         matches!(self, Error::Unreachable { .. })
     }
+    /// True when a ready-wait ran out of time while klippy was stopped or starting (or
+    /// Moonraker away), as opposed to klippy stopping on an error or a shutdown.
+    pub fn is_ready_timeout(&self) -> bool {
+        matches!(self, Error::NotReady { state, .. } if !failed_state(state))
+    }
     /// The HTTP status Moonraker answered with, if the error is an HTTP error.
     pub fn status(&self) -> Option<u16> {
         match self {
@@ -157,8 +162,12 @@ impl Klippy {
     }
     /// klippy stopped on an error or a shutdown: waiting longer will not help.
     pub fn has_failed(&self) -> bool {
-        matches!(self.state.as_str(), "error" | "shutdown")
+        failed_state(&self.state)
     }
+}
+
+fn failed_state(state: &str) -> bool {
+    matches!(state, "error" | "shutdown")
 }
 
 /// A query argument name or value: unreserved characters stay, everything else is

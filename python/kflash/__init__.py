@@ -22,6 +22,7 @@ from kflash._core import (
     compare_versions,
     katapult_flash,
     katapult_status,
+    wait_klippy_ready,
 )
 
 __all__ = [
@@ -41,4 +42,5 @@ __all__ = [
     "compare_versions",
     "katapult_flash",
     "katapult_status",
+    "wait_klippy_ready",
 ]

@@ -118,3 +118,6 @@ def katapult_status(
     baud: int | None = None,
     on_event: _Callable[[dict[str, _Any]], object] | None = None,
 ) -> dict[str, _Any]: ...
+
+# Moonraker's ready-wait (src/py/moonraker.rs).
+def wait_klippy_ready(moonraker_url: str, timeout: float) -> bool: ...

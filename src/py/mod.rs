@@ -8,5 +8,6 @@
 pub mod engine;
 pub mod errors;
 pub mod katapult;
+pub mod moonraker;
 pub mod snapshot;
 pub mod versions;
