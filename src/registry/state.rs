@@ -1,6 +1,6 @@
 //! Where kflash keeps its state, and how files that matter are written.
 //!
-//! `StateDir` resolves the state directory once (see the brief: `$KFLASH_HOME`, else
+//! `StateDir` resolves the state directory once (`$KFLASH_HOME`, else
 //! `~/printer_data/kflash` when `~/printer_data` exists, else `$XDG_CONFIG_HOME/kflash`,
 //! default `~/.config/kflash`) and names every file in it. It never creates anything by
 //! itself; writers create what they need.
