@@ -46,7 +46,7 @@ mod _core {
         PreflightRefused, RegistryError, ServiceError,
     };
     #[pymodule_export]
-    use crate::py::katapult::{katapult_flash, katapult_status};
+    use crate::py::katapult::{katapult_decode, katapult_encode, katapult_flash, katapult_status};
     #[pymodule_export]
     use crate::py::moonraker::wait_klippy_ready;
     #[pymodule_export]

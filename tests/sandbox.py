@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benches"))
 
 import fixture_tree  # noqa: E402
+
 from fake_moonraker import FakeMoonraker  # noqa: E402
 
 KFLASH = [sys.executable, "-m", "kflash.cli"]

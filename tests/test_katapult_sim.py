@@ -14,9 +14,7 @@ import zlib
 
 import pytest
 
-pytest.importorskip("virtual_printer.board")
-
-from kflash import _core  # noqa: E402
+from kflash import _core
 
 MCU = "stm32f446xx"
 SERIAL = "SIMKATAPULT01"

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from fake_moonraker import FakeMoonraker
 
 WATCHDOG = Path(__file__).resolve().parent.parent / "python" / "kflash" / "watchdog.py"

@@ -737,12 +737,7 @@ mod tests {
 
     #[test]
     fn truncated_acks_are_malformed_not_panics() {
-        for (code_word, extra) in [
-            (0x11u32, 4usize),
-            (0x12, 0),
-            (0x13, 0),
-            (0x14, 0),
-        ] {
+        for (code_word, extra) in [(0x11u32, 4usize), (0x12, 0), (0x13, 0), (0x14, 0)] {
             let mut p = code_word.to_le_bytes().to_vec();
             p.extend(std::iter::repeat_n(0u8, extra));
             let frame = Frame::new(code::ACK, p).unwrap();

@@ -32,11 +32,11 @@ use std::io;
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use image::{image_info, ImageInfo};
 pub use serial::{
     flash_serial, status_serial, BootloaderInfo, SerialFlashOptions, SerialStatusOptions,
 };
 pub use session::{FlashReport, Timing};
-pub use image::{image_info, ImageInfo};
 
 /// Flash `firmware` to the serial board `device` with every default: discovery from the
 /// environment, default timeouts (`baud`: `Some` for a UART board). The shape of the

@@ -124,7 +124,11 @@ pub fn server_klippy(info: &Map<String, Value>) -> Result<Option<Klippy>, Unexpe
         return Ok(None);
     }
     Ok(Some(Klippy {
-        state: if connected { state } else { "disconnected".into() },
+        state: if connected {
+            state
+        } else {
+            "disconnected".into()
+        },
         message: String::new(),
     }))
 }
@@ -242,8 +246,7 @@ mod tests {
                 message: "Klippy Host not connected".into()
             })
         );
-        let Err(Unexpected::Http { message, .. }) = result(502, b"<html>bad gateway</html>")
-        else {
+        let Err(Unexpected::Http { message, .. }) = result(502, b"<html>bad gateway</html>") else {
             panic!()
         };
         assert_eq!(message, "`<html>bad gateway</html>`");
@@ -252,8 +255,7 @@ mod tests {
         };
         assert_eq!(expected, "a JSON document");
         assert!(got.contains("<html>"));
-        let Err(Unexpected::Garbage { expected, .. }) = result(200, br#"{"no_result": 1}"#)
-        else {
+        let Err(Unexpected::Garbage { expected, .. }) = result(200, br#"{"no_result": 1}"#) else {
             panic!()
         };
         assert!(expected.contains("\"result\""));
@@ -315,7 +317,10 @@ mod tests {
         }}))
         .unwrap();
         assert_eq!(klipper_unit(&info), "klipper-1");
-        assert_eq!(available_services(&info).unwrap(), ["klipper-1", "moonraker"]);
+        assert_eq!(
+            available_services(&info).unwrap(),
+            ["klipper-1", "moonraker"]
+        );
         assert_eq!(
             service_state(&info, "klipper-1").unwrap(),
             Some(("active".into(), "running".into()))

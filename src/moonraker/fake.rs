@@ -244,8 +244,9 @@ mod tests {
     fn the_last_repeated_argument_wins_like_tornado() {
         let r = Request {
             method: "GET".into(),
-            path: "/printer/objects/query?webhooks=state&webhooks=state_message&mcu+EBB36&a%20b=x,y"
-                .into(),
+            path:
+                "/printer/objects/query?webhooks=state&webhooks=state_message&mcu+EBB36&a%20b=x,y"
+                    .into(),
             body: String::new(),
         };
         let q = r.query();

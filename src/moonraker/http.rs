@@ -197,7 +197,10 @@ mod tests {
             ("http://printer:80", "http://printer"),
             // A non-ASCII name is kept in the form name resolution uses.
             ("http://éx:7125", "http://xn--x-9fa:7125"),
-            ("http://drucker-küche.local", "http://xn--drucker-kche-llb.local"),
+            (
+                "http://drucker-küche.local",
+                "http://xn--drucker-kche-llb.local",
+            ),
         ] {
             assert_eq!(parse_url(given).as_deref(), Ok(normal), "{given}");
             assert_eq!(parse_url(normal).as_deref(), Ok(normal), "{normal}");

@@ -11,7 +11,12 @@ fn client(server: &Server) -> Client {
 
 #[test]
 fn a_bad_url_is_refused_naming_it() {
-    for bad in ["127.0.0.1:7125", "http://:7125", "http://host:notaport", "ftp://x"] {
+    for bad in [
+        "127.0.0.1:7125",
+        "http://:7125",
+        "http://host:notaport",
+        "ftp://x",
+    ] {
         let err = Client::new(bad, Duration::from_secs(1)).unwrap_err();
         assert!(matches!(err, Error::BadUrl { .. }), "{bad}: {err}");
         assert!(err.to_string().contains(bad), "{err}");
@@ -31,7 +36,9 @@ fn a_non_ascii_host_is_looked_up_in_idna_form_without_panicking() {
 
 #[test]
 fn prefix_is_sent_and_result_unwrapped() {
-    let (server, _) = moonraker(Printer::ready(&json!({"print_stats": {"state": "standby"}})));
+    let (server, _) = moonraker(Printer::ready(
+        &json!({"print_stats": {"state": "standby"}}),
+    ));
     let c = Client::new(&format!("{}/mr/", server.url), Duration::from_secs(5)).unwrap();
     // The fake serves no /mr prefix: Moonraker's 404 message comes back.
     let err = c.print_state().unwrap_err();
@@ -79,7 +86,10 @@ fn http_error_carries_moonrakers_message() {
     let (server, _) = moonraker(printer);
     let err = client(&server).print_state().unwrap_err();
     assert_eq!(err.status(), Some(503));
-    assert!(err.to_string().contains("Klippy Host not connected"), "{err}");
+    assert!(
+        err.to_string().contains("Klippy Host not connected"),
+        "{err}"
+    );
     assert!(err.to_string().contains("/printer/objects/query"), "{err}");
 }
 
@@ -142,7 +152,10 @@ fn print_state_asks_each_object_once_with_its_field() {
     assert!(state.is_busy());
     assert_eq!(state.idle_timeout.as_deref(), Some("Printing"));
     printer.lock().unwrap().objects.clear();
-    assert_eq!(client(&server).print_state().unwrap(), PrintState::default());
+    assert_eq!(
+        client(&server).print_state().unwrap(),
+        PrintState::default()
+    );
 }
 
 #[test]
@@ -159,7 +172,9 @@ fn mcu_versions_encodes_sections_and_maps_missing_to_none() {
     assert_eq!(v["mcu gone"], None);
     assert_eq!(
         server.paths(),
-        vec!["/printer/objects/query?mcu=mcu_version&mcu%20EBB36=mcu_version&mcu%20gone=mcu_version"]
+        vec![
+            "/printer/objects/query?mcu=mcu_version&mcu%20EBB36=mcu_version&mcu%20gone=mcu_version"
+        ]
     );
 }
 
@@ -317,7 +332,10 @@ fn wait_ready_waits_for_moonraker_itself_to_come_back() {
 #[test]
 fn objects_query_is_the_form_moonraker_reads() {
     assert_eq!(
-        objects_query(&[("webhooks", &["state", "state_message"]), ("mcu EBB36", &[])]),
+        objects_query(&[
+            ("webhooks", &["state", "state_message"]),
+            ("mcu EBB36", &[])
+        ]),
         "/printer/objects/query?webhooks=state,state_message&mcu%20EBB36="
     );
     assert_eq!(

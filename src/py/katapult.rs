@@ -196,3 +196,78 @@ pub fn katapult_status<'py>(
     })?;
     status_dict(py, &result?)
 }
+
+// ---- the frame codec, for protocol-level tests and the wheels' smoke test ----
+
+/// Encode one Katapult frame: `01 88 | code | len | payload | crc lo | crc hi | 99 03`
+/// (a command such as CONNECT `0x11`; or any code, e.g. a response, for a simulator).
+/// `payload` must be whole 32-bit words, at most 1020 bytes; ValueError otherwise.
+#[pyfunction]
+#[pyo3(signature = (code, payload=None))]
+pub fn katapult_encode<'py>(
+    py: Python<'py>,
+    code: u8,
+    payload: Option<&[u8]>,
+) -> PyResult<Bound<'py, pyo3::types::PyBytes>> {
+    let frame = katapult::codec::Frame::new(code, payload.unwrap_or_default().to_vec())
+        .map_err(|e| pyo3::exceptions::PyValueError::new_err(e.to_string()))?;
+    Ok(pyo3::types::PyBytes::new(py, &frame.encode()))
+}
+
+/// Decode the device -> host frames in `data`, in order, as a host reads them. Each is a
+/// dict with `response`: `"ack"` (with `command`, the acknowledged command's code, and
+/// `payload`, the bytes after it; CONNECT adds `proto_version`, `app_start`, `block_size`,
+/// `mcu`, `bootloader_version`; SEND_BLOCK `address`; SEND_EOF `pages`; REQUEST_BLOCK
+/// `address` and `data`), `"nack"`, `"command_error"`, `"busy"`, `"garbage"` (`bytes`:
+/// how many were skipped, `reason`) or `"malformed"` (`detail`). An unfinished frame at the
+/// end is left out.
+#[pyfunction]
+pub fn katapult_decode<'py>(py: Python<'py>, data: &[u8]) -> PyResult<Vec<Bound<'py, PyDict>>> {
+    use katapult::codec::{Ack, DecodeError, Decoder, Response};
+    use pyo3::types::PyBytes;
+    let mut decoder = Decoder::new();
+    decoder.push(data);
+    let mut out = Vec::new();
+    while let Some(item) = decoder.next_frame() {
+        let d = PyDict::new(py);
+        let found = item.and_then(|frame| Ok((Response::from_frame(&frame)?, frame)));
+        match found {
+            Ok((Response::Nack, _)) => d.set_item("response", "nack")?,
+            Ok((Response::CommandError, _)) => d.set_item("response", "command_error")?,
+            Ok((Response::Busy, _)) => d.set_item("response", "busy")?,
+            Ok((Response::Ack(ack), frame)) => {
+                d.set_item("response", "ack")?;
+                d.set_item("command", ack.acked())?;
+                // An ACK's payload starts with the acknowledged command (checked above).
+                d.set_item("payload", PyBytes::new(py, &frame.payload()[4..]))?;
+                match ack {
+                    Ack::Connect(info) => {
+                        d.set_item("proto_version", info.proto_version_string())?;
+                        d.set_item("app_start", info.app_start)?;
+                        d.set_item("block_size", info.block_size)?;
+                        d.set_item("mcu", info.mcu)?;
+                        d.set_item("bootloader_version", info.bootloader_version)?;
+                    }
+                    Ack::SendBlock { addr } => d.set_item("address", addr)?,
+                    Ack::SendEof { pages } => d.set_item("pages", pages)?,
+                    Ack::RequestBlock { addr, data } => {
+                        d.set_item("address", addr)?;
+                        d.set_item("data", PyBytes::new(py, &data))?;
+                    }
+                    Ack::Complete | Ack::Other { .. } => {}
+                }
+            }
+            Err(DecodeError::Garbage { skipped, reason }) => {
+                d.set_item("response", "garbage")?;
+                d.set_item("bytes", skipped)?;
+                d.set_item("reason", reason.to_string())?;
+            }
+            Err(err @ DecodeError::Malformed { .. }) => {
+                d.set_item("response", "malformed")?;
+                d.set_item("detail", err.to_string())?;
+            }
+        }
+        out.push(d);
+    }
+    Ok(out)
+}

@@ -319,15 +319,18 @@ mod tests {
     #[test]
     fn moonraker_url_follows_the_clients_rule() {
         let mut s = Settings::default();
-        s.set("moonraker_url", " http://Printer.local:7125/ ").unwrap();
+        s.set("moonraker_url", " http://Printer.local:7125/ ")
+            .unwrap();
         assert_eq!(s.moonraker_url, "http://printer.local:7125");
         // A non-ASCII host is kept in the form name resolution uses, and the client
         // accepts exactly what the setting stored.
         s.set("moonraker_url", "http://éx:7125").unwrap();
         assert_eq!(s.moonraker_url, "http://xn--x-9fa:7125");
-        crate::moonraker::Client::new(&s.moonraker_url, std::time::Duration::from_secs(1))
-            .unwrap();
-        let err = s.set("moonraker_url", "https://éx").unwrap_err().to_string();
+        crate::moonraker::Client::new(&s.moonraker_url, std::time::Duration::from_secs(1)).unwrap();
+        let err = s
+            .set("moonraker_url", "https://éx")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("https is not supported"), "{err}");
     }
 }

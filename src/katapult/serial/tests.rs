@@ -3,9 +3,9 @@
 
 use super::*;
 use crate::events;
+use crate::katapult::codec::Command;
 use crate::katapult::fake::{collect, image_of, FakeBootloader, Faults, PtyDevice, Sandbox, MCU};
 use crate::katapult::image::tests::fake_image;
-use crate::katapult::codec::Command;
 use crate::katapult::port::pty;
 use std::sync::Arc;
 

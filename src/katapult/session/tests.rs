@@ -2,8 +2,8 @@
 
 use super::*;
 use crate::events;
-use crate::katapult::fake::{collect, image_of, FakeBootloader, FakePort, Faults, MCU};
 use crate::katapult::codec::Command;
+use crate::katapult::fake::{collect, image_of, FakeBootloader, FakePort, Faults, MCU};
 use crate::katapult::image::{image_info, tests::fake_image};
 use std::sync::Arc;
 
