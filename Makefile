@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export CARGO_TERM_COLOR := never
 
-.PHONY: all deps build demo test test-rust test-python lint bench clean
+.PHONY: all deps build demo test test-rust test-python lint bench conformance clean
 
 all: build
 
@@ -43,7 +43,7 @@ test-rust:
 	cargo fmt --check
 
 test-python: build deps
-	$(VENV)/bin/ruff check python tests sim benches
+	$(VENV)/bin/ruff check python tests sim benches conformance
 	$(PY) -m pytest -q
 
 test: test-rust test-python
@@ -51,10 +51,15 @@ test: test-rust test-python
 lint: $(VENV)/.deps
 	cargo fmt --check
 	cargo clippy --all-targets -- -D warnings
-	$(VENV)/bin/ruff check python tests sim benches
+	$(VENV)/bin/ruff check python tests sim benches conformance
 
 bench: build $(VENV_MR)/.deps
 	$(PY) benches/run.py
+
+# Katapult's own flashtool.py against the bench's virtual Katapult (GPL: never committed,
+# so on request only): make conformance KATAPULT_FLASHTOOL=~/katapult/scripts/flashtool.py
+conformance: build $(VENV_MR)/.deps
+	KATAPULT_FLASHTOOL="$(KATAPULT_FLASHTOOL)" $(PY) -m pytest -q conformance
 
 clean:
 	rm -rf target $(VENV) $(VENV_MR)
