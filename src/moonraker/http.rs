@@ -7,11 +7,11 @@
 //! network; `HTTP_PROXY` must not reroute it), no redirects, a bounded body.
 //!
 //! The rule: `http://HOST[:PORT][/PREFIX]`. HOST is a name, an IPv4 address or a bracketed
-//! IPv6 address; a non-ASCII name is accepted and stored in its IDNA (punycode) form, which
-//! is what name resolution uses. PORT defaults to 80 and may not be 0. PREFIX is for a
-//! Moonraker behind a reverse proxy or with `route_prefix` set. `https`, credentials, a
-//! query and a fragment are refused, each with its own reason. The normal form has no
-//! trailing slash.
+//! IPv6 address; a name is letters, digits, `-`, `.` (and `_`); a non-ASCII name is
+//! accepted and stored in its IDNA (punycode) form, which is what name resolution uses.
+//! PORT defaults to 80 and may not be 0. PREFIX is for a Moonraker behind a reverse proxy
+//! or with `route_prefix` set. `https`, credentials, a query and a fragment are refused,
+//! each with its own reason. The normal form has no trailing slash.
 //!
 //! Invariants: nothing here panics on any input; HTTP error statuses are answers, not
 //! errors (the caller reads Moonraker's own message from the body); transport failures are
@@ -60,8 +60,19 @@ pub fn parse_url(text: &str) -> Result<String, String> {
     if url.query().is_some() || url.fragment().is_some() {
         return Err("the URL must not carry a query (?...) or a fragment (#...)".into());
     }
-    if url.host().is_none() {
-        return Err(format!("no host, {EXAMPLE}"));
+    match url.host() {
+        None => return Err(format!("no host, {EXAMPLE}")),
+        // The URL standard lets `"`, `{`, `!`, ... into a host name; DNS and HTTP do not.
+        Some(url::Host::Domain(name))
+            if !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_')) =>
+        {
+            return Err(format!(
+                "`{name}` is not a host name (letters, digits, '-' and '.'), {EXAMPLE}"
+            ))
+        }
+        Some(_) => {}
     }
     if url.port() == Some(0) {
         return Err("port 0 is not a port to connect to".into());
@@ -223,6 +234,9 @@ mod tests {
             ("http://host/#top", "fragment"),
             ("http://a b", "invalid"),
             ("http://é\u{0}x", "invalid"),
+            // Found by fuzzing: the URL standard accepts these host names.
+            ("http://1te\"print_sta", "not a host name"),
+            ("http://a{b}.local", "not a host name"),
         ] {
             let err = parse_url(given).unwrap_err();
             assert!(err.contains(reason), "{given}: {err}");
