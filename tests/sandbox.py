@@ -1,6 +1,7 @@
 """A sandboxed printer for the CLI tests: real processes, fake hardware.
 
-- a Klipper-like source tree (benches/fixture_tree.py) that compiles real C;
+- the bench's Klipper-like source tree (sim/virtual_printer/firmware, tagged
+  v0.13.0) that compiles real C;
 - fake USB boards under a device root (by-id/by-path links to files) with sysfs
   entries (USB ids, serial), as the bench lays them out;
 - a fake ``flashtool.py`` that imitates the real one's documented behaviour and
@@ -21,12 +22,10 @@ import sys
 import time
 from pathlib import Path
 
+from fake_moonraker import FakeMoonraker
+from virtual_printer import tree
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "benches"))
-
-import fixture_tree  # noqa: E402
-
-from fake_moonraker import FakeMoonraker  # noqa: E402
 
 KFLASH = [sys.executable, "-m", "kflash.cli"]
 
@@ -151,7 +150,7 @@ class Sandbox:
         self.procs = []
         for d in (self.home, self.dev / "serial/by-id", self.dev / "serial/by-path"):
             d.mkdir(parents=True, exist_ok=True)
-        fixture_tree.generate(self.klipper, sources=2, work=1)
+        tree.materialise(str(self.klipper), commits_after_tag=0)
         (self.katapult / "scripts").mkdir(parents=True)
         (self.katapult / "scripts/flashtool.py").write_text(FLASHTOOL)
         svc = self.root / "svc.sh"
@@ -217,7 +216,8 @@ class Sandbox:
         cls.mkdir(parents=True)
         (cls / "device").symlink_to(intf)
         cfg = self.root / f"{key}.config"
-        lines = [f'CONFIG_MCU="{mcu}"', "CONFIG_USBSERIAL=y"]
+        mach = "RPXXXX" if mcu.startswith("rp") else "STM32"
+        lines = [f"CONFIG_MACH_{mach}=y", f'CONFIG_MCU="{mcu}"', "CONFIG_USBSERIAL=y"]
         if fail_build:
             lines.append("CONFIG_FIXTURE_FAIL=y")
         cfg.write_text("\n".join(lines) + "\n")
