@@ -233,7 +233,7 @@ impl Command {
 }
 
 /// The protocol name of a command code.
-pub fn name_of(code: u8) -> &'static str {
+fn name_of(code: u8) -> &'static str {
     match code {
         code::CONNECT => "CONNECT",
         code::SEND_BLOCK => "SEND_BLOCK",
@@ -462,8 +462,9 @@ impl Decoder {
     pub fn clear(&mut self) {
         self.buf.clear();
     }
-    /// Bytes buffered but not yet returned.
-    pub fn buffered(&self) -> usize {
+    /// Bytes buffered but not yet returned (tests check the bound).
+    #[cfg(test)]
+    fn buffered(&self) -> usize {
         self.buf.len()
     }
 
