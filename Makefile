@@ -8,7 +8,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export CARGO_TERM_COLOR := never
 
 .PHONY: all deps build demo test test-rust test-python test-host-bed host-bed-tools lint \
-	bench clean clean-host-bed
+	bench conformance clean clean-host-bed
 
 all: build
 
@@ -44,7 +44,7 @@ test-rust:
 	cargo fmt --check
 
 test-python: build deps host-bed-tools
-	$(VENV)/bin/ruff check python tests sim benches
+	$(VENV)/bin/ruff check python tests sim benches conformance
 	# The hand-written stub must match the native module.
 	$(PY) -m mypy.stubtest kflash._core
 	$(PY) -m pytest -q
@@ -74,10 +74,15 @@ test: test-rust test-python
 lint: $(VENV)/.deps
 	cargo fmt --check
 	cargo clippy --all-targets -- -D warnings
-	$(VENV)/bin/ruff check python tests sim benches
+	$(VENV)/bin/ruff check python tests sim benches conformance
 
 bench: build $(VENV_MR)/.deps
 	$(PY) benches/run.py
+
+# Katapult's own flashtool.py against the bench's virtual Katapult (GPL: never committed,
+# so on request only): make conformance KATAPULT_FLASHTOOL=~/katapult/scripts/flashtool.py
+conformance: build $(VENV_MR)/.deps
+	KATAPULT_FLASHTOOL="$(KATAPULT_FLASHTOOL)" $(PY) -m pytest -q conformance
 
 clean:
 	rm -rf target $(VENV) $(VENV_MR)

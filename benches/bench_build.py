@@ -5,8 +5,9 @@ with each board's config copied to ``.config``. kflash builds every device at on
 each in its own OUT with its own KCONFIG_CONFIG, keeps OUT between runs and skips a
 device whose cache key (config, source version, toolchain) is unchanged.
 
-The source tree is the Klipper-like fixture of benches/fixture_tree.py (real make,
-real gcc), so absolute times are smaller than with Klipper; the ratios are the point.
+The source tree is the bench's Klipper-like tree (sim/virtual_printer/firmware: real
+make, real gcc) with generated sources added under src/extra/ to size the compile work,
+so absolute times are smaller than with Klipper; the ratios are the point.
 Prints one Markdown section on stdout (collected by ``make bench``).
 
     python benches/bench_build.py [--sources N] [--work W] [--release]
@@ -24,17 +25,41 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "benches"))
+from virtual_printer import tree as bench_tree
 
-import fixture_tree  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 DEVICES = {
-    "octopus": 'CONFIG_MCU="stm32f446xx"\n',
-    "ebb36": 'CONFIG_MCU="stm32f103xe"\n',
-    "pico": 'CONFIG_MCU="rp2040"\n',
+    "octopus": 'CONFIG_MACH_STM32=y\nCONFIG_MCU="stm32f446xx"\n',
+    "ebb36": 'CONFIG_MACH_STM32=y\nCONFIG_MCU="stm32f103xe"\n',
+    "pico": 'CONFIG_MACH_RPXXXX=y\nCONFIG_MCU="rp2040"\n',
     "host": "CONFIG_MACH_LINUX=y\n",
 }
+
+
+def source_c(i, work):
+    """One generated source: `work` small functions, enough for the compiler to chew."""
+    body = []
+    for j in range(work):
+        body.append(
+            f"static int f{i}_{j}(int x) {{ int s = 0; for (int k = 0; k < x; k++)"
+            f" s += (k * {j + 1}) ^ (s >> 3); return s; }}"
+        )
+    calls = " + ".join(f"f{i}_{j}(n)" for j in range(work)) or "0"
+    body.append(f"int work_{i}(int n) {{ return {calls}; }}")
+    return "\n".join(body) + "\n"
+
+
+def make_tree(dest, sources, work):
+    """The bench tree at its tag, plus `sources` generated files in src/extra/."""
+    bench_tree.materialise(str(dest), commits_after_tag=0)
+    extra = dest / "src" / "extra"
+    extra.mkdir()
+    for i in range(sources):
+        (extra / f"mod{i:02d}.c").write_text(source_c(i, work))
+    bench_tree.git(str(dest), "add", "-A")
+    bench_tree.git(str(dest), "commit", "-q", "-m", "generated sources")
+    return dest
 
 
 def log(msg):
@@ -101,8 +126,10 @@ def check(report, version, cached):
 
 def main(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sources", type=int, default=40)
-    parser.add_argument("--work", type=int, default=80)
+    # The tree alone compiles about as long per board as Klipper does here (5-7 s);
+    # generated sources add more.
+    parser.add_argument("--sources", type=int, default=0)
+    parser.add_argument("--work", type=int, default=40)
     parser.add_argument("--release", action="store_true")
     parser.add_argument(
         "--rounds", type=int, default=3, help="alternating cold rounds (median)"
@@ -112,7 +139,7 @@ def main(argv):
     tool = build_tool(args.release)
     with tempfile.TemporaryDirectory(prefix="kflash-bench-build-") as tmp:
         tmp = Path(tmp)
-        tree = fixture_tree.generate(tmp / "klipper", args.sources, args.work)
+        tree = make_tree(tmp / "klipper", args.sources, args.work)
         configs = {}
         for key, text in DEVICES.items():
             configs[key] = tmp / "configs" / f"{key}.config"
@@ -145,9 +172,9 @@ def main(argv):
             cached_runs.append(wall)
         t_cached = statistics.median(cached_runs)
         log("kflash: one source changed")
-        src = tree / "src" / "mod03.c"
+        src = tree / "src" / "stepper.c"
         src.write_text(src.read_text() + "int bench_extra(void) { return 1; }\n")
-        fixture_tree.git(tree, "commit", "-qam", "change one source")
+        bench_tree.git(str(tree), "commit", "-qam", "change one source")
         t_incr, report = kflash(tool, tree, builds, configs)
         check(report, describe(tree), cached=False)
 
@@ -174,8 +201,9 @@ def main(argv):
         "## bench_build",
         "",
         f"Firmware for 4 devices (stm32f446, stm32f103, rp2040, linux) from the "
-        f"Klipper-like fixture tree ({args.sources} sources x {args.work} functions, "
-        f"real gcc), {jobs} cores. kflash = `build_all` (examples/build_firmware, "
+        f"bench's Klipper-like tree plus {args.sources} generated sources x "
+        f"{args.work} functions (real gcc), {jobs} cores. kflash = `build_all` "
+        f"(examples/build_firmware, "
         f"{profile} profile), jobs = {jobs}; cold figures are medians of "
         f"{args.rounds} alternating rounds, the cached one of {len(cached_runs)} runs.",
         "",

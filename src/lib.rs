@@ -58,7 +58,9 @@ mod _core {
     #[pymodule_export]
     use crate::py::exit_status::ExitStatus;
     #[pymodule_export]
-    use crate::py::katapult::{katapult_flash, katapult_status};
+    use crate::py::katapult::{katapult_decode, katapult_encode, katapult_flash, katapult_status};
+    #[pymodule_export]
+    use crate::py::moonraker::wait_klippy_ready;
     #[pymodule_export]
     use crate::py::snapshot::{SnapshotReader, SnapshotStore};
     #[pymodule_export]

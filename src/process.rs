@@ -25,6 +25,8 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use rustix::process::{kill_process_group, Pid, Signal};
+
 /// How many lines of combined output an error keeps.
 pub const TAIL_LINES: usize = 40;
 /// Longest stdout kept in full (for commands whose output is parsed).
@@ -325,21 +327,20 @@ enum Ended {
 
 /// TERM the child's process group, wait the grace period, then KILL it; always reap.
 fn stop_group(child: &mut Child) {
-    let pgid = child.id() as libc::pid_t;
-    // SAFETY: kill(2) with a negative pid signals the group we created with process_group(0).
-    unsafe { libc::kill(-pgid, libc::SIGTERM) };
+    // The child leads its own group (process_group(0)): signal the whole group.
+    let group = Pid::from_child(child);
+    let _ = kill_process_group(group, Signal::TERM);
     let deadline = Instant::now() + GRACE;
     while Instant::now() < deadline {
         if let Ok(Some(_)) = child.try_wait() {
-            // The leader is gone; make sure nothing of its group lingers.
-            // SAFETY: as above; ESRCH when the group is empty is harmless.
-            unsafe { libc::kill(-pgid, libc::SIGKILL) };
+            // The leader is gone; make sure nothing of its group lingers (ESRCH when the
+            // group is empty is harmless).
+            let _ = kill_process_group(group, Signal::KILL);
             return;
         }
         thread::sleep(POLL);
     }
-    // SAFETY: as above.
-    unsafe { libc::kill(-pgid, libc::SIGKILL) };
+    let _ = kill_process_group(group, Signal::KILL);
     reap(child);
 }
 

@@ -1,6 +1,7 @@
 """A sandboxed printer for the CLI tests: real processes, fake hardware.
 
-- a Klipper-like source tree (benches/fixture_tree.py) that compiles real C;
+- the bench's Klipper-like source tree (sim/virtual_printer/firmware, tagged
+  v0.13.0) that compiles real C;
 - fake USB boards under a device root (by-id/by-path links to files) with sysfs
   entries (USB ids, serial), as the bench lays them out;
 - a fake ``flashtool.py`` that imitates the real one's documented behaviour and
@@ -8,9 +9,9 @@
   exiting...`` and exit 0 when the board fell into DFU; refusal of a tty held
   open by another process; per-device behaviour chosen by the test;
 - service stop/start commands that append to a log (the `command` backend);
-- a tiny fake Moonraker (HTTP on loopback) that reports print state and the
-  version each board was last flashed with, and 503s /printer/* while klipper
-  is stopped.
+- a fake Moonraker (tests/fake_moonraker.py: Moonraker's query traps kept) that
+  reports print state and the version each board was last flashed with, and
+  503s /printer/* while klipper is stopped.
 """
 
 import json
@@ -18,16 +19,13 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import parse_qsl, urlparse
+
+from fake_moonraker import FakeMoonraker
+from virtual_printer import tree
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "benches"))
-
-import fixture_tree  # noqa: E402
 
 KFLASH = [sys.executable, "-m", "kflash.cli"]
 
@@ -110,72 +108,31 @@ class Board:
         return f"usb-Klipper_{self.mcu}_{self.serial}-if00"
 
 
-class FakeMoonraker:
-    """Just enough of Moonraker's HTTP API for kflash."""
+class SandboxMoonraker(FakeMoonraker):
+    """Moonraker for the sandbox: print state and the version each board was last
+    flashed with; klippy is disconnected while the sandbox's klipper is stopped."""
 
     def __init__(self, sandbox):
         self.sandbox = sandbox
         self.print_state = "standby"
         self.initial_versions = {}
-        sb = self
+        super().__init__()
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
+    def klippy_state(self):
+        return "disconnected" if self.sandbox.service_stopped() else "ready"
 
-            def do_GET(self):
-                url = urlparse(self.path)
-                stopped = sb.sandbox.service_stopped()
-                if url.path == "/server/info":
-                    state = "disconnected" if stopped else "ready"
-                    return self.reply(
-                        200,
-                        {"klippy_connected": not stopped, "klippy_state": state},
-                    )
-                if url.path.startswith("/printer/") and stopped:
-                    return self.reply(503, None, "Klippy Disconnected")
-                if url.path == "/printer/objects/query":
-                    status = {}
-                    for name, _ in parse_qsl(url.query, keep_blank_values=True):
-                        status[name] = sb.object(name)
-                    return self.reply(200, {"eventtime": 1.0, "status": status})
-                return self.reply(404, None, "Not Found")
-
-            def reply(self, code, result, message=""):
-                if code == 200:
-                    body = {"result": result}
-                else:
-                    body = {"error": {"code": code, "message": message}}
-                data = json.dumps(body).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def object(self, name):
+    def printer_object(self, name):
         if name == "print_stats":
             return {"state": self.print_state}
         if name == "idle_timeout":
             return {"state": "Idle"}
-        if name == "webhooks":
-            return {"state": "ready", "state_message": "Printer is ready"}
         for board in self.sandbox.boards.values():
             if board.section == name:
                 version = self.sandbox.flashed_version(board)
                 if version is None:
                     version = self.initial_versions.get(board.key, "v0.0.9-3-g1234567")
                 return {"mcu_version": version}
-        return {}
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+        return super().printer_object(name)
 
 
 class Sandbox:
@@ -193,7 +150,7 @@ class Sandbox:
         self.procs = []
         for d in (self.home, self.dev / "serial/by-id", self.dev / "serial/by-path"):
             d.mkdir(parents=True, exist_ok=True)
-        fixture_tree.generate(self.klipper, sources=2, work=1)
+        tree.materialise(str(self.klipper), commits_after_tag=0)
         (self.katapult / "scripts").mkdir(parents=True)
         (self.katapult / "scripts/flashtool.py").write_text(FLASHTOOL)
         svc = self.root / "svc.sh"
@@ -230,7 +187,7 @@ class Sandbox:
             self.ok("settings", "set", key, str(value))
 
     def start_moonraker(self):
-        self.moonraker = FakeMoonraker(self)
+        self.moonraker = SandboxMoonraker(self)
         self.settings(moonraker_url=self.moonraker.url)
         return self.moonraker
 
@@ -259,7 +216,8 @@ class Sandbox:
         cls.mkdir(parents=True)
         (cls / "device").symlink_to(intf)
         cfg = self.root / f"{key}.config"
-        lines = [f'CONFIG_MCU="{mcu}"', "CONFIG_USBSERIAL=y"]
+        mach = "RPXXXX" if mcu.startswith("rp") else "STM32"
+        lines = [f"CONFIG_MACH_{mach}=y", f'CONFIG_MCU="{mcu}"', "CONFIG_USBSERIAL=y"]
         if fail_build:
             lines.append("CONFIG_FIXTURE_FAIL=y")
         cfg.write_text("\n".join(lines) + "\n")

@@ -6,6 +6,8 @@ import time
 
 import pytest
 
+from virtual_printer import tree
+
 
 def two_boards(sandbox):
     sandbox.add_board("octopus")
@@ -20,7 +22,7 @@ def test_stops_once_flashes_all_restarts_once_and_verifies(sandbox):
     assert report["ok"] is True
     assert report["service"]["stopped"] and report["service"]["restarted"]
     target = report["target_version"]
-    assert target.startswith("v0.1.0-0-g")
+    assert target.startswith("v0.13.0-0-g")
     for dev in report["devices"]:
         assert (dev["build"], dev["flash"], dev["verify"]) == ("pass", "pass", "pass")
         assert dev["version_after"] == target
@@ -222,21 +224,21 @@ def test_status_after_a_run(sandbox):
 
 
 def test_plan_says_whether_an_update_changes_the_protocol(sandbox):
-    import fixture_tree
-
     sandbox.add_board("octopus")
     sandbox.start_moonraker()
     sandbox.json("flash-all")
     # A host-only update: a new commit, no firmware source changed.
-    fixture_tree.git(sandbox.klipper, "commit", "-q", "--allow-empty", "-m", "host")
+    tree.git(str(sandbox.klipper), "commit", "-q", "--allow-empty", "-m", "host")
     sandbox.json("build")
     (dev,) = sandbox.json("plan")["devices"]
     assert dev["state"] == "outdated"
     assert "version string only" in dev["reason"], dev
     # A firmware change: a new source file adds a command.
-    (sandbox.klipper / "src" / "extra.c").write_text("int extra(void) { return 1; }\n")
-    fixture_tree.git(sandbox.klipper, "add", "-A")
-    fixture_tree.git(sandbox.klipper, "commit", "-q", "-m", "firmware")
+    extra = sandbox.klipper / "src" / "extra" / "extra.c"
+    extra.parent.mkdir()
+    extra.write_text('#include "command.h"\nDECL_COMMAND(command_extra, "extra");\n')
+    tree.git(str(sandbox.klipper), "add", "-A")
+    tree.git(str(sandbox.klipper), "commit", "-q", "-m", "firmware")
     sandbox.json("build")
     (dev,) = sandbox.json("plan")["devices"]
     assert "protocol changed" in dev["reason"], dev

@@ -1,12 +1,12 @@
 """The native Katapult flasher through Python: ``kflash.katapult_flash``/``_status``
-and ``kflash katapult`` against a small Katapult bootloader served on a pty."""
+and ``kflash katapult`` against the bench's Katapult bootloader served on a pty."""
 
 import argparse
 import json
 import os
 import pty
+import select
 import signal
-import struct
 import threading
 import time
 import tty
@@ -15,102 +15,69 @@ import pytest
 
 import kflash
 from kflash import katapult_cli
+from virtual_printer.katapult import BOOTLOADER_VERSION, KatapultBootloader
 
 MCU = "stm32f103xe"
 APP_START = 0x08002000
 
 
-def crc16(data):
-    crc = 0xFFFF
-    for byte in data:
-        byte ^= crc & 0xFF
-        byte ^= (byte << 4) & 0xFF
-        crc = ((byte << 8) | (crc >> 8)) ^ (byte >> 4) ^ (byte << 3)
-        crc &= 0xFFFF
-    return crc
+class RecordingBootloader(KatapultBootloader):
+    """The bench's bootloader, noting the code of every command it processes."""
 
+    def __init__(self, commands, **kwargs):
+        super().__init__(**kwargs)
+        self.commands = commands
+        self.writing = threading.Event()  # set at the first SEND_BLOCK
 
-def frame(code, payload=b""):
-    body = bytes([code, len(payload) // 4]) + payload
-    return b"\x01\x88" + body + struct.pack("<H", crc16(body)) + b"\x99\x03"
-
-
-def ack(cmd, payload=b""):
-    return frame(0xA0, struct.pack("<I", cmd) + payload)
-
-
-def pad4(data):
-    return data + b"\x00" * (-len(data) % 4)
+    def _command(self, cmd, payload):
+        self.commands.append(cmd)
+        if cmd == 0x12:
+            self.writing.set()
+        super()._command(cmd, payload)
 
 
 class FakeKatapult(threading.Thread):
-    """Answers Katapult frames on a pty master; ``flash`` holds what was written."""
+    """The bench's Katapult (virtual_printer.katapult) answering on a pty master.
 
-    def __init__(self, block_size=64, mcu=MCU):
+    ``commands`` lists the command codes received, ``image(n)`` the first n bytes of
+    its flash, ``faults`` the bench's fault switches (e.g. ``erase_delay``)."""
+
+    def __init__(self, flash_path, block_size=64, mcu=MCU):
         super().__init__(daemon=True)
         self.master, slave = pty.openpty()
         tty.setraw(slave)
         self.path = os.ttyname(slave)
         self._slave = slave  # kept open: the master never sees a hang-up
-        self.block_size = block_size
-        self.mcu = mcu
-        self.flash = {}
         self.commands = []
-        self.delay = 0.0  # seconds before each answer (a slow board)
+        self.faults = {}
+        self.bootloader = RecordingBootloader(
+            self.commands,
+            mcu=mcu,
+            app_start=APP_START,
+            block_size=block_size,
+            image_path=str(flash_path),
+            write=lambda frame: os.write(self.master, frame),
+            faults=lambda: self.faults,
+            on_complete=lambda: None,
+        )
         self.stop = threading.Event()
         self.start()
 
     def run(self):
-        buf = b""
         while not self.stop.is_set():
-            try:
-                os.set_blocking(self.master, False)
-                chunk = os.read(self.master, 4096)
-            except BlockingIOError:
-                time.sleep(0.001)
+            now = time.monotonic()
+            self.bootloader.tick(now)
+            wait = min(max(self.bootloader.next_deadline() - now, 0.0), 0.05)
+            if not select.select([self.master], [], [], wait)[0]:
                 continue
+            try:
+                data = os.read(self.master, 4096)
             except OSError:
                 return
-            buf += chunk
-            while len(buf) >= 8:
-                start = buf.find(b"\x01\x88")
-                if start < 0:
-                    buf = b""
-                    break
-                buf = buf[start:]
-                size = 8 + 4 * buf[3]
-                if len(buf) < size:
-                    break
-                msg, buf = buf[:size], buf[size:]
-                self.answer(msg[2], msg[4:-4])
-
-    def answer(self, cmd, payload):
-        self.commands.append(cmd)
-        if cmd == 0x11:
-            info = struct.pack("<III", 0x00010100, APP_START, self.block_size)
-            tail = pad4(self.mcu.encode()) + b"\x00" * 4 + pad4(b"v0.0.1-py")
-            reply = ack(cmd, info + tail)
-        elif cmd == 0x12:
-            (addr,) = struct.unpack("<I", payload[:4])
-            self.flash[addr] = payload[4:]
-            reply = ack(cmd, payload[:4])
-        elif cmd == 0x13:
-            reply = ack(cmd, struct.pack("<I", len(self.flash)))
-        elif cmd == 0x14:
-            (addr,) = struct.unpack("<I", payload[:4])
-            data = self.flash.get(addr, b"\xff" * self.block_size)
-            reply = ack(cmd, payload[:4] + data)
-        elif cmd == 0x15:
-            reply = ack(cmd)
-        else:
-            reply = frame(0xF2)
-        if self.delay:
-            time.sleep(self.delay)
-        os.write(self.master, reply)
+            self.bootloader.feed(data)
 
     def image(self, length):
-        data = b"".join(self.flash[a] for a in sorted(self.flash))
-        return data[:length]
+        return bytes(self.bootloader.flash[:length])
 
     def close(self):
         self.stop.set()
@@ -120,8 +87,8 @@ class FakeKatapult(threading.Thread):
 
 
 @pytest.fixture
-def board():
-    fake = FakeKatapult()
+def board(tmp_path):
+    fake = FakeKatapult(tmp_path / "flash.bin")
     yield fake
     fake.close()
 
@@ -141,7 +108,7 @@ def test_flash_writes_verifies_and_reports(board, firmware, monkeypatch, tmp_pat
     assert result["bytes"] == 3000
     assert result["blocks"] == 47
     assert result["mcu"] == MCU
-    assert result["bootloader_version"] == "v0.0.1-py"
+    assert result["bootloader_version"] == BOOTLOADER_VERSION
     assert result["completed"] is True
     assert board.commands[-1] == 0x15
     fractions = [e["fraction"] for e in events if e["fraction"] is not None]
@@ -169,12 +136,10 @@ def test_an_exception_in_the_callback_cancels_the_flash(board, firmware):
 
 
 def test_ctrl_c_interrupts_a_flash_and_leaves_the_board_in_katapult(board, firmware):
-    board.delay = 0.02  # about 2 s of writing: long enough to be interrupted
+    board.faults["erase_delay"] = 0.02  # ~1 s of writing: long enough to interrupt
 
     def interrupt_once_writing():
-        end = time.monotonic() + 10
-        while 0x12 not in board.commands and time.monotonic() < end:
-            time.sleep(0.005)
+        board.bootloader.writing.wait(10)
         os.kill(os.getpid(), signal.SIGINT)
 
     # Python's own Ctrl+C handling (importing klippy elsewhere in the run resets it).

@@ -9,14 +9,12 @@ import json
 import signal
 import subprocess
 import sys
-import time
 import zlib
 
 import pytest
 
-pytest.importorskip("virtual_printer.board")
-
-from kflash import _core  # noqa: E402
+from kflash import _core
+from virtual_printer import wait_for
 
 MCU = "stm32f446xx"
 SERIAL = "SIMKATAPULT01"
@@ -35,15 +33,6 @@ def image(version, mcu=MCU, size=6000):
     blob = zlib.compress(json.dumps(dictionary).encode())
     code = bytes((i * 13 + 5) & 0xFF for i in range(size))
     return code + blob + code[:100]
-
-
-def wait_until(check, timeout=10.0, what="condition"):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if check():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class Bench:
@@ -85,7 +74,7 @@ class Bench:
             )
         else:
             self.app_link = self.dev / "ttyS2"
-        wait_until(self.app_link.exists, what="the board's application")
+        wait_for(self.app_link.exists, 10, "the board's application")
         self.events = self.state / "board" / "events.log"
 
     def flashed(self):
@@ -122,7 +111,7 @@ def test_flashes_a_running_board_through_the_1200_baud_touch(bench, tmp_path):
     assert any("1200-baud touch" in m for m in messages)
     assert any(m.startswith("Katapult appeared on") for m in messages)
     # COMPLETE: the board leaves Katapult and runs the new application again.
-    wait_until(bench.app_link.exists, what="the new application")
+    wait_for(bench.app_link.exists, 10, "the new application")
 
 
 def test_refuses_firmware_for_another_mcu_and_leaves_the_board_running(bench, tmp_path):
@@ -132,7 +121,7 @@ def test_refuses_firmware_for_another_mcu_and_leaves_the_board_running(bench, tm
     with pytest.raises(_core.FlashError, match="MCU mismatch.*rp2040.*stm32f446xx"):
         _core.katapult_flash(str(bench.app_link), str(firmware))
     assert bench.flashed() == before
-    wait_until(bench.app_link.exists, what="the old application")
+    wait_for(bench.app_link.exists, 10, "the old application")
 
 
 def test_a_board_falling_into_dfu_is_reported_not_flashed(bench, tmp_path):

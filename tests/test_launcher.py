@@ -12,12 +12,11 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from fake_moonraker import FakeMoonraker
 from kflash import launcher
 from kflash.helper import pid_alive
 
@@ -89,47 +88,28 @@ def test_systemd_branch_uses_sudo_systemd_run(systemd_env, tmp_path):
                     str(home), "--only-outdated", "--run-id", "R1"]
 
 
-class FakeMoonraker(BaseHTTPRequestHandler):
-    services = ["klipper", "moonraker"]
-    started = []
+class LauncherMoonraker(FakeMoonraker):
+    """Lists `services` as available; records the units started."""
 
-    def _json(self, doc):
-        body = json.dumps({"result": doc}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+    def __init__(self):
+        self.services = ["klipper", "moonraker"]
+        self.started = []
+        super().__init__()
 
-    def do_GET(self):  # noqa: N802 - http.server's name
-        if self.path == "/machine/system_info":
-            self._json({"system_info": {
-                "available_services": list(self.services)}})
-        else:
-            self.send_error(404)
-
-    def do_POST(self):  # noqa: N802
-        n = int(self.headers.get("Content-Length") or 0)
-        body = json.loads(self.rfile.read(n) or b"{}")
-        if self.path == "/machine/services/start":
+    def route(self, method, path, args, body):
+        if (method, path) == ("GET", "/machine/system_info"):
+            return {"system_info": {"available_services": list(self.services)}}
+        if (method, path) == ("POST", "/machine/services/start"):
             self.started.append(body.get("service"))
-            self._json("ok")
-        else:
-            self.send_error(404)
-
-    def log_message(self, *a):
-        pass
+            return "ok"
+        return super().route(method, path, args, body)
 
 
 @pytest.fixture
 def moonraker():
-    FakeMoonraker.started = []
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), FakeMoonraker)
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
-    t.start()
-    yield srv, f"http://127.0.0.1:{srv.server_address[1]}"
-    srv.shutdown()
-    srv.server_close()
+    srv = LauncherMoonraker()
+    yield srv, srv.url
+    srv.close()
 
 
 def no_sudo(bin_dir):
@@ -145,12 +125,12 @@ def test_systemd_without_sudo_uses_the_unit_through_moonraker(
     env, bin_dir = systemd_env
     no_sudo(bin_dir)
     srv, url = moonraker
-    FakeMoonraker.services = ["klipper", "kflash-run"]
+    srv.services = ["klipper", "kflash-run"]
     home = tmp_path / "state"
     got = launcher.launch("/usr/bin/python3", home, device="EBB36",
                           moonraker_url=url, env=env, run_id="R2")
     assert got.method == "moonraker"
-    assert FakeMoonraker.started == ["kflash-run"]
+    assert srv.started == ["kflash-run"]
     req = json.loads((home / "helper" / "request.json").read_text())
     assert req == {"version": 1, "only_outdated": False, "device": "EBB36",
                    "run_id": "R2"}
@@ -161,7 +141,7 @@ def test_inside_klipper_cgroup_with_no_way_out_refuses(
     env, bin_dir = systemd_env
     no_sudo(bin_dir)
     srv, url = moonraker
-    FakeMoonraker.services = ["klipper"]  # unit not in moonraker.asvc
+    srv.services = ["klipper"]  # unit not in moonraker.asvc
     home = tmp_path / "state"
     with pytest.raises(launcher.LaunchRefused) as e:
         launcher.launch("/usr/bin/python3", home, moonraker_url=url,
@@ -171,7 +151,7 @@ def test_inside_klipper_cgroup_with_no_way_out_refuses(
     assert "password is required" in msg
     assert "moonraker.asvc" in msg and "install.sh" in msg
     assert "Nothing was stopped" in msg
-    assert FakeMoonraker.started == []
+    assert srv.started == []
     assert not (home / "helper" / "request.json").exists()
     # Moonraker down altogether: same refusal, naming why
     with pytest.raises(launcher.LaunchRefused) as e:

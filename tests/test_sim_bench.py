@@ -6,25 +6,22 @@ klippy's mcu_version through Moonraker, /dev/serial links, sysfs USB ids.
 """
 
 import os
+import select
 import shutil
 import subprocess
-import sys
+import termios
+import time
+import tty
 
 import pytest
 
+import kflash
 from virtual_printer import Printer, tree, wait_for
-from virtual_printer.client import KatapultClient, KatapultError, touch
-
-pytestmark = pytest.mark.skipif(
-    shutil.which("gcc") is None or shutil.which("make") is None,
-    reason="the bench tree needs gcc and make",
-)
-
-FLASHTOOL = os.environ.get("KFLASH_FLASHTOOL", "/tmp/katapult/flashtool.py")
+from virtual_printer.demo import kflash_command
 
 
 @pytest.fixture(scope="module")
-def printer(tmp_path_factory):
+def printer(tmp_path_factory, bench_tools):
     p = Printer(
         str(tmp_path_factory.mktemp("bench")),
         build_cache=str(tmp_path_factory.getbasetemp() / "sim-build-cache"),
@@ -58,15 +55,32 @@ def image(path):
         return f.read()
 
 
-def flash_katapult(printer, name, artefact, complete=True):
-    b = printer.board(name)
-    dev = printer.enter_bootloader(b)
-    with KatapultClient(dev) as client:
-        client.connect()
-        report = client.flash(image(artefact))
-        if complete:
-            client.complete()
-    return client, report
+def flash_katapult(printer, name, artefact):
+    """kflash's native flasher on the board, put in Katapult first (its by-id link)."""
+    dev = printer.enter_bootloader(printer.board(name))
+    return kflash.katapult_flash(dev, artefact)
+
+
+@pytest.fixture
+def bench_roots(stopped, monkeypatch):
+    """The bench's /dev and /sys for in-process kflash calls (discovery)."""
+    monkeypatch.setenv("KFLASH_DEV_ROOT", stopped.dev_root)
+    monkeypatch.setenv("KFLASH_SYS_ROOT", stopped.sys_root)
+    return stopped
+
+
+def test_ready_wait_against_real_moonraker(printer):
+    printer.stop_klipper()
+    # klippy down: Moonraker answers 503 on /printer/*; the wait says "not ready" after
+    # its timeout, without an error.
+    started = time.monotonic()
+    assert kflash.wait_klippy_ready(printer.url, 1.5) is False
+    assert time.monotonic() - started >= 1.5
+    printer.api("POST", "/machine/services/start?service=klipper")
+    assert kflash.wait_klippy_ready(printer.url, 60) is True
+    assert printer.query()["webhooks"]["state"] == "ready"
+    # ready at once when nothing changed
+    assert kflash.wait_klippy_ready(printer.url, 0) is True
 
 
 def test_klippy_reports_the_flashed_versions_through_moonraker(printer):
@@ -111,9 +125,9 @@ def test_touch_flips_by_id_and_sysfs_ids_by_path_stays(stopped):
 def test_katapult_flash_reboots_into_new_version_klippy_reports_it(
     stopped, new_firmware
 ):
-    client, report = flash_katapult(stopped, "toolhead", new_firmware["toolhead"])
-    assert report.verified and not report.errors
-    assert (client.mcu, client.block_size, client.app_start) == (
+    report = flash_katapult(stopped, "toolhead", new_firmware["toolhead"])
+    assert report["completed"] and report["retries"] == 0
+    assert (report["mcu"], report["block_size"], report["app_start"]) == (
         "rp2040",
         64,
         0x10004000,
@@ -125,66 +139,49 @@ def test_katapult_flash_reboots_into_new_version_klippy_reports_it(
     assert versions["mcu toolhead"] != versions["mcu"]  # mainboard still outdated
 
 
-@pytest.mark.skipif(
-    not os.path.exists(FLASHTOOL), reason="Katapult's flashtool.py not fetched"
-)
-def test_katapults_own_flashtool_flashes_the_bench(stopped, new_firmware):
-    b = stopped.board("mainboard")
-    dev = stopped.enter_bootloader(b)
-    res = subprocess.run(
-        [sys.executable, FLASHTOOL, "-d", dev, "-f", new_firmware["mainboard"]],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert res.returncode == 0, res.stdout + res.stderr
-    assert res.stdout.strip().splitlines()[-1] == "Programming Complete"
-    stopped.wait_app(b)
-    assert stopped.installed_version(b).startswith("v0.13.0-1-g")
-
-
 def test_nacked_blocks_are_retried(stopped, new_firmware):
     stopped.set_faults("mainboard", nack_every=7)
-    _, report = flash_katapult(stopped, "mainboard", new_firmware["mainboard"])
-    assert report.nacks > 0 and report.verified
+    report = flash_katapult(stopped, "mainboard", new_firmware["mainboard"])
+    assert report["retries"] > 0 and report["completed"]
+    stopped.wait_app(stopped.board("mainboard"))
 
 
-def test_corrupt_readback_fails_verification(stopped, new_firmware):
+def test_corrupt_readback_fails_verification_and_the_board_waits_in_katapult(
+    stopped, new_firmware
+):
+    b = stopped.board("mainboard")
     stopped.set_faults("mainboard", corrupt_readback=True)
-    _, report = flash_katapult(stopped, "mainboard", new_firmware["mainboard"])
-    assert not report.verified
-    assert "read-back" in report.errors[0]
+    with pytest.raises(kflash.FlashError, match="verify mismatch"):
+        flash_katapult(stopped, "mainboard", new_firmware["mainboard"])
+    kpath = stopped.by_id(b, katapult=True)
+    assert os.path.exists(kpath) and not os.path.exists(stopped.by_id(b))
+    stopped.clear_faults()
+    assert kflash.katapult_flash(kpath, new_firmware["mainboard"])["completed"]
+    stopped.wait_app(b)
 
 
 def test_write_errors_leave_the_board_in_katapult(stopped, new_firmware):
     b = stopped.board("mainboard")
     stopped.set_faults("mainboard", fail_from_block=10)
-    kpath = stopped.enter_bootloader(b)
-    old_tty = os.readlink(kpath)
-    with KatapultClient(kpath) as client:
-        client.connect()
-        report = client.flash(image(new_firmware["mainboard"]))
-        client.complete()
-    assert report.errors and report.blocks == 9
-    # COMPLETE after a cut-short flash: the application was erased, so the board
-    # re-enumerates into Katapult again instead of Klipper.
-    wait_for(
-        lambda: os.path.exists(kpath) and os.readlink(kpath) != old_tty, 5, "reboot"
-    )
-    assert not os.path.exists(stopped.by_id(b))
+    with pytest.raises(kflash.FlashError, match="command error in write at address"):
+        flash_katapult(stopped, "mainboard", new_firmware["mainboard"])
+    # No COMPLETE into a cut-short image: the board stays in Katapult, ready for
+    # another try, and does not come back as Klipper.
+    kpath = stopped.by_id(b, katapult=True)
+    assert os.path.exists(kpath) and not os.path.exists(stopped.by_id(b))
     stopped.clear_faults()
-    with KatapultClient(stopped.by_id(b, katapult=True)) as client:
-        client.connect()
-        assert client.flash(image(new_firmware["mainboard"])).verified
-        client.complete()
+    report = kflash.katapult_flash(kpath, new_firmware["mainboard"])
+    assert report["completed"]
+    assert report["bytes"] == len(image(new_firmware["mainboard"]))
     stopped.wait_app(b)
 
 
 def test_slow_erase_slows_every_block(stopped, new_firmware):
     stopped.set_faults("toolhead", erase_delay=0.005)
-    _, report = flash_katapult(stopped, "toolhead", new_firmware["toolhead"])
-    assert report.verified
-    assert report.seconds >= report.blocks * 0.005
+    report = flash_katapult(stopped, "toolhead", new_firmware["toolhead"])
+    assert report["completed"]
+    assert report["duration_s"] >= report["blocks"] * 0.005
+    stopped.wait_app(stopped.board("toolhead"))
 
 
 def test_never_comes_back_after_complete(stopped, new_firmware):
@@ -216,13 +213,14 @@ def test_falls_into_dfu_after_complete(stopped, new_firmware, name, ids):
     stopped.wait_app(b)
 
 
-def test_touch_into_dfu_when_katapult_is_missing(stopped):
+def test_touch_into_dfu_when_katapult_is_missing(bench_roots):
+    stopped = bench_roots
     b = stopped.board("mainboard")
     stopped.set_faults("mainboard", on_touch="dfu")
-    touch(stopped.by_id(b))
-    wait_for(lambda: (stopped.usb_ids(b) or {}).get("idProduct") == "df11", 5, "DFU")
-    with pytest.raises(FileNotFoundError):
-        KatapultClient(stopped.by_id(b, katapult=True))
+    with pytest.raises(kflash.FlashError, match="STM32 DFU.*nothing was flashed"):
+        kflash.katapult_status(stopped.by_id(b))
+    assert (stopped.usb_ids(b) or {}).get("idProduct") == "df11"
+    assert not os.path.exists(stopped.by_id(b, katapult=True))
     stopped.clear_faults()
     stopped.power_cycle("mainboard")
     stopped.wait_app(b)
@@ -238,32 +236,34 @@ def test_linux_mcu_replace_and_restart_changes_version(stopped, new_firmware):
     assert versions["mcu host"] == stopped.installed_version(b) != before
 
 
-def test_bench_failure_raises_katapult_error_without_bootloader(stopped):
+def test_the_application_does_not_answer_katapult(stopped):
     b = stopped.board("toolhead")
-    with KatapultClient(stopped.by_id(b), timeout=0.3) as client:
-        with pytest.raises(KatapultError):
-            client.connect()  # the application does not speak Katapult
-
-
-def native_flasher():
-    from virtual_printer.demo import kflash_command
-
-    cmd = [*kflash_command(), "katapult", "flash", "--help"]
-    if subprocess.run(cmd, capture_output=True).returncode != 0:
-        pytest.skip("this kflash has no native Katapult flasher")
-    return kflash_command()
+    fd = os.open(stopped.wait_app(b), os.O_RDWR | os.O_NOCTTY)
+    try:
+        tty.setraw(fd, termios.TCSANOW)
+        os.write(fd, kflash.katapult_encode(0x11))  # CONNECT
+        got = b""
+        deadline = time.monotonic() + 0.5
+        while (left := deadline - time.monotonic()) > 0:
+            if select.select([fd], [], [], left)[0]:
+                got += os.read(fd, 4096)
+    finally:
+        os.close(fd)
+    answers = [r for r in kflash.katapult_decode(got) if r["response"] != "garbage"]
+    assert answers == []
+    assert os.path.exists(stopped.by_id(b))  # still the application
 
 
 @pytest.mark.parametrize("faults", [{}, {"nack_every": 50}, {"corrupt_readback": True}])
 def test_kflash_native_flasher_against_the_virtual_katapult(
     stopped, new_firmware, faults
 ):
-    kflash = native_flasher()
+    cli = kflash_command()
     b = stopped.board("toolhead")
     stopped.set_faults("toolhead", **faults)
     res = subprocess.run(
         [
-            *kflash,
+            *cli,
             "katapult",
             "flash",
             "-d",

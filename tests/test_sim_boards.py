@@ -2,22 +2,22 @@
 
 import json
 import os
+import select
 import shutil
 import signal
 import subprocess
 import sys
 import termios
+import time
+import tty
 
 import pytest
 
+import kflash
 from virtual_printer import stack, tree, wait_for
-from virtual_printer.client import KatapultClient
 from virtual_printer.proto import SERIAL_BOOTLOADER_REQUEST
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("gcc") is None or shutil.which("make") is None,
-    reason="the bench tree needs gcc and make",
-)
+pytestmark = pytest.mark.usefixtures("bench_tools")
 
 
 def start_boards(spec_path):
@@ -40,6 +40,25 @@ def events(state, name):
             return f.read()
     except FileNotFoundError:
         return ""
+
+
+def answers(path, data, wait=2.0):
+    """Write `data` to the tty (raw) and decode what comes back until a frame does."""
+    fd = os.open(path, os.O_RDWR | os.O_NOCTTY)
+    try:
+        tty.setraw(fd, termios.TCSANOW)
+        os.write(fd, data)
+        got = b""
+        deadline = time.monotonic() + wait
+        while (left := deadline - time.monotonic()) > 0:
+            if select.select([fd], [], [], left)[0]:
+                got += os.read(fd, 4096)
+                frames = kflash.katapult_decode(got)
+                if any(f["response"] != "garbage" for f in frames):
+                    return frames
+        return kflash.katapult_decode(got)
+    finally:
+        os.close(fd)
 
 
 def test_uart_board_request_string_flash_survives_restart(tmp_path):
@@ -68,22 +87,25 @@ def test_uart_board_request_string_flash_survives_restart(tmp_path):
     os.makedirs(spec["dev_root"])
     spec_path = tmp_path / "spec.json"
     spec_path.write_text(json.dumps(spec))
-    tty = os.path.join(spec["dev_root"], "ttyS0")
+    uart_tty = os.path.join(spec["dev_root"], "ttyS0")
 
     proc = start_boards(str(spec_path))
     try:
         # No application in flash: the board sits in Katapult on its UART.
         wait_for(lambda: "bootloader" in events(state, "uart"), 10, "bootloader")
-        with KatapultClient(tty) as client:
-            client.connect()
-            assert (client.mcu, client.block_size) == ("stm32f446xx", 128)
-            with open(os.path.join(out, "klipper.bin"), "rb") as f:
-                assert client.flash(f.read()).verified
-            client.complete()
+        # Garbage earns exactly one NACK, as from real Katapult.
+        assert answers(uart_tty, b"\x55\x66\x77\x88\x99\xaa\xbb\xcc\xdd") == [
+            {"response": "nack"}
+        ]
+        report = kflash.katapult_flash(
+            uart_tty, os.path.join(out, "klipper.bin"), baud=250000
+        )
+        assert (report["mcu"], report["block_size"]) == ("stm32f446xx", 128)
+        assert report["completed"] and report["firmware_version"] == version
         wait_for(lambda: f"application {version}" in events(state, "uart"), 5, "app")
-        assert not os.path.exists(os.path.join(spec["sys_root"], "class", "tty"))
+        assert not os.path.exists(os.path.join(spec["sys_root"], "class", "uart_tty"))
         # The request string, at any baud, sends the application back to Katapult.
-        fd = os.open(tty, os.O_RDWR | os.O_NOCTTY)
+        fd = os.open(uart_tty, os.O_RDWR | os.O_NOCTTY)
         attrs = termios.tcgetattr(fd)
         attrs[4] = attrs[5] = termios.B115200
         termios.tcsetattr(fd, termios.TCSANOW, attrs)
@@ -94,7 +116,7 @@ def test_uart_board_request_string_flash_survives_restart(tmp_path):
         )
     finally:
         stop_boards(proc)
-    assert not os.path.lexists(tty)  # unplugged on exit
+    assert not os.path.lexists(uart_tty)  # unplugged on exit
 
     # A new process (power on) boots the image flashed before.
     proc = start_boards(str(spec_path))

@@ -9,7 +9,6 @@ happened and what to do.
 
 import json
 import os
-import shutil
 import subprocess
 
 import pytest
@@ -17,23 +16,11 @@ import pytest
 from virtual_printer import Printer, tree
 from virtual_printer.demo import kflash_command, register
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("gcc") is None or shutil.which("make") is None,
-    reason="the bench tree needs gcc and make",
-)
-
-
-def supports_flash_all():
-    res = subprocess.run(
-        [*kflash_command(), "flash-all", "--help"], capture_output=True
-    )
-    return res.returncode == 0
+pytestmark = pytest.mark.usefixtures("bench_tools")
 
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
-    if not supports_flash_all():
-        pytest.skip("this kflash has no flash-all yet")
     p = Printer(
         str(tmp_path_factory.mktemp("flashall")),
         build_cache=str(tmp_path_factory.getbasetemp() / "sim-build-cache"),

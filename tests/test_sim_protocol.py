@@ -4,6 +4,7 @@ import struct
 
 import pytest
 
+import kflash
 from virtual_printer import proto
 from virtual_printer.app import KlipperApp
 from virtual_printer.katapult import KatapultBootloader
@@ -69,6 +70,9 @@ def test_ack_frames_match_capture():
 
 
 def test_katapult_frames_match_reference():
+    # The bench's encoder and the core's agree with the reference vectors.
+    assert kflash.katapult_encode(0x11) == proto.katapult_frame(0x11)
+    assert kflash.katapult_encode(0xF1) == bytes.fromhex("0188f10068959903")
     assert proto.katapult_frame(0x11).hex() == "01881100f17c9903"
     assert proto.katapult_frame(0x15).hex() == "01881500911b9903"
     assert (
@@ -139,23 +143,36 @@ def make_bootloader(tmp_path, faults=None):
     return bl, out, done
 
 
-def test_katapult_connect_reports_identity(tmp_path):
+def test_katapult_connect_is_laid_out_as_real_katapult_and_the_core_reads_it(
+    tmp_path,
+):
     bl, out, _ = make_bootloader(tmp_path)
-    bl.feed(proto.katapult_frame(0x11))
-    assert out[2] == 0xA0
-    payload = bytes(out[4:-4])
-    orig, version, start, block = struct.unpack("<IIII", payload[:16])
-    assert (orig, version, start, block) == (0x11, 0x00010100, 0x8008000, 64)
-    assert [p for p in payload[16:].split(b"\0") if p][0] == b"stm32f446xx"
+    bl.feed(kflash.katapult_encode(0x11))
+    # Katapult's command_connect: orig_cmd, proto, start, block size, the MCU name
+    # zero-padded to whole words, ONE zero word, the version zero-padded.
+    payload = struct.pack("<IIII", 0x11, 0x00010100, 0x8008000, 64)
+    payload += b"stm32f446xx\0" + b"\0" * 4 + b"v0.0.1-sim\0\0"
+    assert bytes(out) == kflash.katapult_encode(0xA0, payload)
+    (ack,) = kflash.katapult_decode(bytes(out))
+    assert ack["response"] == "ack" and ack["command"] == 0x11
+    assert (ack["mcu"], ack["bootloader_version"], ack["proto_version"]) == (
+        "stm32f446xx",
+        "v0.0.1-sim",
+        "1.1.0",
+    )
+    assert (ack["app_start"], ack["block_size"]) == (0x8008000, 64)
 
 
 def test_katapult_priming_command_and_garbage(tmp_path):
     bl, out, _ = make_bootloader(tmp_path)
-    bl.feed(proto.katapult_frame(0x90))
-    assert out[2] == 0xF2  # command error
+    bl.feed(kflash.katapult_encode(0x90))
+    assert [r["response"] for r in kflash.katapult_decode(bytes(out))] == [
+        "command_error"
+    ]
     out.clear()
     bl.feed(b"\x55\x66\x77\x88\x99\xaa\xbb\xcc\xdd")
-    assert bytes(out) == proto.katapult_frame(0xF1)  # exactly one NACK
+    # exactly one NACK for the run of garbage
+    assert [r["response"] for r in kflash.katapult_decode(bytes(out))] == ["nack"]
 
 
 def test_katapult_stores_blocks_and_rejects_low_addresses(tmp_path):

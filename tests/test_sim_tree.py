@@ -9,10 +9,7 @@ import pytest
 
 from virtual_printer import tree
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("gcc") is None or shutil.which("make") is None,
-    reason="the bench tree needs gcc and make",
-)
+pytestmark = pytest.mark.usefixtures("bench_tools")
 
 
 def dict_version(out):

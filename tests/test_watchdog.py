@@ -1,15 +1,15 @@
 """The SIGKILL watchdog as a process: EOF without `done` starts the service."""
 
-import http.server
 import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
+
+from fake_moonraker import FakeMoonraker
 
 WATCHDOG = Path(__file__).resolve().parent.parent / "python" / "kflash" / "watchdog.py"
 
@@ -114,25 +114,22 @@ def test_systemd_backend_runs_sudo_systemctl_start(tmp_path):
         assert lines[0] == "sudo -n %s start klipper-1" % (bindir / "systemctl")
 
 
-class FakeMoonraker(http.server.BaseHTTPRequestHandler):
-    active = True
-    posted = []
+class WatchdogMoonraker(FakeMoonraker):
+    """klipper-2 is the klipper unit; a start POST makes it active."""
 
-    def log_message(self, *args):
-        pass
+    def __init__(self):
+        self.active = False
+        self.posted = []
+        super().__init__()
 
-    def reply(self, result):
-        body = json.dumps({"result": result}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def do_GET(self):
-        state = "active" if FakeMoonraker.active else "inactive"
-        self.reply(
-            {
+    def route(self, method, path, args, body):
+        if method == "POST":
+            self.posted.append((path, body))
+            self.active = True
+            return "ok"
+        if path == "/machine/system_info":
+            state = "active" if self.active else "inactive"
+            return {
                 "system_info": {
                     "instance_ids": {"klipper": "klipper-2"},
                     "service_state": {
@@ -140,34 +137,21 @@ class FakeMoonraker(http.server.BaseHTTPRequestHandler):
                     },
                 }
             }
-        )
-
-    def do_POST(self):
-        length = int(self.headers.get("Content-Length", "0"))
-        body = json.loads(self.rfile.read(length))
-        FakeMoonraker.posted.append((self.path, body))
-        FakeMoonraker.active = True
-        self.reply("ok")
+        return super().route(method, path, args, body)
 
 
 def test_moonraker_backend_posts_start_for_the_resolved_unit(tmp_path):
-    FakeMoonraker.active = False
-    FakeMoonraker.posted = []
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeMoonraker)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    server = WatchdogMoonraker()
     try:
         message = settings(tmp_path / "unused")
         message["service"]["backend"] = "moonraker"
         message["service"]["unit"] = ""
-        port = server.server_address[1]
-        message["service"]["moonraker_url"] = f"http://127.0.0.1:{port}/"
+        message["service"]["moonraker_url"] = server.url + "/"
         code, log = run_watchdog(tmp_path, [json.dumps(message) + "\n"])
     finally:
-        server.shutdown()
-        server.server_close()
+        server.close()
     assert code == 0, log
-    assert FakeMoonraker.posted == [
+    assert server.posted == [
         ("/machine/services/start", {"service": "klipper-2"})
     ]
     assert "started again" in log

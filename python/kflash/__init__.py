@@ -25,8 +25,11 @@ from kflash._core import (
     SnapshotReader,
     SnapshotStore,
     compare_versions,
+    katapult_decode,
+    katapult_encode,
     katapult_flash,
     katapult_status,
+    wait_klippy_ready,
 )
 
 __all__ = [
@@ -49,6 +52,9 @@ __all__ = [
     "SnapshotReader",
     "SnapshotStore",
     "compare_versions",
+    "katapult_decode",
+    "katapult_encode",
     "katapult_flash",
     "katapult_status",
+    "wait_klippy_ready",
 ]

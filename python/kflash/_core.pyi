@@ -40,8 +40,11 @@ __all__ = [
     "SnapshotReader",
     "SnapshotStore",
     "compare_versions",
+    "katapult_decode",
+    "katapult_encode",
     "katapult_flash",
     "katapult_status",
+    "wait_klippy_ready",
 ]
 
 # --- Exceptions --------------------------------------------------------------
@@ -205,3 +208,12 @@ class SnapshotReader:
     def read(self) -> tuple[int, float, float, bytes] | None: ...
     @property
     def path(self) -> Path: ...
+
+# --- Katapult's frame codec (src/py/katapult.rs) -----------------------------
+
+def katapult_encode(code: int, payload: Optional[bytes] = None) -> bytes: ...
+def katapult_decode(data: bytes) -> list[dict[str, Any]]: ...
+
+# --- Moonraker's ready-wait (src/py/moonraker.rs) ----------------------------
+
+def wait_klippy_ready(moonraker_url: str, timeout: float) -> bool: ...

@@ -5,6 +5,7 @@ down --dir D                                     stop it, leave no process behin
 demo [--dir D]                                   the `make demo` walk-through
 boards --spec FILE                               (supervisord program) the USB boards
 linux-mcu --firmware F --serial PATH             (supervisord program) klipper_mcu
+tree DIR [--commits-after-tag N]                 the firmware tree alone (a git repo)
 """
 
 from __future__ import annotations
@@ -33,7 +34,16 @@ def main(argv: list[str] | None = None) -> int:
     lm = sub.add_parser("linux-mcu")
     lm.add_argument("--firmware", required=True)
     lm.add_argument("--serial", required=True)
+    tr = sub.add_parser("tree", help="write the bench's firmware tree")
+    tr.add_argument("dir")
+    tr.add_argument("--commits-after-tag", type=int, default=1)
     args = p.parse_args(argv)
+
+    if args.cmd == "tree":
+        from virtual_printer import tree
+
+        tree.materialise(args.dir, commits_after_tag=args.commits_after_tag)
+        return 0
 
     if args.cmd == "boards":
         from virtual_printer.board import run_boards

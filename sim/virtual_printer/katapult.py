@@ -2,7 +2,8 @@
 
 `KatapultBootloader` owns the frame parser (one NACK per run of garbage), the
 commands of reference/katapult.md "Device behaviour" (CONNECT with protocol version,
-application start, block size, MCU name and bootloader version; SEND_BLOCK; SEND_EOF;
+application start, block size, MCU name, a zero word and the bootloader version, laid
+out as real Katapult does; SEND_BLOCK; SEND_EOF;
 REQUEST_BLOCK; COMPLETE; command error for anything else, e.g. the 0x90 priming
 command) and the flash contents, kept in a file so a flash survives the process.
 Failure modes (NACKs, corrupted read-back, slow erase, persistent write errors) come
@@ -155,10 +156,12 @@ class KatapultBootloader:
     def _command(self, cmd: int, payload: bytes) -> None:
         faults = self._faults()
         if cmd == CMD_CONNECT:
-            tail = self.mcu.encode() + b"\0"
-            tail += b"\0" * (-len(tail) % 4)
+            # As Katapult's command_connect lays it out: the MCU name zero-padded to
+            # whole words, ONE zero word, then the version zero-padded to whole words.
+            mcu = self.mcu.encode()
             ver = BOOTLOADER_VERSION.encode()
-            tail += ver + b"\0" * (-len(ver) % 4 or 4)
+            tail = mcu + b"\0" * (-len(mcu) % 4) + b"\0" * 4
+            tail += ver + b"\0" * (-len(ver) % 4)
             info = struct.pack("<III", PROTO_VERSION, self.app_start, self.block_size)
             self._ack(cmd, info + tail)
         elif cmd == CMD_SEND_BLOCK:

@@ -1,5 +1,5 @@
-//! Builds against a small Klipper-like tree (benches/fixture_tree.py): real make, real gcc,
-//! a git version, and Klipper's version-relink trap.
+//! Builds against the bench's Klipper-like tree (sim/virtual_printer/firmware): real make,
+//! real gcc, a git version, and Klipper's traps (version relink, forgotten header deps).
 
 use super::*;
 use std::process::Command;
@@ -11,16 +11,31 @@ struct Fixture {
     builds: PathBuf,
 }
 
+/// The bench tree as shipped in the repository (pristine sources).
+fn bench_tree() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("sim/virtual_printer/firmware")
+}
+
+/// `rel` of the pristine tree with `extra` appended.
+fn edited(rel: &str, extra: &str) -> String {
+    fs::read_to_string(bench_tree().join(rel)).unwrap() + extra
+}
+
+const RP2040: &str = "CONFIG_MACH_RPXXXX=y\nCONFIG_MCU=\"rp2040\"\n";
+
 fn fixture() -> Fixture {
     let tmp = tempfile::tempdir().unwrap();
     let tree = tmp.path().join("klipper");
-    let generator = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/fixture_tree.py");
     let status = Command::new("python3")
-        .arg(&generator)
+        .args(["-m", "virtual_printer", "tree", "--commits-after-tag", "0"])
         .arg(&tree)
+        .env(
+            "PYTHONPATH",
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("sim"),
+        )
         .status()
         .unwrap();
-    assert!(status.success(), "fixture generator failed");
+    assert!(status.success(), "the bench tree could not be written");
     let builds = tmp.path().join("state/builds");
     Fixture { tmp, tree, builds }
 }
@@ -80,18 +95,22 @@ fn ok(result: &Result<Firmware, Error>) -> &Firmware {
     }
 }
 
+/// Every object under OUT/src, by its path below it (`stepper.o`, `rp2040/main.o`).
 fn object_mtimes(out: &Path) -> HashMap<String, SystemTime> {
-    fs::read_dir(out.join("src"))
-        .unwrap()
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().ends_with(".o"))
-        .map(|e| {
-            (
-                e.file_name().to_string_lossy().into_owned(),
-                e.metadata().unwrap().modified().unwrap(),
-            )
-        })
-        .collect()
+    fn walk(dir: &Path, base: &Path, found: &mut HashMap<String, SystemTime>) {
+        for e in fs::read_dir(dir).unwrap().flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                walk(&path, base, found);
+            } else if path.extension().is_some_and(|x| x == "o") {
+                let name = path.strip_prefix(base).unwrap().display().to_string();
+                found.insert(name, e.metadata().unwrap().modified().unwrap());
+            }
+        }
+    }
+    let mut found = HashMap::new();
+    walk(&out.join("src"), &out.join("src"), &mut found);
+    found
 }
 
 fn dict_version(path: &Path) -> String {
@@ -104,8 +123,8 @@ use crate::events;
 #[test]
 fn parallel_builds_of_different_configs_do_not_clobber_each_other() {
     let fx = fixture();
-    let rp = fx.config("rp", "CONFIG_MCU=\"rp2040\"\n");
-    let f4 = fx.config("f4", "CONFIG_MCU=\"stm32f446xx\"\n");
+    let rp = fx.config("rp", RP2040);
+    let f4 = fx.config("f4", "CONFIG_MACH_STM32=y\nCONFIG_MCU=\"stm32f446xx\"\n");
     let host = fx.config("host", "CONFIG_MACH_LINUX=y\n");
     let events = Arc::new(Mutex::new(Vec::<Event>::new()));
     let seen = events.clone();
@@ -117,7 +136,7 @@ fn parallel_builds_of_different_configs_do_not_clobber_each_other() {
         &sink,
     );
     let version = source_version(&fx.tree);
-    assert!(version.starts_with("v0.1.0-0-g"), "{version}");
+    assert!(version.starts_with("v0.13.0-0-g"), "{version}");
     for (result, key, mcu, image) in [
         (&results[0], "rp", "rp2040", "klipper.bin"),
         (&results[1], "f4", "stm32f446xx", "klipper.bin"),
@@ -152,9 +171,9 @@ fn parallel_builds_of_different_configs_do_not_clobber_each_other() {
         assert!(mine.iter().all(|e| e.stage == Stage::Build));
     }
     // The user's configs were only read; the working copies got olddefconfig's defaults.
-    assert_eq!(fs::read_to_string(&rp).unwrap(), "CONFIG_MCU=\"rp2040\"\n");
+    assert_eq!(fs::read_to_string(&rp).unwrap(), RP2040);
     let work = fs::read_to_string(fx.builds.join("rp/config")).unwrap();
-    assert!(work.contains("CONFIG_CLOCK_FREQ=48000000"), "{work}");
+    assert!(work.contains("CONFIG_CLOCK_FREQ=12000000"), "{work}");
     // The source tree stayed clean: everything went to the OUT dirs.
     let status = Command::new("git")
         .args(["status", "--porcelain"])
@@ -171,8 +190,8 @@ fn parallel_builds_of_different_configs_do_not_clobber_each_other() {
 #[test]
 fn unchanged_devices_are_not_rebuilt_and_make_is_not_run() {
     let fx = fixture();
-    let a = fx.config("a", "CONFIG_MCU=\"rp2040\"\n");
-    let b = fx.config("b", "CONFIG_MCU=\"stm32f103xe\"\n");
+    let a = fx.config("a", RP2040);
+    let b = fx.config("b", "CONFIG_MACH_STM32=y\nCONFIG_MCU=\"stm32f103xe\"\n");
     let reqs = [fx.req("a", &a), fx.req("b", &b)];
     assert_eq!(up_to_date(&reqs[0]), None);
     let first: Vec<Firmware> = build(&reqs).iter().map(|r| ok(r).clone()).collect();
@@ -193,7 +212,7 @@ fn unchanged_devices_are_not_rebuilt_and_make_is_not_run() {
     assert!(!fx.builds.join("a/firmware/previous").exists());
 
     // The same config content rewritten (new mtime) passes the quick check too.
-    fs::write(&a, "CONFIG_MCU=\"rp2040\"\n").unwrap();
+    fs::write(&a, RP2040).unwrap();
     assert!(ok(&build(&reqs[..1])[0]).cached);
     // A config saved with the defaults olddefconfig would add is the same firmware: olddefconfig
     // runs, but not the compile.
@@ -211,13 +230,13 @@ fn unchanged_devices_are_not_rebuilt_and_make_is_not_run() {
 #[test]
 fn a_changed_source_recompiles_only_that_file() {
     let fx = fixture();
-    let a = fx.config("a", "CONFIG_MCU=\"rp2040\"\n");
+    let a = fx.config("a", RP2040);
     let first = ok(&build(&[fx.req("a", &a)])[0]).clone();
     let before = object_mtimes(&fx.out("a"));
     fx.commit_file(
-        "src/mod01.c",
-        "int work_1(int n) { return n * 7; }\n",
-        "change mod01",
+        "src/stepper.c",
+        &edited("src/stepper.c", "int extra_work(int n) { return n * 7; }\n"),
+        "change stepper.c",
     );
     let second = ok(&build(&[fx.req("a", &a)])[0]).clone();
     assert!(!second.cached);
@@ -230,7 +249,7 @@ fn a_changed_source_recompiles_only_that_file() {
         .filter(|(name, t)| before.get(*name) != Some(t))
         .map(|(name, _)| name.as_str())
         .collect();
-    assert_eq!(changed, ["mod01.o"]);
+    assert_eq!(changed, ["stepper.o"]);
     // The last good firmware is kept as last-known-good.
     let previous = fx.builds.join("a/firmware/previous/klipper.dict");
     assert_eq!(dict_version(&previous), first.version);
@@ -240,30 +259,38 @@ fn a_changed_source_recompiles_only_that_file() {
 #[test]
 fn a_changed_header_recompiles_the_files_that_include_it() {
     let fx = fixture();
-    let a = fx.config("a", "CONFIG_MCU=\"rp2040\"\n");
+    let a = fx.config("a", RP2040);
     ok(&build(&[fx.req("a", &a)])[0]);
     // A second, cached run must not lose make's header dependencies either.
     assert!(ok(&build(&[fx.req("a", &a)])[0]).cached);
     let before = object_mtimes(&fx.out("a"));
-    fx.commit_file("src/board.h", "#define BOARD_SCALE 5\n", "board.h");
+    fx.commit_file(
+        "src/main_common.h",
+        &edited("src/main_common.h", "#define BOARD_SCALE 5\n"),
+        "main_common.h",
+    );
     let fw = ok(&build(&[fx.req("a", &a)])[0]).clone();
     assert_eq!(fw.version, source_version(&fx.tree));
     let after = object_mtimes(&fx.out("a"));
     assert_ne!(
-        after["mod00.o"], before["mod00.o"],
+        after["rp2040/main.o"], before["rp2040/main.o"],
         "header change not recompiled"
     );
-    assert_eq!(after["mod01.o"], before["mod01.o"]);
+    assert_eq!(after["stepper.o"], before["stepper.o"]);
 }
 
 #[test]
 fn a_version_only_change_gets_the_new_version_into_the_firmware() {
     let fx = fixture();
-    let a = fx.config("a", "CONFIG_MCU=\"rp2040\"\n");
+    let a = fx.config("a", RP2040);
     let first = ok(&build(&[fx.req("a", &a)])[0]).clone();
     let before = object_mtimes(&fx.out("a"));
     // A host-only update: no firmware source changes, but the tree's version does.
-    fx.commit_file("docs/README.md", "Host-side change.\n", "docs");
+    fx.commit_file(
+        "lib/katapult/flashtool.py",
+        &edited("lib/katapult/flashtool.py", "# Host-side change.\n"),
+        "host tool",
+    );
     fx.git(&["tag", "v0.2.0"]);
     let version = source_version(&fx.tree);
     assert!(version.starts_with("v0.2.0-0-g"), "{version}");
@@ -273,14 +300,10 @@ fn a_version_only_change_gets_the_new_version_into_the_firmware() {
     assert_eq!(dict_version(&fx.out("a").join("klipper.dict")), version);
     // The image embeds the new dictionary too.
     let image = fs::read(&second.image).unwrap();
-    let elf = fs::read(fx.out("a").join("klipper.elf")).unwrap();
-    let mut embedded = String::new();
-    std::io::Read::read_to_string(
-        &mut flate2::read::ZlibDecoder::new(&image[elf.len()..]),
-        &mut embedded,
-    )
-    .unwrap();
-    assert!(embedded.contains(&version), "{embedded}");
+    assert_eq!(
+        crate::katapult::image_info(&image).unwrap().version,
+        version
+    );
     assert_ne!(first.version, second.version);
     // Still incremental: no firmware source was recompiled.
     assert_eq!(object_mtimes(&fx.out("a")), before);
@@ -291,7 +314,7 @@ fn firmware_for_another_mcu_than_the_config_is_refused() {
     let fx = fixture();
     let a = fx.config(
         "a",
-        "CONFIG_MCU=\"rp2040\"\nCONFIG_FIXTURE_DICT_MCU=\"stm32h723xx\"\n",
+        "CONFIG_MACH_RPXXXX=y\nCONFIG_MCU=\"rp2040\"\nCONFIG_FIXTURE_DICT_MCU=\"stm32h723xx\"\n",
     );
     let err = build(&[fx.req("a", &a)]).remove(0).unwrap_err();
     match &err {
@@ -312,7 +335,10 @@ fn firmware_for_another_mcu_than_the_config_is_refused() {
 #[test]
 fn a_hanging_build_times_out_and_names_the_command() {
     let fx = fixture();
-    let a = fx.config("a", "CONFIG_MCU=\"rp2040\"\nCONFIG_FIXTURE_SLEEP=60\n");
+    let a = fx.config(
+        "a",
+        "CONFIG_MACH_RPXXXX=y\nCONFIG_MCU=\"rp2040\"\nCONFIG_FIXTURE_SLEEP=60\n",
+    );
     let mut req = fx.req("a", &a);
     req.timeout = Duration::from_secs(3);
     let started = Instant::now();
@@ -333,16 +359,20 @@ fn a_hanging_build_times_out_and_names_the_command() {
 #[test]
 fn a_failing_build_keeps_its_last_good_firmware_and_others_still_build() {
     let fx = fixture();
-    let a = fx.config("a", "CONFIG_MCU=\"rp2040\"\n");
-    let b = fx.config("b", "CONFIG_MCU=\"stm32f103xe\"\n");
+    let a = fx.config("a", RP2040);
+    let b = fx.config("b", "CONFIG_MACH_STM32=y\nCONFIG_MCU=\"stm32f103xe\"\n");
     let reqs = [fx.req("a", &a), fx.req("b", &b)];
     let first: Vec<Firmware> = build(&reqs).iter().map(|r| ok(r).clone()).collect();
     let good_image = fs::read(&first[0].image).unwrap();
     let good_dict = fs::read(&first[0].dict_path).unwrap();
-    fs::write(&a, "CONFIG_MCU=\"rp2040\"\nCONFIG_FIXTURE_FAIL=y\n").unwrap();
+    fs::write(
+        &a,
+        "CONFIG_MACH_RPXXXX=y\nCONFIG_MCU=\"rp2040\"\nCONFIG_FIXTURE_FAIL=y\n",
+    )
+    .unwrap();
     fs::write(
         &b,
-        "CONFIG_MCU=\"stm32f103xe\"\nCONFIG_CLOCK_FREQ=72000000\n",
+        "CONFIG_MACH_STM32=y\nCONFIG_MCU=\"stm32f103xe\"\nCONFIG_CLOCK_FREQ=72000000\n",
     )
     .unwrap();
     let results = build(&reqs);
@@ -364,7 +394,7 @@ fn a_missing_cross_compiler_names_the_debian_packages() {
     let fx = fixture();
     let a = fx.config(
         "a",
-        "CONFIG_MCU=\"stm32f446xx\"\nCONFIG_CROSS_PREFIX=\"kflash-test-arm-none-eabi-\"\n",
+        "CONFIG_MACH_STM32=y\nCONFIG_MCU=\"stm32f446xx\"\nCONFIG_CROSS_PREFIX=\"kflash-test-arm-none-eabi-\"\n",
     );
     let err = build(&[fx.req("a", &a)]).remove(0).unwrap_err();
     assert!(matches!(err, Error::ToolchainMissing { .. }), "{err}");
@@ -379,7 +409,7 @@ fn a_missing_cross_compiler_names_the_debian_packages() {
 #[test]
 fn missing_config_and_tree_are_reported_per_device() {
     let fx = fixture();
-    let good = fx.config("good", "CONFIG_MCU=\"rp2040\"\n");
+    let good = fx.config("good", RP2040);
     let mut no_tree = fx.req("no-tree", &good);
     no_tree.klipper_dir = fx.tmp.path().join("nowhere");
     let results = build(&[
@@ -403,24 +433,27 @@ fn missing_config_and_tree_are_reported_per_device() {
 #[test]
 fn a_dirty_tree_always_runs_make_and_gets_its_edits() {
     let fx = fixture();
-    let a = fx.config("a", "CONFIG_MCU=\"rp2040\"\n");
+    let a = fx.config("a", RP2040);
     fs::write(
-        fx.tree.join("src/mod00.c"),
-        "int work_0(int n) { return n; }\n",
+        fx.tree.join("src/changes.c"),
+        edited("src/changes.c", "int dirty_edit(int n) { return n; }\n"),
     )
     .unwrap();
     let first = ok(&build(&[fx.req("a", &a)])[0]).clone();
     assert!(first.version.contains("-dirty-"), "{}", first.version);
     // Edited again: same `git describe`, different content.
     fs::write(
-        fx.tree.join("src/mod00.c"),
-        "int work_0(int n) { return 2 * n; }\n",
+        fx.tree.join("src/changes.c"),
+        edited("src/changes.c", "int dirty_edit(int n) { return 2 * n; }\n"),
     )
     .unwrap();
     let before = object_mtimes(&fx.out("a"));
     let second = ok(&build(&[fx.req("a", &a)])[0]).clone();
     assert!(!second.cached);
-    assert_ne!(object_mtimes(&fx.out("a"))["mod00.o"], before["mod00.o"]);
+    assert_ne!(
+        object_mtimes(&fx.out("a"))["changes.o"],
+        before["changes.o"]
+    );
 }
 
 #[test]
@@ -461,7 +494,7 @@ fn config_mcu_is_linux_for_the_linux_process() {
 fn fake_toolchain(dir: &Path, version: &str) -> String {
     use std::os::unix::fs::PermissionsExt;
     fs::create_dir_all(dir).unwrap();
-    for (tool, real) in [("gcc", "gcc"), ("ld", "ld")] {
+    for (tool, real) in [("gcc", "gcc"), ("ld", "ld"), ("objcopy", "objcopy")] {
         let path = dir.join(format!("tc-{tool}"));
         let script = format!(
             "#!/bin/sh\nif [ \"$1\" = --version ]; then echo 'tc-{tool} {version}'; exit 0; fi\n\
@@ -479,7 +512,7 @@ fn a_new_compiler_version_rebuilds_from_scratch() {
     let prefix = fake_toolchain(&fx.tmp.path().join("tc"), "12.2");
     let a = fx.config(
         "a",
-        &format!("CONFIG_MCU=\"rp2040\"\nCONFIG_CROSS_PREFIX=\"{prefix}\"\n"),
+        &format!("CONFIG_MACH_RPXXXX=y\nCONFIG_MCU=\"rp2040\"\nCONFIG_CROSS_PREFIX=\"{prefix}\"\n"),
     );
     let first = ok(&build(&[fx.req("a", &a)])[0]).clone();
     let record = fs::read_to_string(fx.builds.join("a/build.json")).unwrap();
@@ -509,12 +542,20 @@ fn a_new_compiler_version_rebuilds_from_scratch() {
 #[test]
 fn rerunning_make_that_changes_nothing_keeps_the_last_known_good() {
     let fx = fixture();
-    let a = fx.config("a", "CONFIG_MCU=\"rp2040\"\n");
-    let source = fx.tree.join("src/mod01.c");
-    fs::write(&source, "int work_1(int n) { return n; }\n").unwrap();
+    let a = fx.config("a", RP2040);
+    let source = fx.tree.join("src/changes.c");
+    fs::write(
+        &source,
+        edited("src/changes.c", "int edit(int n) { return n; }\n"),
+    )
+    .unwrap();
     let first = ok(&build(&[fx.req("a", &a)])[0]).clone();
     let first_image = fs::read(&first.image).unwrap();
-    fs::write(&source, "int work_1(int n) { return n + 1; }\n").unwrap();
+    fs::write(
+        &source,
+        edited("src/changes.c", "int edit(int n) { return n + 1; }\n"),
+    )
+    .unwrap();
     let second = ok(&build(&[fx.req("a", &a)])[0]).clone();
     let previous = fx.builds.join("a/firmware/previous/klipper.bin");
     assert_eq!(fs::read(&previous).unwrap(), first_image);
@@ -530,7 +571,10 @@ fn rerunning_make_that_changes_nothing_keeps_the_last_known_good() {
 #[test]
 fn cancelling_stops_running_builds() {
     let fx = fixture();
-    let a = fx.config("a", "CONFIG_MCU=\"rp2040\"\nCONFIG_FIXTURE_SLEEP=60\n");
+    let a = fx.config(
+        "a",
+        "CONFIG_MACH_RPXXXX=y\nCONFIG_MCU=\"rp2040\"\nCONFIG_FIXTURE_SLEEP=60\n",
+    );
     let cancel = Cancel::new();
     let trigger = cancel.clone();
     // Cancel while make is compiling (as Ctrl+C would); the fixture then hangs for 60 s.

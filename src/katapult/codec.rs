@@ -33,7 +33,6 @@ pub mod code {
     pub const SEND_EOF: u8 = 0x13;
     pub const REQUEST_BLOCK: u8 = 0x14;
     pub const COMPLETE: u8 = 0x15;
-    pub const GET_CANBUS_ID: u8 = 0x16;
     /// The bogus command flashtool sends to prime double-buffered STM32 USB endpoints.
     pub const PRIME: u8 = 0x90;
     pub const ACK: u8 = 0xa0;
@@ -163,7 +162,6 @@ pub enum Command {
         addr: u32,
     },
     Complete,
-    GetCanbusId,
     /// Any other code (e.g. flashtool's priming command 0x90); devices answer a command error.
     Other {
         code: u8,
@@ -187,7 +185,6 @@ impl Command {
                 Frame::new(code::REQUEST_BLOCK, addr.to_le_bytes().to_vec())
             }
             Command::Complete => Frame::new(code::COMPLETE, Vec::new()),
-            Command::GetCanbusId => Frame::new(code::GET_CANBUS_ID, Vec::new()),
             Command::Other { code, payload } => Frame::new(*code, payload.clone()),
         }
     }
@@ -212,7 +209,6 @@ impl Command {
                 addr: le32(p, 0).ok_or_else(|| malformed("REQUEST_BLOCK", "no address"))?,
             },
             code::COMPLETE => Command::Complete,
-            code::GET_CANBUS_ID => Command::GetCanbusId,
             other => Command::Other {
                 code: other,
                 payload: p.to_vec(),
@@ -227,7 +223,6 @@ impl Command {
             Command::SendEof => code::SEND_EOF,
             Command::RequestBlock { .. } => code::REQUEST_BLOCK,
             Command::Complete => code::COMPLETE,
-            Command::GetCanbusId => code::GET_CANBUS_ID,
             Command::Other { code, .. } => *code,
         }
     }
@@ -238,14 +233,13 @@ impl Command {
 }
 
 /// The protocol name of a command code.
-pub fn name_of(code: u8) -> &'static str {
+fn name_of(code: u8) -> &'static str {
     match code {
         code::CONNECT => "CONNECT",
         code::SEND_BLOCK => "SEND_BLOCK",
         code::SEND_EOF => "SEND_EOF",
         code::REQUEST_BLOCK => "REQUEST_BLOCK",
         code::COMPLETE => "COMPLETE",
-        code::GET_CANBUS_ID => "GET_CANBUS_ID",
         _ => "unknown command",
     }
 }
@@ -288,9 +282,6 @@ pub enum Ack {
         data: Vec<u8>,
     },
     Complete,
-    CanbusId {
-        uuid: [u8; 6],
-    },
     /// An ACK of some other command (kept raw).
     Other {
         cmd: u32,
@@ -307,7 +298,6 @@ impl Ack {
             Ack::SendEof { .. } => code::SEND_EOF,
             Ack::RequestBlock { .. } => code::REQUEST_BLOCK,
             Ack::Complete => code::COMPLETE,
-            Ack::CanbusId { .. } => code::GET_CANBUS_ID,
             Ack::Other { cmd, .. } => return *cmd,
         })
     }
@@ -357,14 +347,6 @@ impl Response {
                 data: rest[4..].to_vec(),
             },
             Ok(code::COMPLETE) => Ack::Complete,
-            Ok(code::GET_CANBUS_ID) => {
-                let b = rest
-                    .get(..6)
-                    .ok_or_else(|| malformed("GET_CANBUS_ID ACK", "uuid shorter than 6 bytes"))?;
-                let mut uuid = [0u8; 6];
-                uuid.copy_from_slice(b);
-                Ack::CanbusId { uuid }
-            }
             _ => Ack::Other {
                 cmd,
                 payload: rest.to_vec(),
@@ -402,10 +384,6 @@ impl Response {
                 p.extend_from_slice(data);
             }
             Ack::Complete => {}
-            Ack::CanbusId { uuid } => {
-                p.extend_from_slice(uuid);
-                p.extend_from_slice(&[0, 0]);
-            }
             Ack::Other { payload, .. } => p.extend_from_slice(payload),
         }
         Frame::new(code::ACK, p)
@@ -484,8 +462,9 @@ impl Decoder {
     pub fn clear(&mut self) {
         self.buf.clear();
     }
-    /// Bytes buffered but not yet returned.
-    pub fn buffered(&self) -> usize {
+    /// Bytes buffered but not yet returned (tests check the bound).
+    #[cfg(test)]
+    fn buffered(&self) -> usize {
         self.buf.len()
     }
 
@@ -554,14 +533,116 @@ impl Decoder {
     }
 }
 
+/// One thing a host reads off the wire, in the shape front ends show (`decode_all`):
+/// `response` is `ack` (with the acknowledged `command`, the `payload` after it, and what
+/// that ACK carries), `nack`, `command_error`, `busy`, `garbage` or `malformed`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "response", rename_all = "snake_case")]
+pub enum Read {
+    Ack {
+        command: u32,
+        #[serde(serialize_with = "as_bytes")]
+        payload: Vec<u8>,
+        #[serde(flatten)]
+        carries: AckCarries,
+    },
+    Nack,
+    CommandError,
+    Busy,
+    /// `bytes` were skipped before the next frame, for `reason`.
+    Garbage {
+        bytes: usize,
+        reason: String,
+    },
+    Malformed {
+        detail: String,
+    },
+}
+
+/// What an ACK carries beyond the acknowledged command, by command.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(untagged)]
+pub enum AckCarries {
+    Connect {
+        proto_version: String,
+        app_start: u32,
+        block_size: u32,
+        mcu: String,
+        bootloader_version: Option<String>,
+    },
+    Address {
+        address: u32,
+    },
+    Pages {
+        pages: u32,
+    },
+    Block {
+        address: u32,
+        #[serde(serialize_with = "as_bytes")]
+        data: Vec<u8>,
+    },
+    Nothing {},
+}
+
+fn as_bytes<S: serde::Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_bytes(bytes)
+}
+
+/// Every frame in `data`, in order, as a host reads them; an unfinished frame at the end
+/// is left out.
+pub fn decode_all(data: &[u8]) -> Vec<Read> {
+    let mut decoder = Decoder::new();
+    decoder.push(data);
+    let mut out = Vec::new();
+    while let Some(item) = decoder.next_frame() {
+        let found = item.and_then(|frame| Ok((Response::from_frame(&frame)?, frame)));
+        out.push(match found {
+            Ok((Response::Nack, _)) => Read::Nack,
+            Ok((Response::CommandError, _)) => Read::CommandError,
+            Ok((Response::Busy, _)) => Read::Busy,
+            Ok((Response::Ack(ack), frame)) => Read::Ack {
+                command: ack.acked(),
+                // An ACK's payload starts with the acknowledged command (checked).
+                payload: frame.payload()[4..].to_vec(),
+                carries: match ack {
+                    Ack::Connect(info) => AckCarries::Connect {
+                        proto_version: info.proto_version_string(),
+                        app_start: info.app_start,
+                        block_size: info.block_size,
+                        mcu: info.mcu,
+                        bootloader_version: info.bootloader_version,
+                    },
+                    Ack::SendBlock { addr } => AckCarries::Address { address: addr },
+                    Ack::SendEof { pages } => AckCarries::Pages { pages },
+                    Ack::RequestBlock { addr, data } => AckCarries::Block {
+                        address: addr,
+                        data,
+                    },
+                    Ack::Complete | Ack::Other { .. } => AckCarries::Nothing {},
+                },
+            },
+            Err(DecodeError::Garbage { skipped, reason }) => Read::Garbage {
+                bytes: skipped,
+                reason: reason.to_string(),
+            },
+            Err(err @ DecodeError::Malformed { .. }) => Read::Malformed {
+                detail: err.to_string(),
+            },
+        });
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
 
     fn hex(s: &str) -> Vec<u8> {
-        s.split_whitespace()
-            .map(|b| u8::from_str_radix(b, 16).unwrap())
+        let digits: String = s.split_whitespace().collect();
+        (0..digits.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&digits[i..i + 2], 16).unwrap())
             .collect()
     }
 
@@ -680,7 +761,7 @@ mod tests {
     }
 
     #[test]
-    fn request_block_and_canbus_acks_carry_their_payloads() {
+    fn request_block_acks_carry_their_payload_and_others_stay_raw() {
         let data: Vec<u8> = (0..64).collect();
         let ack = Response::Ack(Ack::RequestBlock {
             addr: 0x0800_4000,
@@ -689,15 +770,40 @@ mod tests {
         let frame = ack.to_frame().unwrap();
         assert_eq!(frame.payload().len(), 4 + 4 + 64);
         assert_eq!(Response::from_frame(&frame).unwrap(), ack);
-        let uuid = Response::Ack(Ack::CanbusId {
-            uuid: [0x11, 0x22, 0x33, 0x44, 0x55, 0x66],
+        // GET_CANBUS_ID (0x16) is for CAN nodes, which flash through flashtool.py.
+        let other = Response::Ack(Ack::Other {
+            cmd: 0x16,
+            payload: vec![0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0, 0],
         });
-        let frame = uuid.to_frame().unwrap();
-        assert_eq!(
-            &frame.payload()[4..],
-            &[0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0, 0]
+        let frame = other.to_frame().unwrap();
+        assert_eq!(Response::from_frame(&frame).unwrap(), other);
+    }
+
+    #[test]
+    fn connect_ack_bytes_as_real_katapult_sends_them() {
+        // Katapult's command_connect: proto, app start, block size, the MCU name
+        // zero-padded to whole words, ONE zero word, then the version zero-padded.
+        let bytes = hex(
+            "0188a00c 11000000 00010100 00400010 40000000 72703230 34300000 00000000 \
+             76302e30 2e312d39 352d6733 62316335 66340000 c72a 9903",
         );
-        assert_eq!(Response::from_frame(&frame).unwrap(), uuid);
+        let frame = decode_all(&bytes).remove(0).unwrap();
+        let Response::Ack(Ack::Connect(info)) = Response::from_frame(&frame).unwrap() else {
+            panic!("not a CONNECT ack");
+        };
+        assert_eq!(
+            info,
+            ConnectInfo {
+                proto_version: PROTO_1_1_0,
+                app_start: 0x1000_4000,
+                block_size: 64,
+                mcu: "rp2040".into(),
+                bootloader_version: Some("v0.0.1-95-g3b1c5f4".into()),
+            }
+        );
+        // And the codec writes exactly those bytes (the bench's bootloader is checked
+        // against the same layout).
+        assert_eq!(Response::Ack(Ack::Connect(info)).encode().unwrap(), bytes);
     }
 
     #[test]
@@ -732,13 +838,7 @@ mod tests {
 
     #[test]
     fn truncated_acks_are_malformed_not_panics() {
-        for (code_word, extra) in [
-            (0x11u32, 4usize),
-            (0x12, 0),
-            (0x13, 0),
-            (0x14, 0),
-            (0x16, 4),
-        ] {
+        for (code_word, extra) in [(0x11u32, 4usize), (0x12, 0), (0x13, 0), (0x14, 0)] {
             let mut p = code_word.to_le_bytes().to_vec();
             p.extend(std::iter::repeat_n(0u8, extra));
             let frame = Frame::new(code::ACK, p).unwrap();
@@ -853,7 +953,6 @@ mod tests {
                     data: words.concat()
                 }),
             Just(Ack::Complete),
-            any::<[u8; 6]>().prop_map(|uuid| Ack::CanbusId { uuid }),
         ];
         prop_oneof![
             ack.prop_map(Response::Ack),
@@ -877,7 +976,6 @@ mod tests {
             Just(Command::SendEof),
             any::<u32>().prop_map(|addr| Command::RequestBlock { addr }),
             Just(Command::Complete),
-            Just(Command::GetCanbusId),
         ]
     }
 

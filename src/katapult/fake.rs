@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -19,9 +19,35 @@ use super::codec::{
 };
 use super::port::Port;
 use crate::discovery::Discovery;
+use crate::events::{Event, Sink};
+use rustix::event::{poll, PollFd, PollFlags, Timespec};
 use std::fs;
 use std::os::unix::fs::symlink;
 use std::path::Path;
+
+/// The MCU the fake boards run (and test images are built for).
+pub(crate) const MCU: &str = "stm32f103xe";
+
+/// How long the pty device waits for input before looking at its baud rate again.
+const FIVE_MS: Timespec = Timespec {
+    tv_sec: 0,
+    tv_nsec: 5_000_000,
+};
+
+/// A deterministic image, not all 0xFF, so padding and offsets matter.
+pub(crate) fn image_of(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 31 + i / 251) as u8).collect()
+}
+
+/// A sink that keeps every event, and the events it kept.
+pub(crate) fn collect() -> (Sink, Arc<Mutex<Vec<Event>>>) {
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let e2 = events.clone();
+    (
+        Arc::new(move |e: &Event| e2.lock().unwrap().push(e.clone())),
+        events,
+    )
+}
 
 /// Faults to inject; counters are 1-based over valid command frames.
 #[derive(Debug, Clone, Default)]
@@ -54,7 +80,6 @@ pub(crate) struct Faults {
 #[derive(Debug)]
 pub(crate) struct FakeBootloader {
     pub info: ConnectInfo,
-    pub uuid: [u8; 6],
     pub flash: BTreeMap<u32, u8>,
     pub faults: Faults,
     /// Every command processed, in order.
@@ -77,7 +102,6 @@ impl FakeBootloader {
                 mcu: mcu.into(),
                 bootloader_version: Some("v0.0.1-fake".into()),
             },
-            uuid: [0x0a, 0x1b, 0x2c, 0x3d, 0x4e, 0x5f],
             flash: BTreeMap::new(),
             faults: Faults::default(),
             log: Vec::new(),
@@ -200,10 +224,6 @@ impl FakeBootloader {
                 self.completed = true;
                 (Duration::ZERO, Response::Ack(Ack::Complete))
             }
-            Command::GetCanbusId => (
-                Duration::ZERO,
-                Response::Ack(Ack::CanbusId { uuid: self.uuid }),
-            ),
             Command::Other { .. } => (Duration::ZERO, Response::CommandError),
         }
     }
@@ -285,9 +305,6 @@ impl Port for FakePort {
         }
         Ok(())
     }
-    fn drain(&mut self, _timeout: Duration) -> io::Result<()> {
-        Ok(())
-    }
     fn close(&mut self) -> io::Result<()> {
         Ok(())
     }
@@ -314,55 +331,42 @@ impl PtyDevice {
         let stop = Arc::new(AtomicBool::new(false));
         let (dev, stop2) = (device.clone(), stop.clone());
         let thread = std::thread::spawn(move || {
-            let fd = master.as_raw_fd();
             let mut in_app = app_first;
             let mut on_1200 = on_1200;
             let mut buf = vec![0u8; 8192];
             while !stop2.load(Ordering::SeqCst) {
-                if in_app && super::port::pty::speed(fd) == 1200 {
+                if in_app && super::port::pty::speed(master.as_fd()) == 1200 {
                     in_app = false;
                     if let Some(f) = on_1200.take() {
                         f();
                     }
                 }
-                let mut pfd = libc::pollfd {
-                    fd,
-                    events: libc::POLLIN,
-                    revents: 0,
+                let mut fds = [PollFd::new(&master, PollFlags::IN)];
+                if !matches!(poll(&mut fds, Some(&FIVE_MS)), Ok(n) if n > 0) {
+                    continue;
+                }
+                let got = match rustix::io::read(&master, &mut buf[..]) {
+                    Ok(n) if n > 0 => n,
+                    _ => continue,
                 };
-                // SAFETY: one valid pollfd.
-                let n = unsafe { libc::poll(&raw mut pfd, 1, 5) };
-                if n <= 0 {
-                    continue;
-                }
-                // SAFETY: buf valid for its length.
-                let got = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
-                if got <= 0 {
-                    continue;
-                }
                 if in_app {
                     // The application does not speak Katapult; it reboots on the UART request.
                     let req = super::port::UART_BOOTLOADER_REQUEST;
-                    if buf[..got as usize].windows(req.len()).any(|w| w == req) {
+                    if buf[..got].windows(req.len()).any(|w| w == req) {
                         in_app = false;
                     }
                     continue;
                 }
-                let replies = dev.lock().unwrap().feed(&buf[..got as usize]);
+                let replies = dev.lock().unwrap().feed(&buf[..got]);
                 for (delay, bytes) in replies {
                     if !delay.is_zero() {
                         std::thread::sleep(delay);
                     }
                     let mut off = 0;
                     while off < bytes.len() {
-                        // SAFETY: valid slice.
-                        let w = unsafe {
-                            libc::write(fd, bytes[off..].as_ptr().cast(), bytes.len() - off)
-                        };
-                        if w > 0 {
-                            off += w as usize;
-                        } else {
-                            std::thread::sleep(Duration::from_millis(1));
+                        match rustix::io::write(&master, &bytes[off..]) {
+                            Ok(n) if n > 0 => off += n,
+                            _ => std::thread::sleep(Duration::from_millis(1)),
                         }
                     }
                 }

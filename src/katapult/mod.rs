@@ -1,11 +1,13 @@
-//! Native Katapult flashing: the protocol codec and the serial (and CAN) flasher.
+//! Native Katapult flashing: the protocol, a session over any byte stream, and serial
+//! boards.
 //!
 //! Owns everything kflash needs to flash a board that runs the Katapult bootloader without
 //! Katapult's `flashtool.py`: the wire format (`codec`), reading the MCU and version out of a
 //! `klipper.bin` (`image`), raw ttys and the two bootloader requests (`port`), the
-//! flash/verify session and the serial flasher (`flasher`; it finds a board again after
-//! re-enumeration through `crate::discovery`), and the CAN admin sequence over a transport
-//! seam (`can`).
+//! connect/write/verify/complete conversation (`session`), and serial boards: entering the
+//! bootloader and finding the board again after it re-enumerates (`serial`, through
+//! `crate::discovery`). CAN nodes flash through Katapult's `flashtool.py` (chosen by
+//! `flash/`) until a real CAN transport can be tested here.
 //!
 //! Public entry points: [`flash_serial`], [`status_serial`], and [`flash_device`] (the shape
 //! of `flash::NativeKatapult`); `flashtool.py` stays the fallback, chosen by `flash/`.
@@ -16,11 +18,11 @@
 //! flash address. Thread-safety: a flash runs on the caller's thread; `Cancel` may be set
 //! from any thread and is checked between frames.
 
-pub mod can;
 pub mod codec;
-pub mod flasher;
 pub mod image;
 pub mod port;
+pub mod serial;
+pub mod session;
 
 #[cfg(test)]
 pub(crate) mod fake;
@@ -30,11 +32,11 @@ use std::io;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use flasher::{
-    flash_serial, status_serial, BootloaderInfo, FlashReport, SerialFlashOptions,
-    SerialStatusOptions, Timing,
-};
 pub use image::{image_info, ImageInfo};
+pub use serial::{
+    flash_serial, status_serial, BootloaderInfo, SerialFlashOptions, SerialStatusOptions,
+};
+pub use session::{FlashReport, Timing};
 
 /// Flash `firmware` to the serial board `device` with every default: discovery from the
 /// environment, default timeouts (`baud`: `Some` for a UART board). The shape of the
@@ -62,10 +64,6 @@ pub enum Step {
     Eof,
     Verify,
     Complete,
-    /// Checking a CAN node's uuid (GET_CANBUS_ID).
-    CanbusId,
-    /// CAN admin messages (query, bootloader request, node id).
-    CanAdmin,
 }
 
 impl fmt::Display for Step {
@@ -77,8 +75,6 @@ impl fmt::Display for Step {
             Step::Eof => "end of write",
             Step::Verify => "verify",
             Step::Complete => "complete",
-            Step::CanbusId => "CAN uuid check",
-            Step::CanAdmin => "CAN admin",
         })
     }
 }

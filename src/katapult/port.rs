@@ -11,14 +11,21 @@
 //! `write_all` either writes every byte or fails. A `SerialPort` owns its descriptor and
 //! closes it on drop. Thread-safety: a port is used by one thread at a time (`Send`).
 
-use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-/// The 33 bytes (flashtool.py's `SERIAL_BL_REQ`; the brief's "34" miscounts) that make a Klipper UART application reboot into Katapult.
+use rustix::event::{poll, PollFd, PollFlags, Timespec};
+use rustix::fs::{flock, open, FlockOperation, Mode, OFlags};
+use rustix::io::Errno;
+use rustix::termios::{
+    ioctl_tiocexcl, ioctl_tiocnxcl, tcflush, tcgetattr, tcsetattr, ControlModes, InputModes,
+    OptionalActions, QueueSelector, SpecialCodeIndex,
+};
+
+/// The 33 bytes (flashtool.py's `SERIAL_BL_REQ`) that make a Klipper UART application
+/// reboot into Katapult.
 pub const UART_BOOTLOADER_REQUEST: &[u8; 33] = b"~ \x1c Request Serial Bootloader!! ~";
 
 /// A byte transport to a bootloader.
@@ -28,89 +35,68 @@ pub trait Port: Send {
     fn read(&mut self, buf: &mut [u8], timeout: Duration) -> io::Result<usize>;
     /// Write every byte of `data`.
     fn write_all(&mut self, data: &[u8]) -> io::Result<()>;
-    /// Wait until everything written has left the host (bounded by `timeout`).
-    fn drain(&mut self, timeout: Duration) -> io::Result<()>;
     /// Release the device.
     fn close(&mut self) -> io::Result<()>;
 }
 
-fn cstring(path: &Path) -> io::Result<CString> {
-    CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))
-}
-
-fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
-    if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(ret)
-    }
-}
-
 fn open_tty(path: &Path) -> io::Result<OwnedFd> {
-    let c = cstring(path)?;
-    // SAFETY: `c` is a valid NUL-terminated path; open has no other preconditions.
-    let fd = check(unsafe {
-        libc::open(
-            c.as_ptr(),
-            libc::O_RDWR | libc::O_NOCTTY | libc::O_NONBLOCK | libc::O_CLOEXEC,
-        )
-    })?;
-    // SAFETY: `fd` was just returned by open and is owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    let flags = OFlags::RDWR | OFlags::NOCTTY | OFlags::NONBLOCK | OFlags::CLOEXEC;
+    Ok(open(path, flags, Mode::empty())?)
 }
 
-/// Put the tty in raw mode (8N1, no flow control, no echo) at `baud`.
-fn set_raw(fd: RawFd, baud: u32) -> io::Result<()> {
-    // SAFETY: termios is plain data; tcgetattr fills it for a valid fd.
-    let mut t: libc::termios = unsafe { std::mem::zeroed() };
-    check(unsafe { libc::tcgetattr(fd, &raw mut t) })?;
-    // SAFETY: `t` is a valid termios filled above.
-    unsafe { libc::cfmakeraw(&raw mut t) };
-    t.c_cflag |= libc::CLOCAL | libc::CREAD;
-    t.c_cflag &= !(libc::CRTSCTS | libc::CSTOPB | libc::PARENB);
-    t.c_iflag &= !(libc::IXON | libc::IXOFF | libc::IXANY);
-    t.c_cc[libc::VMIN] = 0;
-    t.c_cc[libc::VTIME] = 0;
-    // SAFETY: valid fd and termios.
-    check(unsafe { libc::tcsetattr(fd, libc::TCSANOW, &raw const t) })?;
-    set_baud(fd, baud)
-}
-
-/// Any baud rate (250000 has no Bxxx constant): termios2 with BOTHER.
-fn set_baud(fd: RawFd, baud: u32) -> io::Result<()> {
-    // SAFETY: termios2 is plain data; TCGETS2 fills it for a valid tty fd.
-    let mut t2: libc::termios2 = unsafe { std::mem::zeroed() };
-    check(unsafe { libc::ioctl(fd, libc::TCGETS2, &raw mut t2) })?;
-    t2.c_cflag &= !(libc::CBAUD | (libc::CBAUD << libc::IBSHIFT));
-    t2.c_cflag |= libc::BOTHER | (libc::BOTHER << libc::IBSHIFT);
-    t2.c_ispeed = baud;
-    t2.c_ospeed = baud;
-    // SAFETY: valid fd and termios2.
-    check(unsafe { libc::ioctl(fd, libc::TCSETS2, &raw const t2) })?;
+/// Put the tty in raw mode (8N1, no flow control, no echo, reads never block) at `baud`
+/// (any rate: 250000 has no Bxxx constant; rustix sets it through termios2).
+fn set_raw(fd: BorrowedFd<'_>, baud: u32) -> io::Result<()> {
+    let mut t = tcgetattr(fd)?;
+    t.make_raw();
+    t.control_modes |= ControlModes::CLOCAL | ControlModes::CREAD;
+    t.control_modes -= ControlModes::CRTSCTS | ControlModes::CSTOPB | ControlModes::PARENB;
+    t.input_modes -= InputModes::IXON | InputModes::IXOFF | InputModes::IXANY;
+    t.special_codes[SpecialCodeIndex::VMIN] = 0;
+    t.special_codes[SpecialCodeIndex::VTIME] = 0;
+    t.set_speed(baud)?;
+    tcsetattr(fd, OptionalActions::Now, &t)?;
     Ok(())
 }
 
-fn poll_fd(fd: RawFd, events: libc::c_short, timeout: Duration) -> io::Result<libc::c_short> {
-    let mut pfd = libc::pollfd {
-        fd,
-        events,
-        revents: 0,
-    };
-    // Round up: poll must never return before the timeout has fully passed.
-    let ms = libc::c_int::try_from(timeout.as_micros().div_ceil(1000)).unwrap_or(libc::c_int::MAX);
+/// Wait up to `timeout` for `events` on `fd`; the events seen (empty after the timeout).
+fn poll_fd(fd: BorrowedFd<'_>, events: PollFlags, timeout: Duration) -> io::Result<PollFlags> {
+    // Round up to whole milliseconds: poll must never return before the timeout passed.
+    let timeout = Duration::from_millis(timeout.as_micros().div_ceil(1000) as u64);
+    let timeout = Timespec::try_from(timeout).unwrap_or(Timespec {
+        tv_sec: i64::MAX,
+        tv_nsec: 0,
+    });
+    let mut fds = [PollFd::new(&fd, events)];
     loop {
-        // SAFETY: one valid pollfd.
-        let n = unsafe { libc::poll(&raw mut pfd, 1, ms) };
-        if n < 0 {
-            let err = io::Error::last_os_error();
-            if err.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(err);
+        match poll(&mut fds, Some(&timeout)) {
+            Ok(0) => return Ok(PollFlags::empty()),
+            Ok(_) => return Ok(fds[0].revents()),
+            Err(Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
         }
-        return Ok(if n == 0 { 0 } else { pfd.revents });
     }
+}
+
+/// Set (`true`) or clear the DTR modem line. Not every tty has modem lines (a pty
+/// refuses them), so this is best effort, like flashtool.py's.
+fn set_dtr(fd: BorrowedFd<'_>, on: bool) {
+    let dtr: libc::c_int = libc::TIOCM_DTR;
+    let request = if on { libc::TIOCMBIS } else { libc::TIOCMBIC };
+    // SAFETY: no kept crate wraps TIOCMBIS/TIOCMBIC; both read one c_int through the
+    // pointer, which points at `dtr` for the whole call.
+    unsafe { libc::ioctl(fd.as_raw_fd(), request, &raw const dtr) };
+}
+
+/// Bytes written but not yet sent by the tty (`TIOCOUTQ`).
+fn output_queued(fd: BorrowedFd<'_>) -> io::Result<libc::c_int> {
+    let mut queued: libc::c_int = 0;
+    // SAFETY: no kept crate wraps TIOCOUTQ; it writes one c_int through the pointer, which
+    // points at `queued` for the whole call.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCOUTQ, &raw mut queued) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(queued)
 }
 
 fn disconnected(path: &Path) -> io::Error {
@@ -129,13 +115,11 @@ pub struct SerialPort {
 
 impl SerialPort {
     /// Open `path` raw at `baud`, exclusively. A tty another program holds (klippy) fails
-    /// with `ErrorKind::ResourceBusy`-like errors (`EWOULDBLOCK`/`EBUSY`).
+    /// with `EWOULDBLOCK`/`EBUSY` and a message saying so.
     pub fn open(path: &Path, baud: u32) -> io::Result<Self> {
         let fd = open_tty(path)?;
-        let raw = fd.as_raw_fd();
-        // SAFETY: valid fd; flock/ioctl have no memory preconditions.
-        if unsafe { libc::flock(raw, libc::LOCK_EX | libc::LOCK_NB) } < 0 {
-            let err = io::Error::last_os_error();
+        if let Err(err) = flock(&fd, FlockOperation::NonBlockingLockExclusive) {
+            let err = io::Error::from(err);
             return Err(io::Error::new(
                 err.kind(),
                 format!(
@@ -144,59 +128,55 @@ impl SerialPort {
                 ),
             ));
         }
-        // SAFETY: valid fd.
-        check(unsafe { libc::ioctl(raw, libc::TIOCEXCL) })?;
-        let port = Self {
+        ioctl_tiocexcl(&fd)?;
+        set_raw(fd.as_fd(), baud)?;
+        // Discard whatever was queued before we came.
+        tcflush(&fd, QueueSelector::IOFlush)?;
+        Ok(Self {
             fd: Some(fd),
             path: path.to_owned(),
-        };
-        set_raw(raw, baud)?;
-        // SAFETY: valid fd; discard whatever was queued before we came.
-        unsafe { libc::tcflush(raw, libc::TCIOFLUSH) };
-        Ok(port)
+        })
     }
 
-    /// The path the port was opened with.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    fn raw(&self) -> io::Result<RawFd> {
+    fn fd(&self) -> io::Result<BorrowedFd<'_>> {
         self.fd
             .as_ref()
-            .map(AsRawFd::as_raw_fd)
+            .map(AsFd::as_fd)
             .ok_or_else(|| io::Error::new(io::ErrorKind::NotConnected, "port is closed"))
+    }
+
+    /// Wait until everything written has left the host, for at most `timeout`.
+    pub fn drain(&mut self, timeout: Duration) -> io::Result<()> {
+        let fd = self.fd()?;
+        let deadline = Instant::now() + timeout;
+        while output_queued(fd)? > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(())
     }
 }
 
 impl Port for SerialPort {
     fn read(&mut self, buf: &mut [u8], timeout: Duration) -> io::Result<usize> {
-        let fd = self.raw()?;
+        let fd = self.fd()?;
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            let revents = poll_fd(fd, libc::POLLIN, left)?;
-            if revents == 0 {
+            let revents = poll_fd(fd, PollFlags::IN, left)?;
+            if revents.is_empty() {
                 if Instant::now() >= deadline {
                     return Ok(0);
                 }
                 continue;
             }
-            // SAFETY: `buf` is valid for `buf.len()` bytes.
-            let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
-            if n > 0 {
-                return Ok(n as usize);
+            match rustix::io::read(fd, &mut *buf) {
+                // End of file or EIO: the device is gone (unplugged, re-enumerating).
+                Ok(0) | Err(Errno::IO) => return Err(disconnected(&self.path)),
+                Ok(n) => return Ok(n),
+                Err(Errno::AGAIN | Errno::INTR) => {}
+                Err(e) => return Err(e.into()),
             }
-            if n == 0 {
-                return Err(disconnected(&self.path));
-            }
-            let err = io::Error::last_os_error();
-            match err.raw_os_error() {
-                Some(libc::EAGAIN | libc::EINTR) => {}
-                Some(libc::EIO) => return Err(disconnected(&self.path)),
-                _ => return Err(err),
-            }
-            if revents & (libc::POLLHUP | libc::POLLERR) != 0 {
+            if revents.intersects(PollFlags::HUP | PollFlags::ERR) {
                 return Err(disconnected(&self.path));
             }
             if Instant::now() >= deadline {
@@ -206,18 +186,12 @@ impl Port for SerialPort {
     }
 
     fn write_all(&mut self, mut data: &[u8]) -> io::Result<()> {
-        let fd = self.raw()?;
+        let fd = self.fd()?;
         let deadline = Instant::now() + Duration::from_secs(5);
         while !data.is_empty() {
-            // SAFETY: `data` is valid for `data.len()` bytes.
-            let n = unsafe { libc::write(fd, data.as_ptr().cast(), data.len()) };
-            if n > 0 {
-                data = &data[n as usize..];
-                continue;
-            }
-            let err = io::Error::last_os_error();
-            match err.raw_os_error() {
-                Some(libc::EAGAIN | libc::EINTR) => {
+            match rustix::io::write(fd, data) {
+                Ok(n) => data = &data[n..],
+                Err(Errno::AGAIN | Errno::INTR) => {
                     let left = deadline.saturating_duration_since(Instant::now());
                     if left.is_zero() {
                         return Err(io::Error::new(
@@ -225,35 +199,19 @@ impl Port for SerialPort {
                             format!("{} does not accept data", self.path.display()),
                         ));
                     }
-                    poll_fd(fd, libc::POLLOUT, left)?;
+                    poll_fd(fd, PollFlags::OUT, left)?;
                 }
-                Some(libc::EIO) => return Err(disconnected(&self.path)),
-                _ => return Err(err),
+                Err(Errno::IO) => return Err(disconnected(&self.path)),
+                Err(e) => return Err(e.into()),
             }
         }
         Ok(())
     }
 
-    fn drain(&mut self, timeout: Duration) -> io::Result<()> {
-        let fd = self.raw()?;
-        let deadline = Instant::now() + timeout;
-        loop {
-            let mut queued: libc::c_int = 0;
-            // SAFETY: valid fd, TIOCOUTQ writes one c_int.
-            check(unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &raw mut queued) })?;
-            if queued <= 0 || Instant::now() >= deadline {
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-    }
-
     fn close(&mut self) -> io::Result<()> {
         if let Some(fd) = self.fd.take() {
             // Clear exclusivity: it would outlive us on a tty another process keeps open.
-            // SAFETY: valid fd.
-            unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCNXCL) };
-            drop(fd);
+            let _ = ioctl_tiocnxcl(&fd);
         }
         Ok(())
     }
@@ -269,21 +227,11 @@ impl Drop for SerialPort {
 /// USB application reboots into its bootloader on that line-coding change.
 pub fn usb_touch_1200(path: &Path) -> io::Result<()> {
     let fd = open_tty(path)?;
-    let raw = fd.as_raw_fd();
-    let dtr: libc::c_int = libc::TIOCM_DTR;
-    // Modem lines are not supported everywhere (a pty refuses them): best effort.
-    // SAFETY: valid fd; TIOCMBIS/TIOCMBIC read one c_int.
-    unsafe { libc::ioctl(raw, libc::TIOCMBIS, &raw const dtr) };
-    // SAFETY: termios is plain data, filled by tcgetattr for a valid fd.
-    let mut t: libc::termios = unsafe { std::mem::zeroed() };
-    check(unsafe { libc::tcgetattr(raw, &raw mut t) })?;
-    // SAFETY: `t` is a valid termios.
-    check(unsafe { libc::cfsetispeed(&raw mut t, libc::B1200) })?;
-    check(unsafe { libc::cfsetospeed(&raw mut t, libc::B1200) })?;
-    check(unsafe { libc::tcsetattr(raw, libc::TCSANOW, &raw const t) })?;
-    // SAFETY: as above.
-    unsafe { libc::ioctl(raw, libc::TIOCMBIC, &raw const dtr) };
-    drop(fd);
+    set_dtr(fd.as_fd(), true);
+    let mut t = tcgetattr(&fd)?;
+    t.set_speed(1200)?;
+    tcsetattr(&fd, OptionalActions::Now, &t)?;
+    set_dtr(fd.as_fd(), false);
     Ok(())
 }
 
@@ -299,6 +247,7 @@ pub fn uart_request_bootloader(path: &Path, baud: u32) -> io::Result<()> {
 pub(crate) mod pty {
     //! A pty pair for tests: the master plays the device, the slave path is the "tty".
     use super::*;
+    use rustix::pty::{grantpt, openpt, ptsname, unlockpt, OpenptFlags};
 
     pub(crate) struct Pty {
         pub master: OwnedFd,
@@ -308,38 +257,25 @@ pub(crate) mod pty {
     }
 
     pub(crate) fn open() -> Pty {
-        let mut master: libc::c_int = -1;
-        let mut slave: libc::c_int = -1;
-        // SAFETY: out-pointers are valid; name/termios/winsize may be null.
-        let rc = unsafe {
-            libc::openpty(
-                &raw mut master,
-                &raw mut slave,
-                std::ptr::null_mut(),
-                std::ptr::null(),
-                std::ptr::null(),
-            )
-        };
-        assert_eq!(rc, 0, "openpty: {}", io::Error::last_os_error());
-        // SAFETY: fresh descriptors from openpty.
-        let (master, slave) =
-            unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
-        let name = std::fs::read_link(format!("/proc/self/fd/{}", slave.as_raw_fd())).unwrap();
+        let master =
+            openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC).expect("openpt");
+        grantpt(&master).unwrap();
+        unlockpt(&master).unwrap();
+        let name = ptsname(&master, Vec::new()).unwrap();
+        let slave_path = PathBuf::from(name.to_str().unwrap());
+        let slave = open_tty(&slave_path).unwrap();
         // Raw on both ends so no byte is translated.
-        set_raw(slave.as_raw_fd(), 250_000).unwrap();
+        set_raw(slave.as_fd(), 250_000).unwrap();
         Pty {
             master,
-            slave_path: name,
+            slave_path,
             _slave: slave,
         }
     }
 
     /// The speed the slave side is set to (what the device "sees").
-    pub(crate) fn speed(fd: RawFd) -> u32 {
-        // SAFETY: plain data filled by TCGETS2.
-        let mut t2: libc::termios2 = unsafe { std::mem::zeroed() };
-        check(unsafe { libc::ioctl(fd, libc::TCGETS2, &raw mut t2) }).unwrap();
-        t2.c_ospeed
+    pub(crate) fn speed(fd: BorrowedFd<'_>) -> u32 {
+        tcgetattr(fd).unwrap().output_speed()
     }
 }
 
@@ -365,7 +301,7 @@ mod tests {
         let t0 = Instant::now();
         assert_eq!(port.read(&mut buf, Duration::from_millis(50)).unwrap(), 0);
         assert!(t0.elapsed() >= Duration::from_millis(50));
-        assert_eq!(pty::speed(p.master.as_raw_fd()), 250_000);
+        assert_eq!(pty::speed(p.master.as_fd()), 250_000);
     }
 
     #[test]
@@ -383,12 +319,12 @@ mod tests {
     fn usb_touch_sets_1200_baud_and_uart_request_sends_the_string() {
         let p = pty::open();
         usb_touch_1200(&p.slave_path).unwrap();
-        assert_eq!(pty::speed(p.master.as_raw_fd()), 1200);
+        assert_eq!(pty::speed(p.master.as_fd()), 1200);
         uart_request_bootloader(&p.slave_path, 115_200).unwrap();
         let mut master = std::fs::File::from(p.master.try_clone().unwrap());
         let mut got = [0u8; 33];
         master.read_exact(&mut got).unwrap();
         assert_eq!(&got, UART_BOOTLOADER_REQUEST);
-        assert_eq!(pty::speed(p.master.as_raw_fd()), 115_200);
+        assert_eq!(pty::speed(p.master.as_fd()), 115_200);
     }
 }

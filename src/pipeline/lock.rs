@@ -9,8 +9,10 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+
+use rustix::fs::{flock, FlockOperation};
+use rustix::io::Errno;
 
 /// Why the lock could not be taken.
 #[derive(Debug, thiserror::Error)]
@@ -48,11 +50,9 @@ impl RunLock {
             .truncate(false)
             .open(path)
             .map_err(io)?;
-        // SAFETY: flock on a file descriptor we own; no memory is involved.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if rc != 0 {
-            let err = std::io::Error::last_os_error();
-            if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        match flock(&file, FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => {}
+            Err(Errno::WOULDBLOCK) => {
                 let mut text = String::new();
                 let _ = file.read_to_string(&mut text);
                 return Err(LockError::Held {
@@ -60,7 +60,7 @@ impl RunLock {
                     holder: text.trim().parse().ok(),
                 });
             }
-            return Err(io(err));
+            Err(err) => return Err(io(err.into())),
         }
         // Best effort: the pid is only for messages.
         let _ = file.set_len(0);

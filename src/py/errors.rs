@@ -478,6 +478,20 @@ fn katapult_step(err: &katapult::Error) -> Option<String> {
     }
 }
 
+impl From<moonraker::Error> for PyErr {
+    fn from(err: moonraker::Error) -> PyErr {
+        Python::attach(|py| {
+            exception(
+                py,
+                &class_of::<MoonrakerError>(py),
+                &err,
+                &Details::default(),
+                None,
+            )
+        })
+    }
+}
+
 impl From<snapshot::Error> for PyErr {
     fn from(err: snapshot::Error) -> PyErr {
         Python::attach(|py| {

@@ -10,6 +10,7 @@ use pyo3::prelude::*;
 
 use super::worker::run_detached;
 use crate::commands;
+use crate::katapult;
 use crate::katapult::{SerialFlashOptions, SerialStatusOptions};
 
 /// Flash `firmware` (klipper.bin) to the board on `device` through Katapult, natively.
@@ -58,4 +59,36 @@ pub fn katapult_status<'py>(
     })
     .map_err(|i| i.error)??;
     Ok(pythonize::pythonize(py, &info)?)
+}
+
+// ---- the frame codec, for protocol-level tests and the wheels' smoke test ----
+
+/// Encode one Katapult frame: `01 88 | code | len | payload | crc lo | crc hi | 99 03`
+/// (a command such as CONNECT `0x11`; or any code, e.g. a response, for a simulator).
+/// `payload` must be whole 32-bit words, at most 1020 bytes; ValueError otherwise.
+#[pyfunction]
+#[pyo3(signature = (code, payload=None))]
+pub fn katapult_encode<'py>(
+    py: Python<'py>,
+    code: u8,
+    payload: Option<&[u8]>,
+) -> PyResult<Bound<'py, pyo3::types::PyBytes>> {
+    let frame = katapult::codec::Frame::new(code, payload.unwrap_or_default().to_vec())
+        .map_err(|e| pyo3::exceptions::PyValueError::new_err(e.to_string()))?;
+    Ok(pyo3::types::PyBytes::new(py, &frame.encode()))
+}
+
+/// Decode the device -> host frames in `data`, in order, as a host reads them. Each is a
+/// dict with `response`: `"ack"` (with `command`, the acknowledged command's code, and
+/// `payload`, the bytes after it; CONNECT adds `proto_version`, `app_start`, `block_size`,
+/// `mcu`, `bootloader_version`; SEND_BLOCK `address`; SEND_EOF `pages`; REQUEST_BLOCK
+/// `address` and `data`), `"nack"`, `"command_error"`, `"busy"`, `"garbage"` (`bytes`:
+/// how many were skipped, `reason`) or `"malformed"` (`detail`). An unfinished frame at the
+/// end is left out.
+#[pyfunction]
+pub fn katapult_decode<'py>(py: Python<'py>, data: &[u8]) -> PyResult<Bound<'py, PyAny>> {
+    Ok(pythonize::pythonize(
+        py,
+        &katapult::codec::decode_all(data),
+    )?)
 }

@@ -10,6 +10,7 @@ pub mod engine;
 pub mod errors;
 pub mod exit_status;
 pub mod katapult;
+pub mod moonraker;
 pub mod snapshot;
 pub mod versions;
 pub mod worker;

@@ -76,7 +76,8 @@ pub struct Settings {
     pub stop_command: Option<String>,
     /// Shell command that starts klipper (service = command).
     pub start_command: Option<String>,
-    /// Moonraker's base URL.
+    /// Moonraker's base URL, in the normal form of `moonraker::parse_url` (the one URL rule:
+    /// `http://HOST[:PORT][/PREFIX]`).
     pub moonraker_url: String,
     /// Where the linux-process MCU binary is installed.
     pub linux_mcu_binary: PathBuf,
@@ -219,15 +220,7 @@ impl Settings {
                 }
             }
             "moonraker_url" => {
-                let rest = trimmed
-                    .strip_prefix("http://")
-                    .or_else(|| trimmed.strip_prefix("https://"));
-                match rest {
-                    Some(host) if !host.is_empty() && !host.contains(char::is_whitespace) => {
-                        self.moonraker_url = trimmed.trim_end_matches('/').to_string();
-                    }
-                    _ => return Err(bad("expected a URL like http://127.0.0.1:7125")),
-                }
+                self.moonraker_url = crate::moonraker::parse_url(trimmed).map_err(|r| bad(&r))?;
             }
             "build_timeout_s" | "flash_timeout_s" => {
                 let secs: u64 = trimmed
@@ -323,6 +316,9 @@ mod tests {
             ("flash_timeout_s", "0"),
             ("katapult_flasher", "dfu-util"),
             ("moonraker_url", "localhost:7125"),
+            ("moonraker_url", "https://printer.local"),
+            ("moonraker_url", "http://pi:raspberry@printer.local"),
+            ("moonraker_url", "http://printer.local:7125/?x=1"),
             ("klipper_service", "klipper; rm -rf /"),
             ("klipper_dir", "  "),
         ] {
@@ -330,5 +326,23 @@ mod tests {
             assert!(err.contains(key), "{err}");
         }
         assert_eq!(s, before);
+    }
+
+    #[test]
+    fn moonraker_url_follows_the_clients_rule() {
+        let mut s = Settings::default();
+        s.set("moonraker_url", " http://Printer.local:7125/ ")
+            .unwrap();
+        assert_eq!(s.moonraker_url, "http://printer.local:7125");
+        // A non-ASCII host is kept in the form name resolution uses, and the client
+        // accepts exactly what the setting stored.
+        s.set("moonraker_url", "http://éx:7125").unwrap();
+        assert_eq!(s.moonraker_url, "http://xn--x-9fa:7125");
+        crate::moonraker::Client::new(&s.moonraker_url, std::time::Duration::from_secs(1)).unwrap();
+        let err = s
+            .set("moonraker_url", "https://éx")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("https is not supported"), "{err}");
     }
 }

@@ -162,7 +162,7 @@ impl ServiceControl for MoonrakerService {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::moonraker::testserver::{Reply, Server};
+    use crate::moonraker::fake::{Reply, Server};
     use serde_json::{json, Value};
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;

@@ -34,8 +34,7 @@ pub struct SystemdService {
 impl SystemdService {
     /// Control `unit` with the `sudo` and `systemctl` found on PATH (no sudo when root).
     pub fn new(unit: &str) -> Self {
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        let root = unsafe { libc::geteuid() } == 0;
+        let root = rustix::process::geteuid().is_root();
         SystemdService {
             unit: unit.to_owned(),
             sudo: if root { None } else { Some("sudo".into()) },

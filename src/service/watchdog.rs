@@ -23,7 +23,7 @@
 
 use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -82,13 +82,11 @@ impl Watchdog {
             .stdin(Stdio::piped())
             .stdout(out)
             .stderr(err);
-        // SAFETY: the closure only calls async-signal-safe functions (setsid, syscall,
-        // fcntl, sysconf) and allocates nothing.
+        // SAFETY: the closure runs between fork and exec; it only makes async-signal-safe
+        // system calls (setsid, close_range or fcntl) and allocates nothing.
         unsafe {
             command.pre_exec(|| {
-                if libc::setsid() == -1 {
-                    return Err(io::Error::last_os_error());
-                }
+                rustix::process::setsid()?;
                 cloexec_from_3();
                 Ok(())
             });
@@ -131,11 +129,6 @@ impl Watchdog {
             Ok(()) => Ok(dog),
             Err(reason) => Err(dog.abort(reason)),
         }
-    }
-
-    /// The usual launch: `[python, -m, kflash.watchdog]` (pass `sys.executable`).
-    pub fn python_launch(python: impl Into<OsString>) -> Vec<OsString> {
-        vec![python.into(), "-m".into(), "kflash.watchdog".into()]
     }
 
     /// The watchdog's log file.
@@ -223,9 +216,7 @@ impl Watchdog {
             let _ = stdin.write_all(b"done\n");
         }
         if let Some(mut child) = self.child.take() {
-            // SAFETY: kill(2) on our own child's pid; it is not reaped yet, so the pid is
-            // still ours.
-            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGKILL) };
+            let _ = child.kill();
             let _ = child.wait();
         }
         Error::Watchdog {
@@ -254,27 +245,26 @@ fn reap_later(mut child: Child) {
         });
 }
 
-/// Mark every descriptor from 3 up close-on-exec (runs between fork and exec).
+/// Mark every descriptor from 3 up close-on-exec (runs between fork and exec). No kept
+/// crate wraps close_range, and the fallback walks raw descriptor numbers.
 fn cloexec_from_3() {
-    // SAFETY: close_range with CLOSE_RANGE_CLOEXEC only sets flags; async-signal-safe.
-    let done = unsafe {
-        libc::syscall(
+    // SAFETY: close_range(CLOSE_RANGE_CLOEXEC) only sets descriptor flags; sysconf and
+    // fcntl(F_GETFD/F_SETFD) touch no memory of ours (a closed descriptor gives EBADF). All
+    // three are async-signal-safe.
+    unsafe {
+        let all = libc::syscall(
             libc::SYS_close_range,
             3_u32,
             u32::MAX,
             libc::CLOSE_RANGE_CLOEXEC,
-        )
-    } == 0;
-    if done {
-        return;
-    }
-    // Older kernels: walk the descriptor table.
-    // SAFETY: sysconf and fcntl are async-signal-safe; fcntl on a closed fd returns EBADF.
-    let max = unsafe { libc::sysconf(libc::_SC_OPEN_MAX) };
-    let max = if max <= 0 { 1024 } else { max.min(65_536) } as libc::c_int;
-    for fd in 3..max {
-        // SAFETY: as above.
-        unsafe {
+        );
+        if all == 0 {
+            return;
+        }
+        // Kernels before 5.11: walk the descriptor table.
+        let max = libc::sysconf(libc::_SC_OPEN_MAX);
+        let max = if max <= 0 { 1024 } else { max.min(65_536) } as libc::c_int;
+        for fd in 3..max {
             let flags = libc::fcntl(fd, libc::F_GETFD);
             if flags >= 0 {
                 libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC);
@@ -310,7 +300,7 @@ fn tail_of(path: &Path, offset: u64) -> String {
 mod tests {
     use super::*;
     use crate::service::Backend;
-    use std::io::BufRead;
+    use std::io::{self, BufRead};
     use std::process::Stdio;
 
     const DIR_VAR: &str = "KFLASH_TEST_WATCHDOG_DIR";
@@ -397,8 +387,7 @@ mod tests {
             "runner did not arm the watchdog"
         );
         assert!(!dir.path().join("started").exists());
-        // SAFETY: kill(2) on our own unreaped child.
-        unsafe { libc::kill(runner.id() as libc::pid_t, libc::SIGKILL) };
+        runner.kill().unwrap();
         runner.wait().unwrap();
         let killed = Instant::now();
         // The watchdog must not hold the runner's stdout: reading it to EOF finishes.

@@ -1,6 +1,10 @@
 // Scheduler: runs the work tables (the bench's stand-in for Klipper's timers).
 #include "command.h"
 
+#ifdef CONFIG_FIXTURE_FAIL
+#error "fixture failure requested"
+#endif
+
 uint32_t
 sched_run(const struct work_table *t, uint32_t seed)
 {

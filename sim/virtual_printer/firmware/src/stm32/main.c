@@ -1,7 +1,11 @@
 // STM32 board entry (host-compiled on the bench).
 #include "../main_common.h"
 
+#ifdef CONFIG_FIXTURE_DICT_MCU
+DECL_CONSTANT_STR("MCU", CONFIG_FIXTURE_DICT_MCU); // a test knob: the wrong MCU
+#else
 DECL_CONSTANT_STR("MCU", CONFIG_MCU);
+#endif
 DECL_CONSTANT("FLASH_APPLICATION_ADDRESS", CONFIG_FLASH_APPLICATION_ADDRESS);
 
 int main(int argc, char **argv) { return main_common(argc, argv); }
