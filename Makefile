@@ -58,3 +58,11 @@ bench: build $(VENV_MR)/.deps
 
 clean:
 	rm -rf target $(VENV) $(VENV_MR)
+
+# Release wheels (abi3; x86_64, aarch64, armv7) into dist/, checked (tags, glibc <= 2.36,
+# stripped), then the ARM ones smoke-tested in bookworm roots under qemu-user. Needs root;
+# caches under ~/.cache/kflash/wheels. See README "Wheels, versions and releases".
+.PHONY: wheels
+wheels:
+	scripts/wheels/build.sh
+	scripts/wheels/smoke.sh

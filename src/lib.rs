@@ -36,6 +36,8 @@ use pyo3::prelude::*;
 /// kflash's native core: build and flash every MCU of a Klipper printer.
 #[pymodule]
 mod _core {
+    use super::*;
+
     #[pymodule_export]
     use crate::py::engine::Engine;
     #[pymodule_export]
@@ -51,4 +53,10 @@ mod _core {
     use crate::py::snapshot::{SnapshotReader, SnapshotStore};
     #[pymodule_export]
     use crate::py::versions::compare_versions;
+
+    /// `__version__`: Cargo.toml's version, the one the wheel's metadata carries too.
+    #[pymodule_init]
+    fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {
+        m.add("__version__", env!("CARGO_PKG_VERSION"))
+    }
 }

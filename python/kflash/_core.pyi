@@ -4,6 +4,9 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
+__version__: str
+"""Cargo.toml's version: the wheel's version."""
+
 class KflashError(Exception): ...
 class RegistryError(KflashError): ...
 class DeviceNotFound(KflashError): ...

@@ -19,7 +19,7 @@ import signal
 import subprocess
 import sys
 
-from kflash import katapult_cli, status_watch
+from kflash import __version__, katapult_cli, status_watch
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -556,6 +556,9 @@ def build_parser():
             "`kflash config KEY` for each board (Klipper's menuconfig), then "
             "`kflash plan` and `kflash flash-all`."
         ),
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"kflash {__version__}"
     )
     parser.add_argument(
         "--home",
