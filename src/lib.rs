@@ -36,7 +36,7 @@ use pyo3::prelude::*;
 /// kflash's native core: build and flash every MCU of a Klipper printer.
 #[pymodule]
 mod _core {
-    use super::*;
+    use pyo3::prelude::*;
 
     #[pymodule_export]
     use crate::py::engine::Engine;
