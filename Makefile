@@ -7,7 +7,8 @@ PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export CARGO_TERM_COLOR := never
 
-.PHONY: all deps build demo test test-rust test-python lint bench clean
+.PHONY: all deps build demo test test-rust test-python test-host-bed host-bed-tools lint \
+	bench clean clean-host-bed
 
 all: build
 
@@ -42,9 +43,31 @@ test-rust:
 	cargo clippy --all-targets --quiet -- -D warnings
 	cargo fmt --check
 
-test-python: build deps
+test-python: build deps host-bed-tools
 	$(VENV)/bin/ruff check python tests sim benches
+	# The hand-written stub must match the native module.
+	$(PY) -m mypy.stubtest kflash._core
 	$(PY) -m pytest -q
+
+# The host bed (tests/test_host_bed.py, tests/host_bed/) boots a Debian bookworm root
+# with systemd-nspawn. Its host tools come from Debian, installed here when missing and
+# we are root (CI is); without them the bed's tests fail and say why. The root, the
+# wheels and the printer host are cached in ${XDG_CACHE_HOME:-~/.cache}/kflash/host-bed.
+HOST_BED_TOOLS := systemd-nspawn:systemd-container mmdebstrap:mmdebstrap zstd:zstd
+host-bed-tools:
+	@missing=""; for t in $(HOST_BED_TOOLS); do \
+		command -v $${t%%:*} >/dev/null || missing="$$missing $${t#*:}"; done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "host bed: installing$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+			apt-get install -y -qq --no-install-recommends $$missing; \
+	else \
+		echo "host bed: missing$$missing (apt-get install as root): its tests will fail"; \
+	fi
+
+test-host-bed: build deps host-bed-tools
+	$(PY) -m pytest -q tests/test_host_bed.py
 
 test: test-rust test-python
 
@@ -58,6 +81,9 @@ bench: build $(VENV_MR)/.deps
 
 clean:
 	rm -rf target $(VENV) $(VENV_MR)
+
+clean-host-bed:
+	rm -rf --one-file-system "$${XDG_CACHE_HOME:-$$HOME/.cache}/kflash/host-bed"
 
 # Release wheels (abi3; x86_64, aarch64, armv7) into dist/, checked (tags, glibc <= 2.36,
 # stripped), then the ARM ones smoke-tested in bookworm roots under qemu-user. Needs root;

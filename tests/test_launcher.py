@@ -145,12 +145,12 @@ def test_systemd_without_sudo_uses_the_unit_through_moonraker(
     env, bin_dir = systemd_env
     no_sudo(bin_dir)
     srv, url = moonraker
-    FakeMoonraker.services = ["klipper", "kflash-helper"]
+    FakeMoonraker.services = ["klipper", "kflash-run"]
     home = tmp_path / "state"
     got = launcher.launch("/usr/bin/python3", home, device="EBB36",
                           moonraker_url=url, env=env, run_id="R2")
     assert got.method == "moonraker"
-    assert FakeMoonraker.started == ["kflash-helper"]
+    assert FakeMoonraker.started == ["kflash-run"]
     req = json.loads((home / "helper" / "request.json").read_text())
     assert req == {"version": 1, "only_outdated": False, "device": "EBB36",
                    "run_id": "R2"}

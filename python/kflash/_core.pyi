@@ -1,40 +1,124 @@
-"""Type stubs for the native core ``kflash._core`` (hand-written)."""
+"""Type stubs for the native core ``kflash._core`` (hand-written, checked by
+``python -m mypy.stubtest kflash._core`` in ``make test``). The JSON shapes the
+calls return are the TypedDicts of ``kflash.results``."""
 
 import os
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, ClassVar, Mapping, Optional, final
+
+from kflash.results import (
+    DeviceReport,
+    DeviceRow,
+    ErrorDetails,
+    Imported,
+    KatapultFlash,
+    KatapultStatus,
+    OnEvent,
+    Plan,
+    Report,
+    Status,
+    VersionState,
+)
+
+__all__ = [
+    "BuildError",
+    "BuildTimeout",
+    "CommandTimeout",
+    "ConfigError",
+    "DeviceNotFound",
+    "Engine",
+    "ExitStatus",
+    "FlashError",
+    "FlashTimeout",
+    "KflashError",
+    "MoonrakerError",
+    "MoonrakerUnavailable",
+    "PreflightRefused",
+    "RegistryError",
+    "ServiceError",
+    "ServiceUnavailable",
+    "SnapshotReader",
+    "SnapshotStore",
+    "compare_versions",
+    "katapult_flash",
+    "katapult_status",
+]
 
 __version__: str
 """Cargo.toml's version: the wheel's version."""
 
-class KflashError(Exception): ...
+# --- Exceptions --------------------------------------------------------------
+
+class KflashError(Exception):
+    """Base class of every kflash error."""
+
+    exit_code: int
+    details: ErrorDetails
+    device: Optional[str]
+    step: Optional[str]
+    command: Optional[str]
+    exit_status: Optional[int]
+    output_tail: Optional[str]
+    hint: Optional[str]
+    report: Any
+
 class RegistryError(KflashError): ...
 class DeviceNotFound(KflashError): ...
 class ConfigError(KflashError): ...
-class BuildError(KflashError): ...
+
+class BuildError(KflashError):
+    report: Optional[list[DeviceReport]]
+
 class FlashError(KflashError): ...
 class ServiceError(KflashError): ...
+class MoonrakerError(KflashError): ...
 class CommandTimeout(KflashError): ...
 class PreflightRefused(KflashError): ...
-class MoonrakerError(KflashError): ...
+class BuildTimeout(BuildError, CommandTimeout): ...
+class FlashTimeout(FlashError, CommandTimeout): ...
+class ServiceUnavailable(PreflightRefused, ServiceError): ...
+class MoonrakerUnavailable(PreflightRefused, MoonrakerError): ...
 
-def compare_versions(mcu: str, target: str) -> str:
-    """Compare an MCU's version with the firmware kflash would build.
+# --- Exit status -------------------------------------------------------------
 
-    Returns "current", "outdated", "newer" or "unknown".
-    """
+@final
+class ExitStatus:
+    """How a kflash command ended: ``int(status)`` is the process exit code."""
 
-Event = Dict[str, Any]
+    SUCCESS: ClassVar[ExitStatus]
+    FAILURE: ClassVar[ExitStatus]
+    USAGE: ClassVar[ExitStatus]
+    REFUSED: ClassVar[ExitStatus]
+    NOT_RESTARTED: ClassVar[ExitStatus]
+    @staticmethod
+    def of(outcome: Report | Mapping[str, Any] | BaseException) -> ExitStatus: ...
+    @property
+    def name(self) -> str: ...
+    def __int__(self) -> int: ...
+    def __index__(self) -> int: ...
+    def __hash__(self) -> int: ...
+    def __eq__(self, value: object, /) -> bool: ...
+    def __ne__(self, value: object, /) -> bool: ...
+    def __lt__(self, value: ExitStatus | int, /) -> bool: ...
+    def __le__(self, value: ExitStatus | int, /) -> bool: ...
+    def __gt__(self, value: ExitStatus | int, /) -> bool: ...
+    def __ge__(self, value: ExitStatus | int, /) -> bool: ...
 
+# --- Functions and classes ---------------------------------------------------
+
+def compare_versions(mcu: str, target: str) -> VersionState:
+    """Compare an MCU's version with the firmware kflash would build."""
+
+@final
 class Engine:
     """A kflash state directory: devices, settings, configs, builds and runs."""
 
-    def __init__(self, home: Optional[str] = None) -> None: ...
+    def __new__(cls, home: str | os.PathLike[str] | None = None) -> Engine: ...
     @property
     def state_dir(self) -> str: ...
-    def settings(self) -> Dict[str, str]: ...
-    def set_setting(self, key: str, value: str) -> Dict[str, str]: ...
-    def devices(self) -> List[Dict[str, Any]]: ...
+    def settings(self) -> dict[str, str]: ...
+    def set_setting(self, key: str, value: str) -> dict[str, str]: ...
+    def devices(self) -> list[DeviceRow]: ...
     def add_device(
         self,
         key: str,
@@ -44,48 +128,64 @@ class Engine:
         interface: str = "can0",
         linux: Optional[str] = None,
         method: str = "auto",
-        config: Optional[str] = None,
+        config: str | os.PathLike[str] | None = None,
         name: Optional[str] = None,
         mcu_section: Optional[str] = None,
         baud: Optional[int] = None,
-    ) -> Dict[str, Any]: ...
-    def remove_device(self, key: str) -> Dict[str, Any]: ...
-    def import_printer_cfg(self, path: str) -> Dict[str, Any]: ...
+    ) -> DeviceRow: ...
+    def remove_device(self, key: str) -> DeviceRow: ...
+    def import_printer_cfg(self, path: str) -> Imported: ...
     def config_path(self, key: str) -> str: ...
     def plan(
-        self, keys: Optional[List[str]] = None, only_outdated: bool = False
-    ) -> Dict[str, Any]: ...
+        self, keys: Optional[list[str]] = None, only_outdated: bool = False
+    ) -> Plan: ...
     def build(
         self,
-        keys: Optional[List[str]] = None,
-        on_event: Optional[Callable[[Event], None]] = None,
-    ) -> List[Dict[str, Any]]: ...
+        keys: Optional[list[str]] = None,
+        on_event: Optional[OnEvent] = None,
+    ) -> list[DeviceReport]: ...
     def flash(
         self,
         key: str,
-        on_event: Optional[Callable[[Event], None]] = None,
+        on_event: Optional[OnEvent] = None,
         yes: bool = False,
-    ) -> Dict[str, Any]: ...
+    ) -> Report: ...
     def flash_all(
         self,
-        keys: Optional[List[str]] = None,
+        keys: Optional[list[str]] = None,
         only_outdated: bool = False,
         yes: bool = False,
-        on_event: Optional[Callable[[Event], None]] = None,
-    ) -> Dict[str, Any]: ...
-    def status(self) -> Dict[str, Any]: ...
-class SnapshotStore:
-    """Latest status of one printer object; get_status is O(1). See the module doc."""
+        on_event: Optional[OnEvent] = None,
+    ) -> Report: ...
+    def status(self) -> Status: ...
 
-    def __init__(
-        self,
+def katapult_flash(
+    device: str | os.PathLike[str],
+    firmware: str | os.PathLike[str],
+    baud: Optional[int] = None,
+    on_event: Optional[OnEvent] = None,
+) -> KatapultFlash: ...
+def katapult_status(
+    device: str | os.PathLike[str],
+    baud: Optional[int] = None,
+    on_event: Optional[OnEvent] = None,
+) -> KatapultStatus: ...
+
+# --- The status snapshot store (src/py/snapshot.rs) --------------------------
+
+@final
+class SnapshotStore:
+    """Latest status of one printer object; get_status is O(1)."""
+
+    def __new__(
+        cls,
         shm_path: str | os.PathLike[str] | None = None,
         *,
         fallback: Callable[[float], dict[str, Any] | None] | None = None,
         max_age: float | None = None,
         print_time_clock: object | None = None,
         print_time_field: str = "estimated_print_time",
-    ) -> None: ...
+    ) -> SnapshotStore: ...
     def publish(self, status: dict[str, Any], eventtime: float) -> int: ...
     def get_status(self, eventtime: float | None = None) -> dict[str, Any]: ...
     def invalidate(self) -> None: ...
@@ -100,24 +200,11 @@ class SnapshotStore:
     @property
     def shm_path(self) -> Path | None: ...
 
+@final
 class SnapshotReader:
-    def __init__(self, path: str | os.PathLike[str]) -> None: ...
+    """Reads the shared-memory mirror of a SnapshotStore from another process."""
+
+    def __new__(cls, path: str | os.PathLike[str]) -> SnapshotReader: ...
     def read(self) -> tuple[int, float, float, bytes] | None: ...
     @property
     def path(self) -> Path: ...
-# Native Katapult flasher (src/py/katapult.rs).
-import os as _os  # noqa: E402
-from typing import Any as _Any  # noqa: E402
-from typing import Callable as _Callable  # noqa: E402
-
-def katapult_flash(
-    device: str | _os.PathLike[str],
-    firmware: str | _os.PathLike[str],
-    baud: int | None = None,
-    on_event: _Callable[[dict[str, _Any]], object] | None = None,
-) -> dict[str, _Any]: ...
-def katapult_status(
-    device: str | _os.PathLike[str],
-    baud: int | None = None,
-    on_event: _Callable[[dict[str, _Any]], object] | None = None,
-) -> dict[str, _Any]: ...

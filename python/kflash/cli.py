@@ -1,10 +1,14 @@
 """The ``kflash`` command line.
 
 Human tables by default; ``--json`` prints exactly one JSON document on stdout
-and nothing else there (progress always goes to stderr). Exit codes (DESIGN.md):
-0 all good or nothing to do; 1 some device failed (klipper restarted); 2 usage or
+and nothing else there (progress always goes to stderr), on every exit path: the
+command's result, a run's report, or, when a command fails before it has one,
+an error document (``ok: false``, ``exit_code``, ``error``, ``kind`` and the
+error's ``device``, ``step``, ``command``, ``exit_status``, ``output_tail``,
+``hint``). The exit code is the core's ``ExitStatus`` (DESIGN.md): 0 all good or
+nothing to do; 1 some device failed (klipper restarted); 2 usage or
 configuration error (nothing stopped); 3 refused by pre-flight (printing, lock
-held, no service control); 4 klipper could not be restarted.
+held, no service control, no Moonraker); 4 klipper could not be restarted.
 
 SIGTERM and SIGHUP are turned into an interrupt like Ctrl+C, so a run that is
 stopped from outside unwinds the same way: klipper is started again and the run
@@ -20,12 +24,7 @@ import subprocess
 import sys
 
 from kflash import __version__, katapult_cli, status_watch
-
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_REFUSED = 3
-EXIT_NOT_RESTARTED = 4
+from kflash._core import ExitStatus, KflashError
 
 DEFAULT_PRINTER_CFG = "~/printer_data/config/printer.cfg"
 
@@ -55,6 +54,34 @@ def err(msg):
 def emit_json(doc):
     sys.stdout.write(json.dumps(doc, indent=2, sort_keys=True) + "\n")
     sys.stdout.flush()
+
+
+def error_document(exc, status, **extra):
+    """The ``--json`` document of a command that failed without a result."""
+    doc = {
+        "ok": False,
+        "exit_code": int(status),
+        "error": str(exc),
+        "kind": type(exc).__name__,
+    }
+    doc.update(getattr(exc, "details", None) or {})
+    doc.update(extra)
+    return doc
+
+
+def fail(args, exc):
+    """Report a failed command (stderr, and the error document for --json)."""
+    status = ExitStatus.of(exc)
+    err(f"kflash: {exc}")
+    if args.json:
+        emit_json(error_document(exc, status))
+    return status
+
+
+class UsageError(Exception):
+    """A command line that cannot work (e.g. no Klipper tree for ``config``)."""
+
+    details = None
 
 
 def table(rows, headers):
@@ -197,13 +224,6 @@ def print_report(report, settings):
     print("OK" if report.get("ok") else "FAILED")
 
 
-def report_exit_code(report):
-    svc = report.get("service", {})
-    if svc.get("stopped") and not svc.get("restarted"):
-        return EXIT_NOT_RESTARTED
-    return EXIT_OK if report.get("ok") else EXIT_FAILED
-
-
 def start_hint(settings):
     kind = settings.get("service", "moonraker")
     unit = settings.get("klipper_service") or "klipper"
@@ -239,14 +259,14 @@ def cmd_settings(engine, args):
             emit_json(settings)
         else:
             print(f"{args.key} = {settings[args.key]}")
-        return EXIT_OK
+        return ExitStatus.SUCCESS
     settings = engine.settings()
     if args.json:
         emit_json({"state_dir": engine.state_dir, "settings": settings})
-        return EXIT_OK
+        return ExitStatus.SUCCESS
     print(f"state dir: {engine.state_dir}")
     print(table([[k, v] for k, v in settings.items()], ["SETTING", "VALUE"]))
-    return EXIT_OK
+    return ExitStatus.SUCCESS
 
 
 def device_rows(devices):
@@ -296,7 +316,7 @@ def cmd_devices(engine, args):
             for d in devices:
                 if d.get("problem"):
                     print(f"{d['key']}: {d['problem']}")
-        return EXIT_OK
+        return ExitStatus.SUCCESS
     if sub == "add":
         dev = engine.add_device(
             args.key,
@@ -318,14 +338,14 @@ def cmd_devices(engine, args):
                 print(
                     f"next: `kflash config {dev['key']}` to choose its firmware options"
                 )
-        return EXIT_OK
+        return ExitStatus.SUCCESS
     if sub == "remove":
         dev = engine.remove_device(args.key)
         if args.json:
             emit_json(dev)
         else:
             print(f"removed {dev['key']} (its config {dev['config']} is kept)")
-        return EXIT_OK
+        return ExitStatus.SUCCESS
     if sub == "import":
         path = os.path.expanduser(args.printer_cfg)
         result = engine.import_printer_cfg(path)
@@ -338,7 +358,7 @@ def cmd_devices(engine, args):
                 print(f"skipped {s['key']}: {s['reason']}")
             if not result["added"] and not result["skipped"]:
                 print(f"no [mcu] sections found in {path}")
-        return EXIT_OK
+        return ExitStatus.SUCCESS
     raise AssertionError(sub)
 
 
@@ -346,39 +366,50 @@ def cmd_config(engine, args):
     path = engine.config_path(args.key)
     klipper_dir = engine.settings()["klipper_dir"]
     if not os.path.isfile(os.path.join(klipper_dir, "Makefile")):
-        err(
-            f"kflash: no Klipper source tree at {klipper_dir}; "
+        exc = UsageError(
+            f"no Klipper source tree at {klipper_dir}; "
             "set it with `kflash settings set klipper_dir PATH`"
         )
-        return EXIT_USAGE
+        err(f"kflash: {exc}")
+        if args.json:
+            emit_json(error_document(exc, ExitStatus.USAGE))
+        return ExitStatus.USAGE
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    rc = subprocess.call(
-        ["make", "menuconfig", f"KCONFIG_CONFIG={path}"], cwd=klipper_dir
-    )
+    command = ["make", "menuconfig", f"KCONFIG_CONFIG={path}"]
+    rc = subprocess.call(command, cwd=klipper_dir)
     if rc != 0:
-        err(f"kflash: `make menuconfig` exited with {rc}")
-        return EXIT_FAILED
-    dev = next((d for d in engine.devices() if d["key"] == args.key), None)
-    if dev is None:
-        return EXIT_FAILED
+        exc = UsageError(f"`make menuconfig` exited with {rc}")
+        err(f"kflash: {exc}")
+        if args.json:
+            emit_json(
+                error_document(
+                    exc,
+                    ExitStatus.FAILURE,
+                    device=args.key,
+                    command=" ".join(command),
+                    exit_status=rc,
+                )
+            )
+        return ExitStatus.FAILURE
+    dev = next(d for d in engine.devices() if d["key"] == args.key)
     if args.json:
         emit_json(dev)
     elif dev.get("problem"):
         print(f"{args.key}: {dev['problem']}")
-        return EXIT_USAGE
+        return ExitStatus.USAGE
     else:
         print(
             f"{args.key}: builds {dev['mcu']} firmware ({dev['interface']});"
             f" saved {path}"
         )
-    return EXIT_OK
+    return ExitStatus.SUCCESS
 
 
 def cmd_plan(engine, args):
     plan = engine.plan(keys=args.keys or None, only_outdated=args.only_outdated)
     if args.json:
         emit_json(plan)
-        return EXIT_OK
+        return ExitStatus.SUCCESS
     if not plan["moonraker"]:
         print(
             f"Moonraker unreachable ({plan['moonraker_error']}): current versions "
@@ -416,13 +447,21 @@ def cmd_plan(engine, args):
             ],
         )
     )
-    return EXIT_OK
+    return ExitStatus.SUCCESS
 
 
 def cmd_build(engine, args):
+    from kflash._core import BuildError
+
     progress = Progress()
+    status = ExitStatus.SUCCESS
     try:
         results = engine.build(keys=args.keys or None, on_event=progress)
+    except BuildError as exc:
+        # Every device's entry comes with the error: show them like a success.
+        if exc.report is None:
+            raise
+        results, status = exc.report, ExitStatus.of(exc)
     finally:
         progress.close()
     if args.json:
@@ -433,7 +472,7 @@ def cmd_build(engine, args):
         for r in results:
             if r.get("error"):
                 print(f"\n{r['key']}: {r['error']}")
-    return EXIT_FAILED if any(r["build"] == "fail" for r in results) else EXIT_OK
+    return status
 
 
 def finish_run(engine, args, report):
@@ -442,16 +481,16 @@ def finish_run(engine, args, report):
         emit_json(report)
     else:
         print_report(report, settings)
-    code = report_exit_code(report)
-    if code == EXIT_NOT_RESTARTED:
+    status = ExitStatus.of(report)
+    if status == ExitStatus.NOT_RESTARTED:
         shout_not_restarted(report, settings)
-    return code
+    return status
 
 
 def _safe_settings(engine):
     try:
         return engine.settings()
-    except Exception:  # noqa: BLE001 - only for the restart hint
+    except KflashError:  # only for the restart hint
         return {}
 
 
@@ -463,19 +502,20 @@ def run_guarded(engine, args, call, progress=None):
             progress.close()
         report = getattr(exc, "report", None)
         what = "terminated" if isinstance(exc, Terminated) else "interrupted"
+        status = ExitStatus.of(exc)
         if report is None:
             err(f"kflash: {what}; nothing was stopped")
             if args.json:
-                emit_json({"ok": False, "cancelled": True, "error": what})
-            return EXIT_FAILED
+                emit_json(error_document(exc, status, error=what, cancelled=True))
+            return status
         svc = report.get("service", {})
         if svc.get("stopped"):
             state = "restarted" if svc.get("restarted") else "NOT restarted"
             err(f"kflash: {what}; klipper was {state}")
         else:
             err(f"kflash: {what}; nothing was stopped")
-        code = finish_run(engine, args, report)
-        return max(code, EXIT_FAILED)
+        finish_run(engine, args, report)
+        return status
     if progress is not None:
         progress.close()
     return finish_run(engine, args, report)
@@ -515,7 +555,7 @@ def cmd_status(engine, args):
     status = engine.status()
     if args.json:
         emit_json(status)
-        return EXIT_OK
+        return ExitStatus.SUCCESS
     if status["moonraker"]:
         print(f"printer: {status.get('print_state')}")
     else:
@@ -535,7 +575,7 @@ def cmd_status(engine, args):
     if last:
         result = "ok" if last.get("ok") else "failed"
         print(f"last run: {last.get('started')} ({result})")
-    return EXIT_OK
+    return ExitStatus.SUCCESS
 
 
 # ----------------------------------------------------------------------------
@@ -730,25 +770,23 @@ def main(argv=None):
     args.json = getattr(args, "json", False)
     if not args.command:
         parser.print_help(sys.stderr)
-        return EXIT_USAGE
+        return int(ExitStatus.USAGE)
     install_signal_handlers()
-    import kflash._core as core
+    from kflash._core import Engine
 
     try:
-        engine = core.Engine(args.home)
-        return COMMANDS[args.command](engine, args)
-    except (core.RegistryError, core.DeviceNotFound, core.ConfigError) as exc:
-        err(f"kflash: {exc}")
-        return EXIT_USAGE
-    except core.PreflightRefused as exc:
-        err(f"kflash: {exc}")
-        return EXIT_REFUSED
-    except core.KflashError as exc:
-        err(f"kflash: {exc}")
-        return EXIT_FAILED
-    except KeyboardInterrupt:
+        engine = Engine(args.home)
+        return int(COMMANDS[args.command](engine, args))
+    except KflashError as exc:
+        return int(fail(args, exc))
+    except KeyboardInterrupt as exc:
+        status = ExitStatus.of(exc)
         err("kflash: interrupted")
-        return EXIT_FAILED
+        if args.json:
+            emit_json(
+                error_document(exc, status, error="interrupted", cancelled=True)
+            )
+        return int(status)
 
 
 if __name__ == "__main__":

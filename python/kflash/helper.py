@@ -25,9 +25,9 @@ klipper, verify) and leaves behind, in ``<home>/helper/``:
 Klipper is started again on every path: the engine's stop guard restarts it
 when flash-all returns or raises; SIGTERM, SIGHUP and SIGINT raise
 ``Interrupted`` here so the engine unwinds through that guard; SIGKILL is the
-engine's watchdog's business. Exit codes are the CLI's (DESIGN.md): 0 all
-good, 1 some device failed, 2 usage/configuration, 3 refused, 4 the service
-could not be restarted.
+engine's watchdog's business. The exit code is the core's ``ExitStatus``, the
+CLI's: 0 all good, 1 some device failed, 2 usage/configuration, 3 refused, 4
+the service could not be restarted.
 
 The reading side (``RunFiles``) is used by the extra inside klippy: small,
 non-blocking reads of local files only.
@@ -290,25 +290,11 @@ class _Progress:
             self._f.close()
 
 
-def _exit_code_for(result):
-    if not isinstance(result, dict):
-        return 1
-    svc = result.get("service") or {}
-    if svc.get("stopped") and not svc.get("restarted"):
-        return 4
-    return 0 if result.get("ok") else 1
+def _exit_code(outcome):
+    """The core's exit status of a report or of an exception, as an int."""
+    from kflash import ExitStatus
 
-
-def _error_exit_code(exc):
-    names = [c.__name__ for c in type(exc).__mro__]
-    if "PreflightRefused" in names:
-        return 3
-    if "ServiceError" in names:
-        return 4
-    if any(n in names for n in ("ConfigError", "RegistryError",
-                                "DeviceNotFound")):
-        return 2
-    return 1
+    return int(ExitStatus.of(outcome))
 
 
 def _raise_interrupted(signum, _frame):
@@ -327,7 +313,9 @@ def run(home, only_outdated=False, device=None, run_id=None,
         os.close(lock_fd)
         print(f"kflash helper: another helper is running in {files.dir}",
               file=sys.stderr)
-        return 3
+        from kflash import ExitStatus
+
+        return int(ExitStatus.REFUSED)
     run_id = run_id or new_run_id()
     options = {"only_outdated": bool(only_outdated), "device": device}
     started = time.time()
@@ -357,7 +345,7 @@ def run(home, only_outdated=False, device=None, run_id=None,
                                   only_outdated=bool(only_outdated and
                                                      not device),
                                   yes=True, on_event=progress)
-        code = _exit_code_for(result)
+        code = _exit_code(result)
     except Interrupted as e:
         # the engine re-raises what interrupted it with the run's report
         result = getattr(e, "report", None)
@@ -371,12 +359,12 @@ def run(home, only_outdated=False, device=None, run_id=None,
                     "where each MCU stands")
         else:
             hint = "klipper could not be started again: start it by hand"
-        code = max(1, _exit_code_for(result))
+        code = _exit_code(e)
     except Exception as e:  # noqa: BLE001 - every failure goes in the report
         error = f"{type(e).__name__}: {e}"
         result = getattr(e, "report", None)
         hint = getattr(e, "hint", None)
-        code = _error_exit_code(e)
+        code = _exit_code(e)
     finally:
         for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
             signal.signal(sig, signal.SIG_IGN)
@@ -422,7 +410,9 @@ def main(argv=None):
         if not isinstance(req, dict):
             print(f"kflash helper: no request in {files.request}",
                   file=sys.stderr)
-            return 2
+            from kflash import ExitStatus
+
+            return int(ExitStatus.USAGE)
         try:
             os.unlink(files.request)
         except OSError:

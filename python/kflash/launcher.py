@@ -10,7 +10,7 @@ kflash.helper`` out of klippy's reach, in one of three ways:
     ``KillMode=control-group`` kills every process of that cgroup on stop, so
     a ``setsid`` child of klippy dies with it).
 ``moonraker``
-    the ``kflash-helper.service`` unit that ``scripts/install.sh`` installs,
+    the ``kflash-run.service`` unit that ``scripts/install.sh`` installs,
     started through Moonraker's ``/machine/services/start`` (no sudo; the unit
     must be listed in ``moonraker.asvc``). The unit's command reads the run's
     options from ``<home>/helper/request.json``.
@@ -48,6 +48,7 @@ from kflash.helper import write_json_atomic
 
 __all__ = [
     "HELPER_UNIT",
+    "INSTALLED_UNIT",
     "LaunchRefused",
     "Launched",
     "SystemdContext",
@@ -58,8 +59,11 @@ __all__ = [
     "write_request",
 ]
 
-#: The unit name used for the transient unit and the installed unit.
+#: The transient unit ``sudo systemd-run`` makes for a run.
 HELPER_UNIT = "kflash-helper"
+#: The unit ``scripts/install.sh`` installs and Moonraker starts. Not
+#: HELPER_UNIT: a transient unit cannot take the name of a unit file.
+INSTALLED_UNIT = "kflash-run"
 
 METHODS = ("auto", "systemd-run", "moonraker", "session")
 
@@ -159,7 +163,7 @@ def helper_argv(python, home, only_outdated=False, device=None,
 def write_request(home, only_outdated=False, device=None, run_id=None):
     """Write ``<home>/helper/request.json`` (atomically) for the unit path.
 
-    The installed ``kflash-helper.service`` runs ``kflash.helper --pending``,
+    The installed ``kflash-run.service`` runs ``kflash.helper --pending``,
     which takes its options from this file.
     """
     d = os.path.join(str(home), "helper")
@@ -182,7 +186,7 @@ def _refusal(ctx, tried):
         lines.append("Tried: " + "; ".join(tried) + ".")
     lines += [
         "Fix one of:",
-        "  - run scripts/install.sh (installs kflash-helper.service and "
+        "  - run scripts/install.sh (installs kflash-run.service and "
         "lists it in moonraker.asvc), then restart Moonraker;",
         "  - allow `sudo -n systemd-run` for this user;",
         "  - or run `kflash flash-all` from a shell.",
@@ -285,16 +289,16 @@ def _launch_moonraker(home, only_outdated, device, run_id, url, timeout):
             "available_services", [])
     except (OSError, ValueError, KeyError, TypeError) as e:
         return None, f"Moonraker at {base}: {e}"
-    if HELPER_UNIT not in services:
-        return None, (f"Moonraker does not list {HELPER_UNIT} in "
+    if INSTALLED_UNIT not in services:
+        return None, (f"Moonraker does not list {INSTALLED_UNIT} in "
                       "available_services (add it to moonraker.asvc)")
     write_request(home, only_outdated, device, run_id)
     try:
         _http_json(base + "/machine/services/start",
-                   {"service": HELPER_UNIT}, timeout=timeout)
+                   {"service": INSTALLED_UNIT}, timeout=timeout)
     except (OSError, ValueError) as e:
-        return None, f"Moonraker could not start {HELPER_UNIT}: {e}"
-    return Launched("moonraker", detail=f"unit {HELPER_UNIT}"), None
+        return None, f"Moonraker could not start {INSTALLED_UNIT}: {e}"
+    return Launched("moonraker", detail=f"unit {INSTALLED_UNIT}"), None
 
 
 def launch(python, home, only_outdated=False, device=None, method="auto",

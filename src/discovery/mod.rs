@@ -224,13 +224,71 @@ pub fn usb_mode(port: &SerialPort) -> UsbMode {
     }
 }
 
-/// A board sitting in its ROM loader (no tty): DFU or BOOTSEL.
+/// A ROM bootloader a board can fall into instead of Klipper or Katapult (no tty).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RomLoader {
+    /// STM32 system DFU (0483:df11).
+    StmDfu,
+    /// RP2040/RP2350 BOOTSEL mass storage (2e8a:0003 / 2e8a:000f).
+    RpBootsel,
+}
+
+impl RomLoader {
+    /// The loader a USB id belongs to.
+    pub fn of_usb_id(vendor: u16, product: u16) -> Option<RomLoader> {
+        match (vendor, product) {
+            (0x0483, 0xdf11) => Some(RomLoader::StmDfu),
+            (0x2e8a, 0x0003 | 0x000f) => Some(RomLoader::RpBootsel),
+            _ => None,
+        }
+    }
+
+    /// What a user does next to get the board flashed.
+    pub fn recovery(self) -> &'static str {
+        match self {
+            RomLoader::StmDfu => {
+                "The board is in STM32 DFU mode (Katapult is not installed or was bypassed): \
+                 flash it with `make flash FLASH_DEVICE=0483:df11` (dfu-util), or install \
+                 Katapult; then power-cycle the board without BOOT0 held."
+            }
+            RomLoader::RpBootsel => {
+                "The board is in RP2040 BOOTSEL mode (Katapult is not installed or was \
+                 bypassed): copy klipper.uf2 to the RPI-RP2 drive or run \
+                 `make flash FLASH_DEVICE=2e8a:0003`; then power-cycle the board."
+            }
+        }
+    }
+}
+
+impl fmt::Display for RomLoader {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            RomLoader::StmDfu => "STM32 DFU",
+            RomLoader::RpBootsel => "RP2040 BOOTSEL",
+        })
+    }
+}
+
+/// A board sitting in its ROM loader, as seen on the USB bus.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RomLoader {
-    /// `stm32-dfu` (0483:df11), `rp2040-bootsel` (2e8a:0003), `rp2350-bootsel` (2e8a:000f).
-    pub family: &'static str,
+pub struct RomBoard {
+    pub loader: RomLoader,
+    /// `vvvv:pppp`, e.g. `0483:df11`.
+    pub usb_id: String,
     /// The sysfs USB device directory.
     pub path: PathBuf,
+}
+
+impl RomBoard {
+    /// `STM32 DFU (0483:df11) at <sysfs path>`.
+    pub fn describe(&self) -> String {
+        format!(
+            "{} ({}) at {}",
+            self.loader,
+            self.usb_id,
+            self.path.display()
+        )
+    }
 }
 
 fn read_trimmed(path: &Path) -> Option<String> {
@@ -461,55 +519,25 @@ impl Discovery {
     }
 
     /// Boards sitting in a ROM loader, from `<sys>/bus/usb/devices/*/idVendor|idProduct`.
-    pub fn find_rom_loaders(&self) -> Vec<RomLoader> {
+    pub fn find_rom_loaders(&self) -> Vec<RomBoard> {
         let Ok(entries) = fs::read_dir(self.sys.0.join("bus/usb/devices")) else {
             return Vec::new();
         };
-        let mut out: Vec<RomLoader> = entries
+        let mut out: Vec<RomBoard> = entries
             .filter_map(Result::ok)
             .filter_map(|e| {
                 let path = e.path();
-                let family = match usb_ids(&path)? {
-                    (0x0483, 0xdf11) => "stm32-dfu",
-                    (0x2e8a, 0x0003) => "rp2040-bootsel",
-                    (0x2e8a, 0x000f) => "rp2350-bootsel",
-                    _ => return None,
-                };
-                Some(RomLoader { family, path })
+                let (vendor, product) = usb_ids(&path)?;
+                Some(RomBoard {
+                    loader: RomLoader::of_usb_id(vendor, product)?,
+                    usb_id: format!("{vendor:04x}:{product:04x}"),
+                    path,
+                })
             })
             .collect();
         out.sort_by(|a, b| a.path.cmp(&b.path));
         out
     }
-}
-
-/// `Discovery::from_env().scan()`.
-pub fn scan() -> Vec<SerialPort> {
-    Discovery::from_env().scan()
-}
-
-/// `Discovery::from_env().resolve(pattern)`.
-pub fn resolve(pattern: &str) -> Result<SerialPort, Error> {
-    Discovery::from_env().resolve(pattern)
-}
-
-/// `Discovery::from_env().find(stable)`.
-pub fn find(stable: &StableId) -> Option<SerialPort> {
-    Discovery::from_env().find(stable)
-}
-
-/// `Discovery::from_env().wait_for(stable, timeout, cancel)`.
-pub fn wait_for(
-    stable: &StableId,
-    timeout: Duration,
-    cancel: &Cancel,
-) -> Result<SerialPort, Error> {
-    Discovery::from_env().wait_for(stable, timeout, cancel)
-}
-
-/// `Discovery::from_env().find_rom_loaders()`.
-pub fn find_rom_loaders() -> Vec<RomLoader> {
-    Discovery::from_env().find_rom_loaders()
 }
 
 #[cfg(test)]

@@ -315,16 +315,16 @@ fn rom_loaders_are_found_by_usb_id() {
     }
     fs::create_dir_all(devices.join("usb1")).unwrap();
     let loaders = sb.discovery().find_rom_loaders();
-    let found: Vec<(&str, String)> = loaders
+    let found: Vec<(RomLoader, &str, String)> = loaders
         .iter()
-        .map(|l| (l.family, file_name(&l.path).unwrap()))
+        .map(|l| (l.loader, l.usb_id.as_str(), file_name(&l.path).unwrap()))
         .collect();
     assert_eq!(
         found,
         [
-            ("stm32-dfu", "1-1.2".to_string()),
-            ("rp2040-bootsel", "1-1.3".to_string()),
-            ("rp2350-bootsel", "1-1.4".to_string()),
+            (RomLoader::StmDfu, "0483:df11", "1-1.2".to_string()),
+            (RomLoader::RpBootsel, "2e8a:0003", "1-1.3".to_string()),
+            (RomLoader::RpBootsel, "2e8a:000f", "1-1.4".to_string()),
         ]
     );
 }

@@ -92,7 +92,7 @@ pub(super) fn native_katapult(
     sink: &Sink,
 ) -> Result<(), (Error, bool)> {
     let firmware = katapult_image(job).map_err(|e| (e, false))?;
-    let Endpoint::Serial { baud, .. } = job.endpoint else {
+    let Endpoint::Serial { .. } = job.endpoint else {
         let what = job.endpoint.describe();
         return Err((
             Error::Unsupported {
@@ -115,11 +115,12 @@ pub(super) fn native_katapult(
         event.device = Some(key.clone());
         outer(&event);
     });
-    native(dev, *baud, &firmware, cancel, &sink).map_err(|failure| {
+    native(dev, job.baud, &firmware, cancel, &sink).map_err(|e| {
         if cancel.is_cancelled() {
             (Error::Cancelled, false)
         } else {
-            (Error::Native(failure.message), failure.try_flashtool)
+            let another = e.worth_another_flasher();
+            (Error::Native(Box::new(e)), another)
         }
     })
 }
@@ -154,9 +155,9 @@ pub(super) fn katapult(
     };
     let mut cmd = Cmd::new(&tools.python).arg(&flashtool);
     match (job.endpoint, dev) {
-        (Endpoint::Serial { baud, .. }, Some(dev)) => {
+        (Endpoint::Serial { .. }, Some(dev)) => {
             cmd = cmd.arg("-d").arg(dev);
-            if let Some(baud) = baud {
+            if let Some(baud) = job.baud {
                 cmd = cmd.arg("-b").arg(baud.to_string());
             }
         }
@@ -289,7 +290,7 @@ pub(super) fn linux(
                 ));
                 Ok(())
             }
-            Err(e) => Err(Error::LinuxRestart(e)),
+            Err(e) => Err(Error::LinuxRestart(Box::new(e))),
         },
         None => Ok(()),
     }

@@ -15,9 +15,9 @@
 //!   written in place: writing over a running executable fails with ETXTBSY.
 //! - Every external command runs through `crate::process` with the caller's `Cancel`.
 //!
-//! Seams for the lead: `Tools::native_katapult` (the native serial flasher replaces
-//! flashtool.py for serial devices when set) and `Tools::linux_restart` (restarts the
-//! linux MCU's service through the configured service backend).
+//! Two tools come from outside: `Tools::native_katapult` (the native serial flasher, tried
+//! before flashtool.py for serial devices when set) and `Tools::linux_restart` (restarts
+//! the linux MCU's service through the configured service backend).
 //!
 //! Thread-safety: `Flasher` is `Send + Sync`; flashing different devices from different
 //! threads is allowed, `make flash` serialises itself.
@@ -30,35 +30,18 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::discovery::{RomBoard, RomLoader};
 use crate::events::{Event, Level, Sink, Stage};
 use crate::process::{self, Cancel};
+use crate::{katapult, service};
 
 pub use methods::{find_flashtool, flashtool_verdict, FlashtoolVerdict};
 
 /// How a device is flashed (the registry's method: auto, katapult, make, linux).
 pub use crate::registry::FlashMethod as Method;
 
-/// Where a device is reached.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum Endpoint {
-    /// A USB or UART tty (as registered: usually a /dev/serial/by-id or by-path link).
-    Serial { path: PathBuf, baud: Option<u32> },
-    /// A CAN node by its Katapult/Klipper UUID on an interface.
-    Can { interface: String, uuid: String },
-    /// The linux-process MCU (its socket or pty path, for information only).
-    Linux { path: PathBuf },
-}
-
-impl Endpoint {
-    /// Short text for tables and messages.
-    pub fn describe(&self) -> String {
-        match self {
-            Endpoint::Serial { path, .. } | Endpoint::Linux { path } => path.display().to_string(),
-            Endpoint::Can { interface, uuid } => format!("{interface}:{uuid}"),
-        }
-    }
-}
+/// Where a device is reached (the registry's type).
+pub use crate::registry::Endpoint;
 
 /// A board family, for recovery instructions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -79,6 +62,14 @@ impl Family {
             Family::Rp2040
         } else {
             Family::Generic
+        }
+    }
+
+    /// The family whose ROM loader this is.
+    pub fn of_loader(loader: RomLoader) -> Self {
+        match loader {
+            RomLoader::StmDfu => Family::Stm32,
+            RomLoader::RpBootsel => Family::Rp2040,
         }
     }
 }
@@ -109,21 +100,13 @@ pub fn recovery_hint(family: Family, job: &Job<'_>, klipper_dir: &Path) -> Strin
     }
 }
 
-/// A ROM bootloader seen on the USB bus (no tty): STM32 DFU or RP2040 BOOTSEL.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RomLoader {
-    pub family: Family,
-    /// e.g. "STM32 DFU 0483:df11 at usb 1-1.3".
-    pub description: String,
-}
-
 /// How a serial board came back after a flash.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Comeback {
     /// Running Klipper again, at this path.
     Klipper(PathBuf),
     /// Stuck in a ROM bootloader.
-    RomLoader(RomLoader),
+    RomLoader(RomBoard),
     /// Not seen at all within the timeout.
     Gone,
 }
@@ -141,28 +124,20 @@ pub trait Watch: Send + Sync {
         cancel: &Cancel,
     ) -> Comeback;
     /// ROM loaders currently on the bus.
-    fn rom_loaders(&self) -> Vec<RomLoader>;
+    fn rom_loaders(&self) -> Vec<RomBoard>;
 }
 
-/// The native Katapult serial flasher (seam): `(device, baud, firmware, cancel, sink)`.
-/// Must return `Ok` only when the image was written and verified.
+/// The native Katapult serial flasher: `(device, baud, firmware, cancel, sink)`. Returns
+/// `Ok` only when the image was written and verified; `katapult::Error::
+/// worth_another_flasher` says whether flashtool.py could still succeed after an error.
 pub type NativeKatapult = Arc<
-    dyn Fn(&Path, Option<u32>, &Path, &Cancel, &Sink) -> Result<(), NativeFailure> + Send + Sync,
+    dyn Fn(&Path, Option<u32>, &Path, &Cancel, &Sink) -> Result<(), katapult::Error> + Send + Sync,
 >;
 
-/// Why the native flasher failed, and whether flashtool.py could still succeed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NativeFailure {
-    pub message: String,
-    /// False when no other Katapult flasher can do better: the board fell into a ROM
-    /// loader, the image is for another MCU, the firmware file is unusable, or the user
-    /// cancelled. True for communication failures (timeouts, NACKs, verify mismatch).
-    pub try_flashtool: bool,
-}
-
-/// Restarts the linux MCU's service (seam): `Ok(Some(unit))` restarted, `Ok(None)` when no
+/// Restarts the linux MCU's service: `Ok(Some(unit))` restarted, `Ok(None)` when no
 /// `klipper-mcu`/`klipper_mcu` service exists.
-pub type LinuxRestart = Arc<dyn Fn(&Cancel) -> Result<Option<String>, String> + Send + Sync>;
+pub type LinuxRestart =
+    Arc<dyn Fn(&Cancel) -> Result<Option<String>, service::Error> + Send + Sync>;
 
 /// The tools and paths flashing needs (from the settings).
 #[derive(Clone)]
@@ -203,6 +178,8 @@ pub struct Job<'a> {
     pub key: &'a str,
     pub method: Method,
     pub endpoint: &'a Endpoint,
+    /// UART baud rate (serial boards on a UART).
+    pub baud: Option<u32>,
     /// Kconfig `CONFIG_MCU` ("linux" for the linux target).
     pub mcu: &'a str,
     /// The build's OUT directory (what `make flash OUT=` needs).
@@ -218,8 +195,10 @@ pub struct Job<'a> {
 pub enum Error {
     #[error("{device}: the device is not in Katapult (flashtool: \"Device is not Katapult\"); nothing was flashed")]
     NotKatapult { device: String },
-    #[error("flashtool.py not found (looked in {})", searched.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "))]
+    #[error("no flash tool: flashtool.py not found (looked in {}); install Katapult or set katapult_dir", searched.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "))]
     NoFlashtool { searched: Vec<PathBuf> },
+    #[error("no Klipper tree at {} (set klipper_dir)", path.display())]
+    NoKlipperTree { path: PathBuf },
     #[error(
         "flashtool did not confirm the flash (no `Programming Complete` line){}",
         crate::process::fmt_tail(tail)
@@ -244,9 +223,14 @@ pub enum Error {
         source: std::io::Error,
     },
     #[error("the linux MCU binary was replaced but its service could not be restarted: {0}")]
-    LinuxRestart(String),
+    LinuxRestart(Box<service::Error>),
     #[error("native Katapult flasher: {0}")]
-    Native(String),
+    Native(Box<katapult::Error>),
+    #[error("native Katapult flasher: {native}; flashtool.py then failed too: {flashtool}")]
+    NativeThenFlashtool {
+        native: Box<katapult::Error>,
+        flashtool: Box<Error>,
+    },
     #[error("Katapult failed: {katapult}; the fallback `make flash` failed too: {make}")]
     BothFailed {
         katapult: Box<Error>,
@@ -292,7 +276,7 @@ impl Flasher {
     }
 
     /// Checks before any downtime that some method can flash this device.
-    pub fn check(&self, job: &Job<'_>) -> Result<(), String> {
+    pub fn check(&self, job: &Job<'_>) -> Result<(), Error> {
         let flashtool = find_flashtool(&self.tools).is_some();
         let native = self.tools.native_katapult.is_some();
         let make = self.tools.klipper_dir.join("Makefile").is_file();
@@ -302,31 +286,21 @@ impl Flasher {
             (Endpoint::Serial { .. }, Method::Auto) => flashtool || native || make,
             (Endpoint::Serial { .. }, Method::Katapult) => flashtool || native,
             (Endpoint::Serial { .. }, Method::Make) => make,
-            _ => {
-                return Err(format!(
-                    "method `{}` cannot flash {}",
-                    job.method.as_str(),
-                    job.endpoint.describe()
-                ))
+            (endpoint, method) => {
+                return Err(Error::Unsupported {
+                    method: method.as_str(),
+                    what: endpoint.describe(),
+                })
             }
         };
-        if ok {
-            Ok(())
-        } else {
-            Err(match job.method {
-                Method::Make => format!(
-                    "no Klipper tree at {} (set klipper_dir)",
-                    self.tools.klipper_dir.display()
-                ),
-                _ => format!(
-                    "no flash tool: flashtool.py not found (looked in {}); install Katapult or set katapult_dir",
-                    methods::flashtool_candidates(&self.tools)
-                        .iter()
-                        .map(|p| p.display().to_string())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-            })
+        match (ok, job.method) {
+            (true, _) => Ok(()),
+            (false, Method::Make) => Err(Error::NoKlipperTree {
+                path: self.tools.klipper_dir.clone(),
+            }),
+            (false, _) => Err(Error::NoFlashtool {
+                searched: methods::flashtool_candidates(&self.tools),
+            }),
         }
     }
 
@@ -433,8 +407,11 @@ impl Flasher {
                 native_error => locate()
                     .and_then(|dev| methods::katapult(&self.tools, job, Some(&dev), cancel, sink))
                     .map_err(|e| match native_error {
-                        Some(native) if !matches!(e, Error::Cancelled) => {
-                            Error::Native(format!("{native}; flashtool.py then failed too: {e}"))
+                        Some(Error::Native(native)) if !matches!(e, Error::Cancelled) => {
+                            Error::NativeThenFlashtool {
+                                native,
+                                flashtool: Box::new(e),
+                            }
                         }
                         _ => e,
                     }),
@@ -500,8 +477,12 @@ impl Flasher {
                 path: Some(path),
             }),
             Comeback::RomLoader(rom) => Err(Failure {
-                error: Error::CameBackInRomLoader(rom.description),
-                hint: Some(recovery_hint(rom.family, job, &self.tools.klipper_dir)),
+                error: Error::CameBackInRomLoader(rom.describe()),
+                hint: Some(recovery_hint(
+                    Family::of_loader(rom.loader),
+                    job,
+                    &self.tools.klipper_dir,
+                )),
                 tried,
             }),
             Comeback::Gone if cancel.is_cancelled() => Err(Failure {
@@ -523,8 +504,8 @@ impl Flasher {
         if let Some(rom) = roms.first() {
             return format!(
                 "{} is on the USB bus. {}",
-                rom.description,
-                recovery_hint(rom.family, job, &self.tools.klipper_dir)
+                rom.describe(),
+                recovery_hint(Family::of_loader(rom.loader), job, &self.tools.klipper_dir)
             );
         }
         recovery_hint(family, job, &self.tools.klipper_dir)

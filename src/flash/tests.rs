@@ -1,11 +1,12 @@
 use super::*;
+use crate::discovery::RomLoader;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::sync::Mutex;
 
 struct FakeWatch {
     comeback: Comeback,
-    roms: Vec<RomLoader>,
+    roms: Vec<RomBoard>,
     path: Option<PathBuf>,
     waited: Mutex<u32>,
 }
@@ -18,12 +19,12 @@ impl Watch for FakeWatch {
         *self.waited.lock().unwrap() += 1;
         self.comeback.clone()
     }
-    fn rom_loaders(&self) -> Vec<RomLoader> {
+    fn rom_loaders(&self) -> Vec<RomBoard> {
         self.roms.clone()
     }
 }
 
-fn watch(comeback: Comeback, roms: Vec<RomLoader>) -> Arc<FakeWatch> {
+fn watch(comeback: Comeback, roms: Vec<RomBoard>) -> Arc<FakeWatch> {
     Arc::new(FakeWatch {
         comeback,
         roms,
@@ -88,8 +89,7 @@ impl Sandbox {
 
 fn serial() -> Endpoint {
     Endpoint::Serial {
-        path: PathBuf::from("/dev/serial/by-id/usb-Klipper_stm32f446xx_1-if00"),
-        baud: None,
+        path: "/dev/serial/by-id/usb-Klipper_stm32f446xx_1-if00".into(),
     }
 }
 
@@ -105,6 +105,7 @@ fn job<'a>(
         key: "octopus",
         method,
         endpoint,
+        baud: None,
         mcu: "stm32f446xx",
         out_dir: out,
         image: Path::new("/nonexistent/klipper.uf2"),
@@ -156,9 +157,10 @@ fn not_katapult_with_rc0_is_a_failure_with_dfu_hint() {
     );
     let w = watch(
         Comeback::Gone,
-        vec![RomLoader {
-            family: Family::Stm32,
-            description: "STM32 DFU 0483:df11".into(),
+        vec![RomBoard {
+            loader: RomLoader::StmDfu,
+            usb_id: "0483:df11".into(),
+            path: "/sys/bus/usb/devices/1-9".into(),
         }],
     );
     let flasher = Flasher::new(sb.tools(), w.clone());
@@ -220,9 +222,10 @@ fn rc0_without_confirmation_is_not_a_flash() {
 fn came_back_in_bootsel_gives_rp2040_steps() {
     let sb = Sandbox::new("print('Programming Complete')");
     let w = watch(
-        Comeback::RomLoader(RomLoader {
-            family: Family::Rp2040,
-            description: "RP2040 BOOTSEL 2e8a:0003".into(),
+        Comeback::RomLoader(RomBoard {
+            loader: RomLoader::RpBootsel,
+            usb_id: "2e8a:0003".into(),
+            path: "/sys/bus/usb/devices/1-9".into(),
         }),
         vec![],
     );
@@ -333,9 +336,17 @@ fn flash_after_native_failure(
     let sb = Sandbox::new(flashtool_body);
     let mut tools = sb.tools();
     tools.native_katapult = Some(Arc::new(move |_dev, _baud, _fw, _c, _s| {
-        Err(NativeFailure {
-            message: "verify mismatch at address 0x08008040".into(),
-            try_flashtool,
+        Err(if try_flashtool {
+            katapult::Error::VerifyMismatch {
+                addr: 0x0800_8040,
+                block: 0x0800_8000,
+            }
+        } else {
+            katapult::Error::McuMismatch {
+                device: "/dev/ttyACM0".into(),
+                image: "rp2040".into(),
+                bootloader: "stm32f446xx".into(),
+            }
         })
     }));
     let flasher = Flasher::new(
@@ -377,7 +388,9 @@ fn both_katapult_flashers_failing_report_both_errors() {
 fn native_final_failure_tries_nothing_else() {
     let (sb, result) =
         flash_after_native_failure("print('Programming Complete')", false, Method::Auto);
-    assert!(result.unwrap_err().error.to_string().contains("0x08008040"));
+    let err = result.unwrap_err().error;
+    assert!(matches!(err, Error::Native(_)), "{err}");
+    assert!(err.to_string().contains("MCU mismatch"), "{err}");
     assert_eq!(sb.flashtool_args(), "", "flashtool must not run");
     assert!(!sb.out().join("made").exists(), "make flash must not run");
 }
@@ -400,7 +413,7 @@ fn linux_replaces_a_running_binary_and_restarts() {
     }));
     let flasher = Flasher::new(tools, watch(Comeback::Gone, vec![]));
     let ep = Endpoint::Linux {
-        path: PathBuf::from("/tmp/klipper_host_mcu"),
+        path: "/tmp/klipper_host_mcu".into(),
     };
     let (out, cfg) = (sb.out(), sb.cfg());
     let done = flasher.flash(
@@ -428,7 +441,8 @@ fn check_reports_missing_flash_tool_for_can() {
     let err = flasher
         .check(&job(&sb, &ep, Method::Auto, &out, &cfg))
         .unwrap_err();
-    assert!(err.contains("flashtool.py"), "{err}");
+    assert!(matches!(err, Error::NoFlashtool { .. }), "{err}");
+    assert!(err.to_string().contains("flashtool.py"), "{err}");
     // Serial still has make flash.
     let ep = serial();
     flasher

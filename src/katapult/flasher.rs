@@ -33,7 +33,7 @@ use crate::process::Cancel;
 use super::codec::{code, Ack, Command, ConnectInfo, Decoder, Response};
 use super::image::{image_info, read_image, ImageInfo};
 use super::port::{uart_request_bootloader, usb_touch_1200, Port, SerialPort};
-use super::{Error, RomLoader, Step};
+use super::{Error, Step};
 use crate::discovery::{usb_mode, Discovery, StableId, UsbMode};
 
 /// Default UART baud (flashtool's default, Klipper's usual).
@@ -884,7 +884,7 @@ fn enter_uart(
 fn wait_for_katapult(
     opts: &SerialStatusOptions,
     stable: &StableId,
-    roms_before: &[crate::discovery::RomLoader],
+    roms_before: &[crate::discovery::RomBoard],
     cancel: &Cancel,
     sink: &Sink,
 ) -> Result<Entered, Error> {
@@ -923,15 +923,10 @@ fn wait_for_katapult(
             .into_iter()
             .find(|r| !roms_before.contains(r))
         {
-            let (loader, usb_id) = match rom.family {
-                "stm32-dfu" => (RomLoader::StmDfu, "0483:df11"),
-                "rp2350-bootsel" => (RomLoader::RpBootsel, "2e8a:000f"),
-                _ => (RomLoader::RpBootsel, "2e8a:0003"),
-            };
             return Err(Error::RomLoader {
                 device: device.clone(),
-                loader,
-                usb_id: usb_id.into(),
+                loader: rom.loader,
+                usb_id: rom.usb_id,
             });
         }
         if started.elapsed() >= opts.timing.reenumerate {

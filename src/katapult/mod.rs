@@ -84,40 +84,7 @@ impl fmt::Display for Step {
 }
 
 /// A ROM loader a board can fall into instead of Katapult.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RomLoader {
-    /// STM32 system DFU (0483:df11).
-    StmDfu,
-    /// RP2040/RP2350 BOOTSEL mass storage (2e8a:0003 / 2e8a:000f).
-    RpBootsel,
-}
-
-impl RomLoader {
-    /// What a user does next to get the board flashed.
-    pub fn recovery(self) -> &'static str {
-        match self {
-            RomLoader::StmDfu => {
-                "The board is in STM32 DFU mode (Katapult is not installed or was bypassed): \
-                 flash it with `make flash FLASH_DEVICE=0483:df11` (dfu-util), or install \
-                 Katapult; then power-cycle the board without BOOT0 held."
-            }
-            RomLoader::RpBootsel => {
-                "The board is in RP2040 BOOTSEL mode (Katapult is not installed or was \
-                 bypassed): copy klipper.uf2 to the RPI-RP2 drive or run \
-                 `make flash FLASH_DEVICE=2e8a:0003`; then power-cycle the board."
-            }
-        }
-    }
-}
-
-impl fmt::Display for RomLoader {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            RomLoader::StmDfu => "STM32 DFU",
-            RomLoader::RpBootsel => "RP2040 BOOTSEL",
-        })
-    }
-}
+pub use crate::discovery::RomLoader;
 
 fn at(addr: Option<u32>) -> String {
     addr.map(|a| format!(" at address {a:#010x}"))

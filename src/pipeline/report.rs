@@ -1,6 +1,6 @@
 //! The plan and the report: what a run will do and what it did, as the contract's JSON.
 //!
-//! Owns the serialisable shapes (`Plan`, `Report`), the exit code rule, the run record
+//! Owns the serialisable shapes (`Plan`, `Report`), what `ok` means, the run record
 //! written atomically to `<state>/runs/<timestamp>.json`, and UTC timestamps.
 //! Plain data: `Send + Sync`, no interior mutability.
 
@@ -131,15 +131,6 @@ pub struct Report {
 }
 
 impl Report {
-    /// 0 all good or nothing to do; 1 some device failed (service restarted); 4 the
-    /// service could not be restarted.
-    pub fn exit_code(&self) -> i32 {
-        if self.service.stopped && !self.service.restarted {
-            4
-        } else {
-            i32::from(!self.ok)
-        }
-    }
     pub(super) fn finish(&mut self) {
         self.ok = !self.cancelled
             && !self.devices.iter().any(DeviceReport::failed)

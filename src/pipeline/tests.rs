@@ -1,7 +1,15 @@
 //! The pipeline with recording fakes: every side effect lands in one shared log.
 
 use super::*;
-use std::sync::Mutex;
+use crate::commands::ExitStatus;
+use crate::flash::{self, Endpoint, Method};
+use crate::process::{self, Cancel};
+use crate::versions::VersionState;
+use crate::{discovery, firmware, kconfig, moonraker, service};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 type Log = Arc<Mutex<Vec<String>>>;
 
@@ -12,22 +20,35 @@ fn log_of(log: &Log) -> Vec<String> {
 struct FakeInventory {
     devices: Vec<DeviceInfo>,
     missing: Vec<String>,
-    log: Log,
 }
 
 impl Inventory for FakeInventory {
-    fn devices(&self) -> Result<Vec<DeviceInfo>, Error> {
+    fn devices(&self) -> Result<Vec<DeviceInfo>, crate::registry::Error> {
         Ok(self.devices.clone())
     }
-    fn resolve(&self, dev: &DeviceInfo) -> Result<String, String> {
+    fn resolve(&self, dev: &DeviceInfo) -> Result<String, discovery::Error> {
         if self.missing.contains(&dev.key) {
-            Err(format!("{} not found", dev.endpoint.describe()))
+            Err(discovery::Error::NotFound {
+                pattern: dev.endpoint.describe(),
+                present: "(none)".into(),
+            })
         } else {
             Ok(dev.endpoint.describe())
         }
     }
-    fn rescan(&self) {
-        self.log.lock().unwrap().push("rescan".into());
+}
+
+fn unreachable_moonraker() -> moonraker::Error {
+    moonraker::Error::Unreachable {
+        url: "http://127.0.0.1:7125/printer/objects/query".into(),
+        reason: "connection refused".into(),
+    }
+}
+
+fn service_error(reason: &str) -> service::Error {
+    service::Error::Unavailable {
+        service: "klipper".into(),
+        reason: reason.into(),
     }
 }
 
@@ -46,7 +67,12 @@ impl Firmware for FakeFirmware {
     fn target_dict(&self, _dev: &DeviceInfo) -> Option<serde_json::Value> {
         self.dict.clone()
     }
-    fn build(&self, devs: &[DeviceInfo], _c: &Cancel, _s: &Sink) -> Vec<Result<Built, String>> {
+    fn build(
+        &self,
+        devs: &[DeviceInfo],
+        _c: &Cancel,
+        _s: &Sink,
+    ) -> Vec<Result<Built, firmware::Error>> {
         if let Some(c) = &self.cancel_during {
             c.cancel();
         }
@@ -54,7 +80,14 @@ impl Firmware for FakeFirmware {
             .map(|d| {
                 self.log.lock().unwrap().push(format!("build {}", d.key));
                 if self.fail.contains(&d.key) {
-                    Err("compile error".into())
+                    Err(firmware::Error::Make {
+                        key: d.key.clone(),
+                        source: process::Error::Failed {
+                            cmd: "make -C /klipper".into(),
+                            status: process::Status::Exited(2),
+                            tail: "src/main.c:1: error: compile error".into(),
+                        },
+                    })
                 } else {
                     Ok(Built {
                         version: self.version.clone(),
@@ -68,20 +101,21 @@ impl Firmware for FakeFirmware {
     }
 }
 
-struct FakePrinter {
-    state: Result<String, String>,
+struct FakeKlippy {
+    /// `Err(())`: Moonraker is unreachable.
+    state: Result<String, ()>,
     before: BTreeMap<String, String>,
     after: Mutex<BTreeMap<String, String>>,
     not_ready: Mutex<Option<String>>,
     log: Log,
 }
 
-impl Printer for FakePrinter {
-    fn print_state(&self) -> Result<String, String> {
-        self.state.clone()
+impl Klippy for FakeKlippy {
+    fn print_state(&self) -> Result<String, moonraker::Error> {
+        self.state.clone().map_err(|()| unreachable_moonraker())
     }
-    fn mcu_versions(&self) -> Result<BTreeMap<String, String>, String> {
-        self.state.as_ref().map_err(Clone::clone)?;
+    fn mcu_versions(&self) -> Result<BTreeMap<String, String>, moonraker::Error> {
+        self.state.as_ref().map_err(|()| unreachable_moonraker())?;
         let restarted = log_of(&self.log).iter().any(|l| l == "start");
         Ok(if restarted {
             self.after.lock().unwrap().clone()
@@ -89,11 +123,19 @@ impl Printer for FakePrinter {
             self.before.clone()
         })
     }
-    fn wait_ready(&self, _t: Duration, _c: &Cancel) -> Result<(), String> {
-        if let Some(e) = self.not_ready.lock().unwrap().clone() {
-            return Err(e);
+    fn wait_ready(&self, t: Duration, _c: &Cancel) -> Result<(), moonraker::Error> {
+        if let Some(state) = self.not_ready.lock().unwrap().clone() {
+            return Err(moonraker::Error::NotReady {
+                url: "http://127.0.0.1:7125/server/info".into(),
+                waited: t,
+                state,
+                message: String::new(),
+            });
         }
-        self.state.as_ref().map(|_| ()).map_err(Clone::clone)
+        self.state
+            .as_ref()
+            .map(|_| ())
+            .map_err(|()| unreachable_moonraker())
     }
 }
 
@@ -110,11 +152,11 @@ struct FakeStopped {
 }
 
 impl Stopped for FakeStopped {
-    fn restart(mut self: Box<Self>) -> Result<Duration, String> {
+    fn restart(mut self: Box<Self>) -> Result<Duration, service::Error> {
         self.done = true;
         self.log.lock().unwrap().push("start".into());
         if self.start_fails {
-            Err("start command failed".into())
+            Err(service_error("start command failed"))
         } else {
             Ok(Duration::from_secs(1))
         }
@@ -130,14 +172,14 @@ impl Drop for FakeStopped {
 }
 
 impl Service for FakeService {
-    fn check(&self) -> Result<(), String> {
+    fn check(&self) -> Result<(), service::Error> {
         if self.check_fails {
-            Err("sudo: a password is required".into())
+            Err(service_error("sudo: a password is required"))
         } else {
             Ok(())
         }
     }
-    fn stop(&self) -> Result<Box<dyn Stopped>, String> {
+    fn stop(&self) -> Result<Box<dyn Stopped>, service::Error> {
         self.log.lock().unwrap().push("stop".into());
         Ok(Box::new(FakeStopped {
             log: self.log.clone(),
@@ -149,7 +191,7 @@ impl Service for FakeService {
 
 struct FakeWatchdog(Log);
 impl Watchdog for FakeWatchdog {
-    fn arm(&self) -> Result<(), String> {
+    fn arm(&self) -> Result<(), service::Error> {
         self.0.lock().unwrap().push("arm".into());
         Ok(())
     }
@@ -166,7 +208,7 @@ struct FakeFlash {
 }
 
 impl Flash for FakeFlash {
-    fn check(&self, _dev: &DeviceInfo) -> Result<(), String> {
+    fn check(&self, _dev: &DeviceInfo) -> Result<(), flash::Error> {
         Ok(())
     }
     fn flash(
@@ -216,8 +258,7 @@ fn device(key: &str, link: Link) -> DeviceInfo {
             path: "/tmp/klipper_host_mcu".into(),
         },
         _ => Endpoint::Serial {
-            path: format!("/dev/serial/by-id/{key}").into(),
-            baud: None,
+            path: format!("/dev/serial/by-id/{key}"),
         },
     };
     DeviceInfo {
@@ -225,6 +266,7 @@ fn device(key: &str, link: Link) -> DeviceInfo {
         name: None,
         method: Method::Auto,
         endpoint,
+        baud: None,
         mcu_section: if key == "main" {
             "mcu".into()
         } else {
@@ -241,13 +283,13 @@ fn device(key: &str, link: Link) -> DeviceInfo {
 struct World {
     log: Log,
     deps: Deps,
-    printer: Arc<FakePrinter>,
+    printer: Arc<FakeKlippy>,
     _dir: tempfile::TempDir,
 }
 
 #[derive(Default)]
 struct Setup {
-    state: Option<Result<String, String>>,
+    state: Option<Result<String, ()>>,
     build_fail: Vec<String>,
     flash_fail: Vec<String>,
     missing: Vec<String>,
@@ -269,7 +311,7 @@ fn world(devices: Vec<DeviceInfo>, s: Setup) -> World {
         .iter()
         .map(|d| (d.mcu_section.clone(), V.to_owned()))
         .collect();
-    let printer = Arc::new(FakePrinter {
+    let printer = Arc::new(FakeKlippy {
         state: s.state.unwrap_or(Ok("standby".into())),
         before: s
             .before
@@ -284,7 +326,6 @@ fn world(devices: Vec<DeviceInfo>, s: Setup) -> World {
         inventory: Arc::new(FakeInventory {
             devices,
             missing: s.missing,
-            log: log.clone(),
         }),
         firmware: Arc::new(FakeFirmware {
             version: V.into(),
@@ -293,7 +334,7 @@ fn world(devices: Vec<DeviceInfo>, s: Setup) -> World {
             cancel_during: s.cancel_in_build,
             dict: s.target_dict,
         }),
-        printer: printer.clone(),
+        klippy: printer.clone(),
         service: Arc::new(FakeService {
             log: log.clone(),
             check_fails: s.check_fails,
@@ -308,9 +349,9 @@ fn world(devices: Vec<DeviceInfo>, s: Setup) -> World {
         watchdog: Arc::new(FakeWatchdog(log.clone())),
         compare: |a, b| {
             if a == b {
-                Freshness::Current
+                VersionState::Current
             } else {
-                Freshness::Outdated
+                VersionState::Outdated
             }
         },
         lock_path: dir.path().join("lock"),
@@ -372,7 +413,7 @@ fn stops_once_flashes_in_safe_order_restarts_once_and_verifies() {
         "{log:?}"
     );
     assert!(report.ok, "{report:?}");
-    assert_eq!(report.exit_code(), 0);
+    assert_eq!(ExitStatus::of_report(&report), ExitStatus::Success);
     assert!(report.service.stopped && report.service.restarted);
     assert!(report.devices.iter().all(|d| d.verify == "pass"));
     assert_eq!(report.target_version.as_deref(), Some(V));
@@ -401,7 +442,7 @@ fn one_failing_device_does_not_stop_the_others() {
     assert_eq!(count(&log, "flash "), 3);
     assert_eq!(count(&log, "start"), 1);
     assert!(!report.ok);
-    assert_eq!(report.exit_code(), 1);
+    assert_eq!(ExitStatus::of_report(&report), ExitStatus::Failure);
     let b = &report.devices[1];
     assert_eq!((b.flash.as_str(), b.verify.as_str()), ("fail", "skip"));
     assert_eq!(b.hint.as_deref(), Some("power-cycle"));
@@ -420,7 +461,7 @@ fn printing_refuses_and_stops_nothing() {
         );
         let err = run(&w, &yes()).unwrap_err();
         assert!(
-            matches!(err, Error::Refused(ref m) if m.contains(state)),
+            matches!(err, Error::Refused(Refusal::Printing { state: ref s }) if s == state),
             "{err}"
         );
         let log = log_of(&w.log);
@@ -432,15 +473,16 @@ fn printing_refuses_and_stops_nothing() {
 #[test]
 fn moonraker_unreachable_needs_yes() {
     let setup = || Setup {
-        state: Some(Err("connection refused".into())),
+        state: Some(Err(())),
         ..Setup::default()
     };
     let w = world(vec![device("main", Link::Serial)], setup());
     let err = run(&w, &Options::default()).unwrap_err();
     assert!(
-        matches!(err, Error::Refused(ref m) if m.contains("--yes")),
+        matches!(err, Error::Refused(Refusal::NoMoonraker(_))),
         "{err}"
     );
+    assert!(err.to_string().contains("--yes"), "{err}");
     assert_eq!(count(&log_of(&w.log), "stop"), 0);
 
     let w = world(vec![device("main", Link::Serial)], setup());
@@ -463,9 +505,10 @@ fn no_service_control_refuses() {
     );
     let err = run(&w, &Options::default()).unwrap_err();
     assert!(
-        matches!(err, Error::Refused(ref m) if m.contains("password")),
+        matches!(err, Error::Refused(Refusal::NoServiceControl(_))),
         "{err}"
     );
+    assert!(err.to_string().contains("password"), "{err}");
     assert_eq!(count(&log_of(&w.log), "stop"), 0);
 }
 
@@ -474,10 +517,8 @@ fn lock_held_refuses() {
     let w = world(vec![device("main", Link::Serial)], Setup::default());
     let _held = RunLock::acquire(&w.deps.lock_path).unwrap();
     let err = run(&w, &Options::default()).unwrap_err();
-    assert!(
-        matches!(err, Error::Refused(ref m) if m.contains("another kflash run")),
-        "{err}"
-    );
+    assert!(matches!(err, Error::Refused(Refusal::LockHeld(_))), "{err}");
+    assert!(err.to_string().contains("another kflash run"), "{err}");
     assert_eq!(count(&log_of(&w.log), "stop"), 0);
 }
 
@@ -493,7 +534,7 @@ fn all_builds_failing_stops_nothing() {
     let report = run(&w, &Options::default()).unwrap();
     assert_eq!(count(&log_of(&w.log), "stop"), 0);
     assert!(!report.service.stopped);
-    assert_eq!(report.exit_code(), 1);
+    assert_eq!(ExitStatus::of_report(&report), ExitStatus::Failure);
     assert!(report
         .devices
         .iter()
@@ -513,7 +554,7 @@ fn devices_that_built_are_flashed_when_another_build_fails() {
     let log = log_of(&w.log);
     assert_eq!(count(&log, "flash "), 1);
     assert!(log.contains(&"flash b".to_owned()));
-    assert_eq!(report.exit_code(), 1);
+    assert_eq!(ExitStatus::of_report(&report), ExitStatus::Failure);
 }
 
 #[test]
@@ -529,7 +570,9 @@ fn only_outdated_skips_current_devices_and_plan_says_why() {
         only_outdated: true,
         ..Options::default()
     };
-    let (p, _) = plan(&w.deps, &opts, &crate::events::discard()).unwrap();
+    let p = plan(&w.deps, &opts, &crate::events::discard())
+        .unwrap()
+        .plan;
     assert_eq!(p.devices[0].action, "skip");
     assert_eq!(p.devices[0].state, "current");
     assert_eq!(p.devices[1].action, "flash");
@@ -564,7 +607,7 @@ fn nothing_to_do_stops_nothing() {
     )
     .unwrap();
     assert!(report.ok);
-    assert_eq!(report.exit_code(), 0);
+    assert_eq!(ExitStatus::of_report(&report), ExitStatus::Success);
     assert!(log_of(&w.log).is_empty());
 }
 
@@ -578,7 +621,7 @@ fn restart_failure_is_exit_4_and_watchdog_stays_armed() {
         },
     );
     let report = run(&w, &Options::default()).unwrap();
-    assert_eq!(report.exit_code(), 4);
+    assert_eq!(ExitStatus::of_report(&report), ExitStatus::NotRestarted);
     assert!(!report.service.restarted);
     assert_eq!(count(&log_of(&w.log), "disarm"), 0);
 }
@@ -671,21 +714,24 @@ fn unplugged_device_fails_alone() {
         .error
         .as_deref()
         .unwrap()
-        .contains("not found"));
+        .contains("no serial device matches"));
     assert_eq!(report.devices[1].verify, "pass");
-    assert_eq!(report.exit_code(), 1);
+    assert_eq!(ExitStatus::of_report(&report), ExitStatus::Failure);
 }
 
 #[test]
 fn config_problem_is_a_configuration_error_before_anything() {
     let mut bad = device("a", Link::Serial);
-    bad.target = Err("config /state/configs/a.config is missing".into());
+    bad.target = Err(ConfigError::Unreadable(kconfig::Error::Missing {
+        path: "/state/configs/a.config".into(),
+    }));
     let w = world(vec![bad, device("b", Link::Serial)], Setup::default());
     let err = run(&w, &Options::default()).unwrap_err();
     assert!(
-        matches!(err, Error::Config(ref m) if m.contains("kflash config a")),
+        matches!(err, Error::Config { ref device, .. } if device == "a"),
         "{err}"
     );
+    assert!(err.to_string().contains("kflash config a"), "{err}");
     assert!(log_of(&w.log).is_empty());
 }
 
@@ -723,7 +769,7 @@ fn verify_catches_a_board_still_on_the_old_version() {
         report.devices[0].version_after.as_deref(),
         Some("v0.12.0-1-gold")
     );
-    assert_eq!(report.exit_code(), 1);
+    assert_eq!(ExitStatus::of_report(&report), ExitStatus::Failure);
 }
 
 #[test]
@@ -737,14 +783,14 @@ fn boards_that_flashed_are_not_blamed_when_klippy_waits_for_a_failed_one() {
     );
     // Klippy never gets ready and reports no versions.
     w.printer.after.lock().unwrap().clear();
-    *w.printer.not_ready.lock().unwrap() = Some("klippy state `startup`".into());
+    *w.printer.not_ready.lock().unwrap() = Some("startup".into());
     let report = run(&w, &Options::default()).unwrap();
     let main = &report.devices[0];
     let ebb = &report.devices[1];
     assert_eq!(main.flash, "fail");
     assert_eq!((ebb.flash.as_str(), ebb.verify.as_str()), ("pass", "skip"));
     assert!(ebb.hint.as_deref().unwrap().contains("another MCU"));
-    assert_eq!(report.exit_code(), 1);
+    assert_eq!(ExitStatus::of_report(&report), ExitStatus::Failure);
 }
 
 #[test]
@@ -767,11 +813,36 @@ fn plan_tells_a_protocol_change_from_a_version_string_change() {
         );
         std::fs::create_dir_all(&w.deps.flashed_dir).unwrap();
         std::fs::write(w.deps.flashed_dir.join("main.dict"), flashed.to_string()).unwrap();
-        let (p, _) = plan(&w.deps, &Options::default(), &crate::events::discard()).unwrap();
+        let p = plan(&w.deps, &Options::default(), &crate::events::discard())
+            .unwrap()
+            .plan;
         assert!(
             p.devices[0].reason.contains(expect),
             "{:?}",
             p.devices[0].reason
         );
     }
+}
+
+#[test]
+fn build_returns_every_entry_with_the_first_failure() {
+    let w = world(
+        vec![device("a", Link::Serial), device("b", Link::Serial)],
+        Setup {
+            build_fail: vec!["b".into()],
+            ..Setup::default()
+        },
+    );
+    let err = build(&w.deps, None, &Cancel::new(), &crate::events::discard()).unwrap_err();
+    let Error::Build { source, results } = &err else {
+        panic!("expected a build error, got {err}");
+    };
+    assert_eq!(source.key(), "b");
+    assert!(matches!(**source, firmware::Error::Make { .. }), "{source}");
+    let builds: Vec<(&str, &str)> = results
+        .iter()
+        .map(|r| (r.key.as_str(), r.build.as_str()))
+        .collect();
+    assert_eq!(builds, [("a", "pass"), ("b", "fail")]);
+    assert_eq!(count(&log_of(&w.log), "stop"), 0);
 }

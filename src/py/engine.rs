@@ -1,36 +1,26 @@
-//! `kflash._core.Engine`: the front ends' handle on one state directory.
+//! `kflash._core.Engine`: the front ends' handle on one state directory
+//! (`commands::Context`).
 //!
-//! Every method converts its inputs to owned Rust values and returns plain dicts/lists.
-//! Long calls (`build`, `flash`, `flash_all`) run on a worker thread with the GIL
-//! released; the calling thread re-attaches every ~100 ms to hand queued progress events
-//! to `on_event(dict)` and to call `py.check_signals()`. When that raises (Ctrl+C, or the
-//! CLI's SIGTERM/SIGHUP handlers) the run's `Cancel` is set, the pipeline unwinds (klipper
-//! is restarted), and the original exception is re-raised with the run's report attached
-//! as its `report` attribute (when there is one).
+//! Every method converts its inputs to owned Rust values and returns the command's result
+//! as plain dicts and lists (serde through `pythonize`). Long calls (`build`, `flash`,
+//! `flash_all`) go through the one worker loop (`super::worker`); when a signal or the
+//! `on_event` callback interrupts a run, the pipeline unwinds (klipper is restarted) and
+//! the interrupting exception is re-raised with the run's report attached as its `report`
+//! attribute (when there is one).
 //!
-//! Thread-safety: `Engine` is frozen and holds only the state dir path.
+//! Thread-safety: `Engine` is frozen and holds only the state dir's context.
 
 // pyo3 hands method arguments over by value; borrowing them is not an option there.
 #![allow(clippy::needless_pass_by_value)]
 
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
-use std::sync::Arc;
-use std::time::Duration;
 
-use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList};
 use serde::Serialize;
-use serde_json::Value;
 
-use crate::events::{Event, Sink};
-use crate::pipeline::home::{Home, NewDevice};
-use crate::pipeline::{self, Options};
-use crate::process::Cancel;
-
-/// How often the caller's thread wakes up to deliver events and check signals.
-const TICK: Duration = Duration::from_millis(100);
+use super::worker::{run_detached, Interrupted};
+use crate::commands::{self, Context, NewDevice};
+use crate::pipeline::{self, Options, Report};
 
 /// A kflash state directory: devices, settings, configs, builds and runs.
 ///
@@ -38,142 +28,11 @@ const TICK: Duration = Duration::from_millis(100);
 /// `~/printer_data` exists, else `$XDG_CONFIG_HOME/kflash`.
 #[pyclass(frozen, module = "kflash._core")]
 pub struct Engine {
-    home: Home,
+    context: Context,
 }
 
-fn to_py<'py>(py: Python<'py>, value: &Value) -> PyResult<Bound<'py, PyAny>> {
-    Ok(match value {
-        Value::Null => py.None().into_bound(py),
-        Value::Bool(b) => b.into_pyobject(py)?.to_owned().into_any(),
-        Value::Number(n) => {
-            if let Some(i) = n.as_i64() {
-                i.into_pyobject(py)?.into_any()
-            } else if let Some(u) = n.as_u64() {
-                u.into_pyobject(py)?.into_any()
-            } else {
-                n.as_f64().unwrap_or(f64::NAN).into_pyobject(py)?.into_any()
-            }
-        }
-        Value::String(s) => s.into_pyobject(py)?.into_any(),
-        Value::Array(items) => {
-            let list = PyList::empty(py);
-            for item in items {
-                list.append(to_py(py, item)?)?;
-            }
-            list.into_any()
-        }
-        Value::Object(map) => {
-            let dict = PyDict::new(py);
-            for (k, v) in map {
-                dict.set_item(k, to_py(py, v)?)?;
-            }
-            dict.into_any()
-        }
-    })
-}
-
-fn ser<'py>(py: Python<'py>, value: &impl Serialize) -> PyResult<Bound<'py, PyAny>> {
-    let value = serde_json::to_value(value).map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
-    to_py(py, &value)
-}
-
-/// Run `work` on a worker thread with the GIL released; deliver events and check signals
-/// every tick. On an exception from `check_signals` or `on_event`: cancel, wait for the
-/// work to unwind, then return `Err((exception, result))`.
-fn run_detached<T: Send + 'static>(
-    py: Python<'_>,
-    on_event: Option<&Py<PyAny>>,
-    work: impl FnOnce(Cancel, Sink) -> T + Send + 'static,
-) -> Result<T, (PyErr, Option<T>)> {
-    let cancel = Cancel::new();
-    let (tx, rx) = mpsc::channel::<Event>();
-    let tx = std::sync::Mutex::new(tx);
-    let sink: Sink = Arc::new(move |e: &Event| {
-        if let Ok(tx) = tx.lock() {
-            let _ = tx.send(e.clone());
-        }
-    });
-    let worker_cancel = cancel.clone();
-    let handle = std::thread::spawn(move || work(worker_cancel, sink));
-    // Mutex: the detached closure borrows it from another "thread" as far as Send goes.
-    let rx = std::sync::Mutex::new(rx);
-    let drain = |rx: &std::sync::Mutex<mpsc::Receiver<Event>>| -> Vec<Event> {
-        rx.lock()
-            .map(|r| r.try_iter().collect())
-            .unwrap_or_default()
-    };
-    let mut interrupted: Option<PyErr> = None;
-    loop {
-        let (events, finished) = py.detach(|| {
-            let mut events = Vec::new();
-            if let Ok(r) = rx.lock() {
-                if let Ok(e) = r.recv_timeout(TICK) {
-                    events.push(e);
-                    events.extend(r.try_iter());
-                }
-            }
-            (events, handle.is_finished())
-        });
-        for event in &events {
-            deliver(py, on_event, event, &cancel, &mut interrupted);
-        }
-        if finished {
-            break;
-        }
-        if interrupted.is_none() {
-            if let Err(e) = py.check_signals() {
-                cancel.cancel();
-                interrupted = Some(e);
-            }
-        }
-    }
-    let result = py.detach(|| handle.join());
-    for event in drain(&rx) {
-        deliver(py, on_event, &event, &cancel, &mut interrupted);
-    }
-    match (result, interrupted) {
-        (Ok(value), None) => Ok(value),
-        (Ok(value), Some(err)) => Err((err, Some(value))),
-        (Err(_), Some(err)) => Err((err, None)),
-        (Err(_), None) => Err((
-            PyRuntimeError::new_err(
-                "kflash: the run panicked (klipper was restarted by its guard)",
-            ),
-            None,
-        )),
-    }
-}
-
-fn deliver(
-    py: Python<'_>,
-    on_event: Option<&Py<PyAny>>,
-    event: &Event,
-    cancel: &Cancel,
-    interrupted: &mut Option<PyErr>,
-) {
-    let Some(callback) = on_event else { return };
-    if interrupted.is_some() {
-        // Still show progress while unwinding; ignore callback errors now.
-        if let Ok(obj) = ser(py, event) {
-            let _ = callback.call1(py, (obj,));
-        }
-        return;
-    }
-    let result = ser(py, event).and_then(|obj| callback.call1(py, (obj,)));
-    if let Err(e) = result {
-        cancel.cancel();
-        *interrupted = Some(e);
-    }
-}
-
-/// Attach the run's report to an exception that interrupted it.
-fn with_report(py: Python<'_>, err: PyErr, report: Option<&pipeline::Report>) -> PyErr {
-    if let Some(report) = report {
-        if let Ok(obj) = ser(py, report) {
-            let _ = err.value(py).setattr("report", obj);
-        }
-    }
-    err
+fn to_py<'py>(py: Python<'py>, value: &impl Serialize) -> PyResult<Bound<'py, PyAny>> {
+    Ok(pythonize::pythonize(py, value)?)
 }
 
 fn keys_of(keys: Option<Vec<String>>) -> Option<Vec<String>> {
@@ -187,21 +46,27 @@ impl Engine {
         opts: Options,
         on_event: Option<Py<PyAny>>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let home = self.home.clone();
+        let context = self.context.clone();
+        let on_event = on_event.map(|cb| cb.into_bound(py));
         let outcome = run_detached(py, on_event.as_ref(), move |cancel, sink| {
-            let deps = home.deps()?;
-            pipeline::flash_all(&deps, &opts, &cancel, &sink)
+            context.flash_all(&opts, cancel, sink)
         });
         match outcome {
-            Ok(Ok(report)) => ser(py, &report),
+            Ok(Ok(report)) => to_py(py, &report),
             Ok(Err(err)) => Err(err.into()),
-            Err((err, result)) => {
-                let report = match &result {
-                    Some(Ok(r)) => Some(r.clone()),
-                    Some(Err(pipeline::Error::Cancelled { report })) => report.as_deref().cloned(),
+            Err(Interrupted { error, result }) => {
+                let report: Option<Report> = match result {
+                    Some(Ok(r)) => Some(r),
+                    Some(Err(commands::Error::Run(e))) => match *e {
+                        pipeline::Error::Cancelled { report } => report.map(|r| *r),
+                        _ => None,
+                    },
                     _ => None,
                 };
-                Err(with_report(py, err, report.as_ref()))
+                if let Some(report) = report {
+                    let _ = error.value(py).setattr("report", to_py(py, &report)?);
+                }
+                Err(error)
             }
         }
     }
@@ -212,24 +77,24 @@ impl Engine {
     #[new]
     #[pyo3(signature = (home=None))]
     fn new(py: Python<'_>, home: Option<PathBuf>) -> PyResult<Self> {
-        let mut home = Home::open(home)?;
-        home.python = py
+        let mut context = Context::open(home)?;
+        context.python = py
             .import("sys")?
             .getattr("executable")?
             .extract::<Option<PathBuf>>()?
             .filter(|p| !p.as_os_str().is_empty());
-        Ok(Engine { home })
+        Ok(Engine { context })
     }
 
     /// The state directory this engine works in.
     #[getter]
     fn state_dir(&self) -> String {
-        self.home.state.root().display().to_string()
+        self.context.state.root().display().to_string()
     }
 
     /// Every setting as `{name: value}` (text).
     fn settings<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        ser(py, &self.home.settings()?)
+        to_py(py, &self.context.settings()?)
     }
 
     /// Change one setting (validated first; a rejected value changes nothing).
@@ -239,12 +104,12 @@ impl Engine {
         key: &str,
         value: &str,
     ) -> PyResult<Bound<'py, PyAny>> {
-        ser(py, &self.home.set_setting(key, value)?)
+        to_py(py, &self.context.set_setting(key, value)?)
     }
 
     /// Every registered device with its config status.
     fn devices<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        ser(py, &self.home.devices()?)
+        to_py(py, &self.context.devices()?)
     }
 
     /// Register a device reached by exactly one of `serial`, `can_uuid` or `linux`.
@@ -276,22 +141,22 @@ impl Engine {
             mcu_section,
             baud,
         };
-        ser(py, &self.home.add_device(&new)?)
+        to_py(py, &self.context.add_device(&new)?)
     }
 
     /// Forget a device (its config file is kept).
     fn remove_device<'py>(&self, py: Python<'py>, key: &str) -> PyResult<Bound<'py, PyAny>> {
-        ser(py, &self.home.remove_device(key)?)
+        to_py(py, &self.context.remove_device(key)?)
     }
 
     /// Register every `[mcu ...]` of a printer.cfg that is not registered yet.
     fn import_printer_cfg<'py>(&self, py: Python<'py>, path: &str) -> PyResult<Bound<'py, PyAny>> {
-        ser(py, &self.home.import_printer_cfg(Path::new(path))?)
+        to_py(py, &self.context.import_printer_cfg(Path::new(path))?)
     }
 
     /// Path of a device's firmware config (`configs/<key>.config`).
     fn config_path(&self, key: &str) -> PyResult<String> {
-        Ok(self.home.config_path(key)?.display().to_string())
+        Ok(self.context.config_path(key)?.display().to_string())
     }
 
     /// What flash-all would do, per device, and why. Changes nothing.
@@ -302,20 +167,18 @@ impl Engine {
         keys: Option<Vec<String>>,
         only_outdated: bool,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let home = self.home.clone();
+        let context = self.context.clone();
         let opts = Options {
             keys: keys_of(keys),
             only_outdated,
             yes: false,
         };
-        let plan = py.detach(move || {
-            let deps = home.deps()?;
-            pipeline::plan(&deps, &opts, &crate::events::discard()).map(|(p, _)| p)
-        })?;
-        ser(py, &plan)
+        let plan = py.detach(move || context.plan(&opts))?;
+        to_py(py, &plan)
     }
 
-    /// Build the selected devices' firmware (no stop window).
+    /// Build the selected devices' firmware (no stop window). Raises BuildError (its
+    /// `report` holds every device's entry) when a build failed.
     #[pyo3(signature = (keys=None, on_event=None))]
     fn build<'py>(
         &self,
@@ -323,17 +186,14 @@ impl Engine {
         keys: Option<Vec<String>>,
         on_event: Option<Py<PyAny>>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let home = self.home.clone();
+        let context = self.context.clone();
         let keys = keys_of(keys);
-        let outcome = run_detached(py, on_event.as_ref(), move |cancel, sink| {
-            let deps = home.deps()?;
-            pipeline::build(&deps, keys.as_deref(), &cancel, &sink)
-        });
-        match outcome {
-            Ok(Ok(results)) => ser(py, &results),
-            Ok(Err(err)) => Err(err.into()),
-            Err((err, _)) => Err(err),
-        }
+        let on_event = on_event.map(|cb| cb.into_bound(py));
+        let results = run_detached(py, on_event.as_ref(), move |cancel, sink| {
+            context.build(keys.as_deref(), cancel, sink)
+        })
+        .map_err(|i| i.error)??;
+        to_py(py, &results)
     }
 
     /// Build and flash one device inside one stop window; returns the report.
@@ -373,8 +233,8 @@ impl Engine {
 
     /// Klippy's state and each device's current vs target version; the last run.
     fn status<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        let home = self.home.clone();
-        let status = py.detach(move || home.status())?;
+        let context = self.context.clone();
+        let status = py.detach(move || context.status())?;
         to_py(py, &status)
     }
 }

@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use super::{normalise_uuid, Device, Error, FlashMethod, Identity, MAX_KEY_LEN};
+use super::{normalise_uuid, Device, Endpoint, Error, FlashMethod, MAX_KEY_LEN};
 use crate::discovery::{glob_match, has_wildcard};
 
 /// An MCU found in printer.cfg, ready to become a `Device`.
@@ -24,7 +24,7 @@ pub struct ImportedMcu {
     /// The section name as written (`mcu`, `mcu EBB36`).
     pub mcu_section: String,
     /// Where it is found.
-    pub identity: Identity,
+    pub endpoint: Endpoint,
     /// `linux` for the host MCU, else `auto`.
     pub method: FlashMethod,
     /// `baud:` when given.
@@ -38,7 +38,7 @@ impl ImportedMcu {
             key: self.key.clone(),
             name: None,
             mcu_section: self.mcu_section.clone(),
-            identity: self.identity.clone(),
+            endpoint: self.endpoint.clone(),
             method: self.method,
             baud: self.baud,
         }
@@ -269,18 +269,18 @@ fn collect(parsed: &Parsed) -> Result<Vec<ImportedMcu>, Error> {
             line: opt.line,
             message,
         };
-        let (identity, method) = if let Some(serial) = get("serial") {
+        let (endpoint, method) = if let Some(serial) = get("serial") {
             let path = serial.value.clone();
             if path.starts_with("/tmp/klipper_host_") {
-                (Identity::Linux { path }, FlashMethod::Linux)
+                (Endpoint::Linux { path }, FlashMethod::Linux)
             } else {
-                (Identity::Serial { path }, FlashMethod::Auto)
+                (Endpoint::Serial { path }, FlashMethod::Auto)
             }
         } else if let Some(uuid) = get("canbus_uuid") {
             let uuid = normalise_uuid(&uuid.value).map_err(|e| bad(uuid, e.to_string()))?;
             let interface =
                 get("canbus_interface").map_or_else(|| "can0".into(), |o| o.value.clone());
-            (Identity::Can { uuid, interface }, FlashMethod::Auto)
+            (Endpoint::Can { uuid, interface }, FlashMethod::Auto)
         } else {
             let (path, line) = parsed
                 .headers
@@ -304,7 +304,7 @@ fn collect(parsed: &Parsed) -> Result<Vec<ImportedMcu>, Error> {
         out.push(ImportedMcu {
             key: key_for_section(name),
             mcu_section: name.clone(),
-            identity,
+            endpoint,
             method,
             baud: baud_rate,
         });
@@ -348,21 +348,21 @@ serial: /dev/nope
         let keys: Vec<_> = mcus.iter().map(|m| m.key.as_str()).collect();
         assert_eq!(keys, ["mcu", "EBB36", "host", "toolboard"]);
         assert_eq!(
-            mcus[0].identity,
-            Identity::Serial {
+            mcus[0].endpoint,
+            Endpoint::Serial {
                 path: "/dev/serial/by-id/usb-Klipper_stm32f446xx_12345-if00".into()
             }
         );
         assert_eq!(
-            mcus[1].identity,
-            Identity::Can {
+            mcus[1].endpoint,
+            Endpoint::Can {
                 uuid: "0a1b2c3d4e5f".into(),
                 interface: "can1".into()
             }
         );
         assert_eq!(mcus[1].mcu_section, "mcu EBB36");
         assert_eq!(mcus[2].method, FlashMethod::Linux);
-        assert!(matches!(mcus[2].identity, Identity::Linux { .. }));
+        assert!(matches!(mcus[2].endpoint, Endpoint::Linux { .. }));
         assert_eq!(mcus[3].baud, Some(250_000));
         assert_eq!(mcus[0].to_device().mcu_section, "mcu");
     }
@@ -426,8 +426,8 @@ serial: /dev/nope
         let keys: Vec<_> = mcus.iter().map(|m| m.key.as_str()).collect();
         assert_eq!(keys, ["EBB", "rpi", "mcu"]);
         assert_eq!(
-            mcus[0].identity,
-            Identity::Can {
+            mcus[0].endpoint,
+            Endpoint::Can {
                 uuid: "aabbccddeeff".into(),
                 interface: "can2".into()
             }

@@ -15,7 +15,7 @@ mod settings;
 mod state;
 
 pub use import::{import_printer_cfg, import_printer_cfg_file, ImportedMcu};
-pub use settings::{expand_home, KatapultFlasher, ServiceKind, Settings};
+pub use settings::{expand_home, Backend, KatapultFlasher, Settings};
 pub(crate) use state::write_atomic_with;
 pub use state::{write_atomic, StateDir};
 
@@ -130,10 +130,11 @@ impl fmt::Display for FlashMethod {
     }
 }
 
-/// How a device is found on this host.
+/// Where a device is reached: the one type the registry stores (devices.json's
+/// `"identity"`: `{"type": "serial"|"can"|"linux", ...}`) and the flasher uses.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
-pub enum Identity {
+pub enum Endpoint {
     /// A USB/UART device: a /dev/serial/by-id or by-path path, or a glob such as
     /// `usb-Klipper_stm32*`.
     Serial { path: String },
@@ -143,11 +144,11 @@ pub enum Identity {
     Linux { path: String },
 }
 
-impl Identity {
-    /// A CAN identity with the uuid validated and normalised to lowercase.
-    pub fn can(uuid: &str, interface: &str) -> Result<Identity, Error> {
+impl Endpoint {
+    /// A CAN endpoint with the uuid validated and normalised to lowercase.
+    pub fn can(uuid: &str, interface: &str) -> Result<Endpoint, Error> {
         let interface = interface.trim();
-        Ok(Identity::Can {
+        Ok(Endpoint::Can {
             uuid: normalise_uuid(uuid)?,
             interface: if interface.is_empty() {
                 "can0".into()
@@ -157,12 +158,22 @@ impl Identity {
         })
     }
 
-    /// A short human description (`serial /dev/...`, `can 0a1b... on can0`).
+    /// Where, in short, for plans and messages: the path, or `can0:<uuid>`.
     pub fn describe(&self) -> String {
         match self {
-            Identity::Serial { path } => format!("serial {path}"),
-            Identity::Can { uuid, interface } => format!("can {uuid} on {interface}"),
-            Identity::Linux { path } => format!("linux {path}"),
+            Endpoint::Serial { path } | Endpoint::Linux { path } => path.clone(),
+            Endpoint::Can { interface, uuid } => format!("{interface}:{uuid}"),
+        }
+    }
+}
+
+/// With its kind, for device lists: `serial /dev/...`, `can 0a1b... on can0`.
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Endpoint::Serial { path } => write!(f, "serial {path}"),
+            Endpoint::Can { uuid, interface } => write!(f, "can {uuid} on {interface}"),
+            Endpoint::Linux { path } => write!(f, "linux {path}"),
         }
     }
 }
@@ -196,8 +207,9 @@ pub struct Device {
     /// The printer.cfg section (`mcu` or `mcu EBB36`), to match Moonraker/klippy objects.
     #[serde(default = "default_mcu_section")]
     pub mcu_section: String,
-    /// Where the device is found.
-    pub identity: Identity,
+    /// Where the device is found (`"identity"` in devices.json).
+    #[serde(rename = "identity")]
+    pub endpoint: Endpoint,
     /// How it is flashed.
     #[serde(default)]
     pub method: FlashMethod,
@@ -209,9 +221,9 @@ pub struct Device {
 impl Device {
     /// A device with defaults: section derived from the key, method `auto` (or `linux` for a
     /// linux identity), no name, no baud.
-    pub fn new(key: &str, identity: Identity) -> Result<Device, Error> {
+    pub fn new(key: &str, endpoint: Endpoint) -> Result<Device, Error> {
         validate_key(key)?;
-        let method = if matches!(identity, Identity::Linux { .. }) {
+        let method = if matches!(endpoint, Endpoint::Linux { .. }) {
             FlashMethod::Linux
         } else {
             FlashMethod::Auto
@@ -224,7 +236,7 @@ impl Device {
             } else {
                 format!("mcu {key}")
             },
-            identity,
+            endpoint,
             method,
             baud: None,
         })
@@ -236,14 +248,14 @@ impl Device {
     fn check_identity(&self) -> Result<(), Error> {
         let bad = |reason: &str| Error::BadValue {
             key: format!("identity of {}", self.key),
-            value: self.identity.describe(),
+            value: self.endpoint.to_string(),
             reason: reason.into(),
         };
-        match &self.identity {
-            Identity::Serial { path } | Identity::Linux { path } if path.trim().is_empty() => {
+        match &self.endpoint {
+            Endpoint::Serial { path } | Endpoint::Linux { path } if path.trim().is_empty() => {
                 Err(bad("the serial path is empty"))
             }
-            Identity::Can { uuid, interface } => {
+            Endpoint::Can { uuid, interface } => {
                 if normalise_uuid(uuid)? != *uuid {
                     return Err(Error::InvalidUuid { uuid: uuid.clone() });
                 }
@@ -369,7 +381,7 @@ impl Registry {
         let mut registry: Registry = serde_json::from_str(text).map_err(|e| malformed(&e))?;
         // Hand-edited uuids may be uppercase or 0x-prefixed: normalise what is valid.
         for device in &mut registry.devices {
-            if let Identity::Can { uuid, .. } = &mut device.identity {
+            if let Endpoint::Can { uuid, .. } = &mut device.endpoint {
                 if let Ok(normal) = normalise_uuid(uuid) {
                     *uuid = normal;
                 }
@@ -426,27 +438,37 @@ impl Registry {
         if self.devices.iter().any(|d| d.key == device.key) {
             return Err(Error::DuplicateKey(device.key));
         }
-        if let Identity::Can { uuid, interface } = &device.identity {
-            device.identity = Identity::can(uuid, interface)?;
+        if let Endpoint::Can { uuid, interface } = &device.endpoint {
+            device.endpoint = Endpoint::can(uuid, interface)?;
         }
         device.check_identity()?;
         self.devices.push(device);
         Ok(())
     }
 
-    /// Add the MCUs found in printer.cfg. An MCU whose key or endpoint is already
-    /// registered is skipped with the reason; nothing already registered changes.
+    /// Add the MCUs found in printer.cfg. An MCU whose key, printer.cfg section or
+    /// endpoint is already registered is skipped with the reason; nothing already
+    /// registered changes.
     pub fn add_imported(&mut self, mcus: &[ImportedMcu]) -> ImportReport {
         let mut report = ImportReport::default();
         for mcu in mcus {
             let device = mcu.to_device();
-            if let Some(existing) = self.devices.iter().find(|d| d.identity == device.identity) {
+            let known = self
+                .devices
+                .iter()
+                .any(|d| d.key == device.key || d.mcu_section == device.mcu_section);
+            if known {
+                report
+                    .skipped
+                    .push((device.key, "already registered".into()));
+                continue;
+            }
+            if let Some(existing) = self.devices.iter().find(|d| d.endpoint == device.endpoint) {
                 report.skipped.push((
                     device.key,
                     format!(
                         "{} is already registered as {}",
-                        device.identity.describe(),
-                        existing.key
+                        device.endpoint, existing.key
                     ),
                 ));
                 continue;
@@ -476,15 +498,6 @@ impl Registry {
             .ok_or_else(|| self.unknown(key))
     }
 
-    /// Mutable access to a device; an unknown key lists the known ones.
-    pub fn get_mut(&mut self, key: &str) -> Result<&mut Device, Error> {
-        let unknown = self.unknown(key);
-        self.devices
-            .iter_mut()
-            .find(|d| d.key == key)
-            .ok_or(unknown)
-    }
-
     fn unknown(&self, key: &str) -> Error {
         let known = if self.devices.is_empty() {
             "none registered yet; see `kflash devices add` or `kflash devices import`".into()
@@ -506,8 +519,8 @@ impl Registry {
 mod tests {
     use super::*;
 
-    fn serial(path: &str) -> Identity {
-        Identity::Serial { path: path.into() }
+    fn serial(path: &str) -> Endpoint {
+        Endpoint::Serial { path: path.into() }
     }
 
     fn sample() -> Registry {
@@ -520,13 +533,13 @@ mod tests {
             .unwrap(),
         )
         .unwrap();
-        let mut ebb = Device::new("EBB36", Identity::can("0A1B2C3D4E5F", "can0").unwrap()).unwrap();
+        let mut ebb = Device::new("EBB36", Endpoint::can("0A1B2C3D4E5F", "can0").unwrap()).unwrap();
         ebb.method = FlashMethod::Katapult;
         reg.add(ebb).unwrap();
         reg.add(
             Device::new(
                 "host",
-                Identity::Linux {
+                Endpoint::Linux {
                     path: "/tmp/klipper_host_mcu".into(),
                 },
             )
@@ -661,14 +674,14 @@ mod tests {
         }
         let mut reg = Registry::default();
         let mut dev = Device::new("tool", serial("x")).unwrap();
-        dev.identity = Identity::Can {
+        dev.endpoint = Endpoint::Can {
             uuid: "AABBCCDDEEFF".into(),
             interface: "can1".into(),
         };
         reg.add(dev).unwrap();
         assert_eq!(
-            reg.get("tool").unwrap().identity,
-            Identity::Can {
+            reg.get("tool").unwrap().endpoint,
+            Endpoint::Can {
                 uuid: "aabbccddeeff".into(),
                 interface: "can1".into()
             }
@@ -690,8 +703,8 @@ mod tests {
         let path = std::path::Path::new("devices.json");
         let reg = Registry::parse(&can("0xAABBCCDDEEFF"), path).unwrap();
         assert_eq!(
-            reg.devices[0].identity,
-            Identity::can("aabbccddeeff", "can0").unwrap()
+            reg.devices[0].endpoint,
+            Endpoint::can("aabbccddeeff", "can0").unwrap()
         );
         let msg = Registry::parse(&can("12345"), path)
             .unwrap_err()
@@ -717,7 +730,7 @@ mod tests {
         let skipped: Vec<&str> = report.skipped.iter().map(|(k, _)| k.as_str()).collect();
         assert_eq!(skipped, ["mcu", "EBB36", "nozzle"]);
         assert!(report.skipped[2].1.contains("already registered as EBB36"));
-        assert!(report.skipped[1].1.contains("already exists"));
+        assert_eq!(report.skipped[1].1, "already registered");
         assert_eq!(reg.get("sb2040").unwrap().mcu_section, "mcu sb2040");
     }
 

@@ -13,10 +13,11 @@ use std::path::{Path, PathBuf};
 
 use super::Error;
 
-/// How kflash stops and starts the klipper service.
+/// How kflash stops and starts the klipper service: the `service` setting. Also what
+/// the watchdog process is told (`"backend"` in its JSON).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
-pub enum ServiceKind {
+pub enum Backend {
     /// Moonraker's `/machine/services/*` endpoints (no sudo needed).
     #[default]
     Moonraker,
@@ -26,20 +27,36 @@ pub enum ServiceKind {
     Command,
 }
 
-impl ServiceKind {
+impl Backend {
     /// The name as stored and typed by users.
     pub fn as_str(self) -> &'static str {
         match self {
-            ServiceKind::Moonraker => "moonraker",
-            ServiceKind::Systemd => "systemd",
-            ServiceKind::Command => "command",
+            Backend::Moonraker => "moonraker",
+            Backend::Systemd => "systemd",
+            Backend::Command => "command",
         }
     }
 }
 
-impl fmt::Display for ServiceKind {
+impl fmt::Display for Backend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Backend {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self, Error> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "moonraker" => Ok(Backend::Moonraker),
+            "systemd" => Ok(Backend::Systemd),
+            "command" => Ok(Backend::Command),
+            _ => Err(Error::BadValue {
+                key: "service".into(),
+                value: s.into(),
+                reason: "expected one of: moonraker, systemd, command".into(),
+            }),
+        }
     }
 }
 
@@ -52,7 +69,7 @@ pub struct Settings {
     /// The Katapult source tree (for flashtool.py fallbacks).
     pub katapult_dir: PathBuf,
     /// How the klipper service is stopped and started.
-    pub service: ServiceKind,
+    pub service: Backend,
     /// The systemd unit / Moonraker service name of klipper.
     pub klipper_service: String,
     /// Shell command that stops klipper (service = command).
@@ -97,7 +114,7 @@ impl Default for Settings {
         Settings {
             klipper_dir: expand_home("~/klipper"),
             katapult_dir: expand_home("~/katapult"),
-            service: ServiceKind::Moonraker,
+            service: Backend::Moonraker,
             klipper_service: "klipper".into(),
             stop_command: None,
             start_command: None,
@@ -179,12 +196,7 @@ impl Settings {
                 }
             }
             "service" => {
-                self.service = match trimmed {
-                    "moonraker" => ServiceKind::Moonraker,
-                    "systemd" => ServiceKind::Systemd,
-                    "command" => ServiceKind::Command,
-                    _ => return Err(bad("expected one of: moonraker, systemd, command")),
-                };
+                self.service = trimmed.parse()?;
             }
             "klipper_service" => {
                 if trimmed.is_empty()
@@ -277,7 +289,7 @@ mod tests {
         s.set("klipper_dir", "/opt/kalico").unwrap();
         s.set("build_timeout_s", "900").unwrap();
         s.set("moonraker_url", "http://localhost:7125/").unwrap();
-        assert_eq!(s.service, ServiceKind::Command);
+        assert_eq!(s.service, Backend::Command);
         assert_eq!(
             s.stop_command.as_deref(),
             Some("supervisorctl stop klipper")

@@ -1,6 +1,6 @@
 //! Where kflash keeps its state, and how files that matter are written.
 //!
-//! `StateDir` resolves the state directory once (see the brief: `$KFLASH_HOME`, else
+//! `StateDir` resolves the state directory once (`$KFLASH_HOME`, else
 //! `~/printer_data/kflash` when `~/printer_data` exists, else `$XDG_CONFIG_HOME/kflash`,
 //! default `~/.config/kflash`) and names every file in it. It never creates anything by
 //! itself; writers create what they need.
@@ -88,14 +88,6 @@ impl StateDir {
     /// `runs/`: one record per flash-all run.
     pub fn runs_dir(&self) -> PathBuf {
         self.root.join("runs")
-    }
-
-    /// Create the directory with `configs/`, `builds/` and `runs/` (idempotent).
-    pub fn create_all(&self) -> io::Result<()> {
-        for dir in [self.configs_dir(), self.builds_dir(), self.runs_dir()] {
-            fs::create_dir_all(dir)?;
-        }
-        Ok(())
     }
 
     /// `lock`: held by the one run allowed at a time.
@@ -214,15 +206,6 @@ mod tests {
         assert_eq!(dir.builds_dir(), Path::new("/s/builds"));
         assert_eq!(dir.runs_dir(), Path::new("/s/runs"));
         assert_eq!(dir.lock_path(), Path::new("/s/lock"));
-    }
-
-    #[test]
-    fn create_all_makes_the_layout() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = StateDir::at(tmp.path().join("kflash"));
-        dir.create_all().unwrap();
-        dir.create_all().unwrap();
-        assert!(dir.configs_dir().is_dir() && dir.builds_dir().is_dir() && dir.runs_dir().is_dir());
     }
 
     #[test]

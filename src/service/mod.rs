@@ -8,7 +8,8 @@
 //! Invariants: once `stop` has been called the service is started again on every path —
 //! explicitly by `StopGuard::restart` (which reports failure so the caller can exit 4),
 //! otherwise by the guard's `Drop` (which never panics, only logs to stderr, and never hides
-//! the error the caller is returning), and after a SIGKILL of the runner by the watchdog.
+//! the error the caller is returning), and after a SIGKILL of the runner by the watchdog
+//! (armed by the pipeline around the stop window).
 //! A failed `stop` also tries to start the service again before returning its error.
 //! `check` exercises the real control path without stopping anything.
 //!
@@ -22,7 +23,6 @@ mod watchdog;
 
 use std::fmt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::str::FromStr;
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -33,6 +33,9 @@ pub use command::{split_command, CommandService};
 pub use moonraker::MoonrakerService;
 pub use systemd::SystemdService;
 pub use watchdog::Watchdog;
+
+/// Which way the service is controlled (the `service` setting).
+pub use crate::registry::Backend;
 
 use crate::{moonraker as mr, process};
 
@@ -122,50 +125,6 @@ pub trait ServiceControl: Send + Sync {
     fn check(&self) -> Result<(), Error>;
 }
 
-/// Which way the service is controlled.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Backend {
-    /// Moonraker's `/machine/services/*` (no sudo; preferred).
-    #[default]
-    Moonraker,
-    /// `sudo -n systemctl stop|start <unit>`.
-    Systemd,
-    /// User-given stop/start commands (non-systemd hosts, the bench).
-    Command,
-}
-
-impl Backend {
-    /// The settings value naming this backend.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Backend::Moonraker => "moonraker",
-            Backend::Systemd => "systemd",
-            Backend::Command => "command",
-        }
-    }
-}
-
-impl fmt::Display for Backend {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for Backend {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self, Error> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "moonraker" => Ok(Backend::Moonraker),
-            "systemd" => Ok(Backend::Systemd),
-            "command" => Ok(Backend::Command),
-            other => Err(Error::Config(format!(
-                "unknown service backend `{other}`; use moonraker, systemd or command"
-            ))),
-        }
-    }
-}
-
 /// The service settings (`service`, `klipper_service`, `moonraker_url`, `stop_command`,
 /// `start_command`). Also what the watchdog receives.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -235,58 +194,24 @@ pub fn from_config(cfg: &ServiceConfig) -> Result<Arc<dyn ServiceControl>, Error
 /// If stopping fails, the service may be half-stopped: it is started again (best effort,
 /// logged to stderr) and the stop error is returned.
 pub fn stop(svc: Arc<dyn ServiceControl>) -> Result<StopGuard, Error> {
-    stop_inner(svc, None)
-}
-
-/// Like `stop`, with a watchdog armed beforehand (so a SIGKILL of the runner at any moment
-/// after this call still gets the service started). The guard disarms the watchdog once the
-/// service runs again; if starting fails, the watchdog is left to try once more.
-pub fn stop_watched(svc: Arc<dyn ServiceControl>, watchdog: Watchdog) -> Result<StopGuard, Error> {
-    stop_inner(svc, Some(watchdog))
-}
-
-fn stop_inner(
-    svc: Arc<dyn ServiceControl>,
-    watchdog: Option<Watchdog>,
-) -> Result<StopGuard, Error> {
     let stopped_at = Instant::now();
     match svc.stop() {
         Ok(()) => Ok(StopGuard {
             svc,
             stopped_at,
             restarted: false,
-            watchdog,
         }),
         Err(err) => {
-            let mut running = matches!(svc.is_active(), Ok(true));
-            if !running {
-                match start_with_retries(&*svc) {
-                    Ok(()) => running = true,
-                    Err(start_err) => eprintln!(
+            if !matches!(svc.is_active(), Ok(true)) {
+                if let Err(start_err) = start_with_retries(&*svc) {
+                    eprintln!(
                         "kflash: stopping {} failed and starting it again failed too: {start_err}",
                         svc.describe()
-                    ),
+                    );
                 }
             }
-            stand_down(watchdog, running);
             Err(err)
         }
-    }
-}
-
-/// The service runs again: disarm the watchdog. It does not: drop it, so it tries too.
-fn stand_down(watchdog: Option<Watchdog>, service_running: bool) {
-    let Some(watchdog) = watchdog else { return };
-    if service_running {
-        if let Err(err) = watchdog.disarm() {
-            eprintln!("kflash: {err}");
-        }
-    } else {
-        eprintln!(
-            "kflash: leaving the watchdog to start the service (log: {})",
-            watchdog.log_path().display()
-        );
-        drop(watchdog);
     }
 }
 
@@ -296,7 +221,6 @@ pub struct StopGuard {
     svc: Arc<dyn ServiceControl>,
     stopped_at: Instant,
     restarted: bool,
-    watchdog: Option<Watchdog>,
 }
 
 impl StopGuard {
@@ -304,20 +228,8 @@ impl StopGuard {
     /// On failure the guard does not try again on drop: report it (exit code 4).
     pub fn restart(mut self) -> Result<Duration, Error> {
         self.restarted = true;
-        let started = start_with_retries(&*self.svc);
-        stand_down(self.watchdog.take(), started.is_ok());
-        started?;
+        start_with_retries(&*self.svc)?;
         Ok(self.stopped_at.elapsed())
-    }
-
-    /// How long the service has been down so far.
-    pub fn downtime(&self) -> Duration {
-        self.stopped_at.elapsed()
-    }
-
-    /// The service this guard keeps stopped.
-    pub fn service(&self) -> &Arc<dyn ServiceControl> {
-        &self.svc
     }
 }
 
@@ -327,7 +239,6 @@ impl fmt::Debug for StopGuard {
             .field("service", &self.svc.describe())
             .field("stopped_at", &self.stopped_at)
             .field("restarted", &self.restarted)
-            .field("watchdog", &self.watchdog)
             .finish()
     }
 }
@@ -339,7 +250,6 @@ impl Drop for StopGuard {
         }
         self.restarted = true;
         let svc = &self.svc;
-        let watchdog = self.watchdog.take();
         let outcome = catch_unwind(AssertUnwindSafe(move || {
             let name = svc.describe();
             eprintln!("kflash: starting {name} again");
@@ -351,7 +261,6 @@ impl Drop for StopGuard {
                      (e.g. `sudo systemctl start klipper`)."
                 ),
             }
-            stand_down(watchdog, started.is_ok());
         }));
         if outcome.is_err() {
             eprintln!("kflash: !!! starting the service again panicked; it may still be stopped");
@@ -551,7 +460,7 @@ mod tests {
         assert_eq!("Systemd".parse::<Backend>().unwrap(), Backend::Systemd);
         let err = "openrc".parse::<Backend>().unwrap_err();
         assert!(
-            err.to_string().contains("moonraker, systemd or command"),
+            err.to_string().contains("moonraker, systemd, command"),
             "{err}"
         );
         let cfg = ServiceConfig {
@@ -593,61 +502,5 @@ mod tests {
         let text = serde_json::to_string(&cfg).unwrap();
         assert!(text.contains(r#""backend":"command""#), "{text}");
         assert_eq!(serde_json::from_str::<ServiceConfig>(&text).unwrap(), cfg);
-    }
-
-    fn armed_watchdog(dir: &std::path::Path) -> Watchdog {
-        let script =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python/kflash/watchdog.py");
-        let marker = dir.join("watchdog-started");
-        let cfg = ServiceConfig {
-            backend: Backend::Command,
-            stop_command: Some("true".into()),
-            start_command: Some(format!("touch '{}'", marker.display())),
-            ..ServiceConfig::default()
-        };
-        Watchdog::arm(&["python3".into(), script.into()], &cfg, dir).unwrap()
-    }
-
-    fn log_says(dir: &std::path::Path, what: &str) -> bool {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            let log = std::fs::read_to_string(dir.join("watchdog.log")).unwrap_or_default();
-            if log.contains(what) {
-                return true;
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-        false
-    }
-
-    #[test]
-    fn watched_restart_disarms_the_watchdog() {
-        let dir = tempfile::tempdir().unwrap();
-        let f = fake();
-        let guard = stop_watched(f.clone(), armed_watchdog(dir.path())).unwrap();
-        guard.restart().unwrap();
-        assert!(log_says(dir.path(), "disarmed"));
-        assert!(!dir.path().join("watchdog-started").exists());
-    }
-
-    #[test]
-    fn watched_restart_failure_leaves_the_watchdog_to_try() {
-        let dir = tempfile::tempdir().unwrap();
-        let f = fake();
-        f.fail_starts.store(100, Ordering::SeqCst);
-        let guard = stop_watched(f.clone(), armed_watchdog(dir.path())).unwrap();
-        assert!(guard.restart().is_err());
-        assert!(log_says(dir.path(), "started again"));
-        assert!(dir.path().join("watchdog-started").exists());
-    }
-
-    #[test]
-    fn watched_drop_restarts_and_disarms() {
-        let dir = tempfile::tempdir().unwrap();
-        let f = fake();
-        drop(stop_watched(f.clone(), armed_watchdog(dir.path())).unwrap());
-        assert!(f.active.load(Ordering::SeqCst));
-        assert!(log_says(dir.path(), "disarmed"));
-        assert!(!dir.path().join("watchdog-started").exists());
     }
 }

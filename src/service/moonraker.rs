@@ -37,6 +37,7 @@ impl MoonrakerService {
     }
 
     /// Change how long stop/start wait for the unit's state (default 60 s).
+    #[cfg(test)]
     #[must_use]
     pub fn with_state_timeout(mut self, timeout: Duration) -> Self {
         self.state_timeout = timeout;
@@ -275,9 +276,10 @@ mod tests {
         let svc = MoonrakerService::new(Client::new(&url, Duration::from_secs(10)).unwrap(), "");
         svc.check().unwrap();
         let t = std::time::Instant::now();
-        let guard = super::super::stop(Arc::new(svc)).unwrap();
+        let svc: Arc<dyn ServiceControl> = Arc::new(svc);
+        let guard = super::super::stop(Arc::clone(&svc)).unwrap();
         eprintln!("stopped in {:?}", t.elapsed());
-        assert!(!guard.service().is_active().unwrap());
+        assert!(!svc.is_active().unwrap());
         let down = guard.restart().unwrap();
         eprintln!("downtime {down:?}");
     }

@@ -1,8 +1,10 @@
-//! The real `Deps`: the pipeline's ports wired to the registry, discovery, the builder,
-//! Moonraker, the service backends, the watchdog and the flasher.
+//! The pipeline's ports on a real printer: the registry and discovery (devices), the
+//! firmware builder, Moonraker (klippy), the configured service backend, the watchdog
+//! process and the flasher.
 //!
-//! Owns only adapters: no policy lives here. `Home::deps` reads the settings once per
-//! run and builds every adapter from them.
+//! Owns only adapters: no policy lives here. `Context::deps` reads the settings once per
+//! run and builds every adapter from them. Each adapter passes its domain's error on
+//! unchanged.
 //!
 //! Thread-safety: every adapter is `Send + Sync`; the device adapter keeps the stable
 //! identity of each device (learnt when it was resolved) behind a mutex, the watchdog
@@ -14,22 +16,21 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
+use serde_json::Value;
 
-use super::home::Home;
-use super::{
-    Built, Deps, DeviceInfo, Error, Firmware, Freshness, Inventory, Printer, Service, Stopped,
-    Watchdog,
-};
-use crate::build::{self, BuildRequest};
-use crate::discovery::{self, Discovery, StableId, UsbMode};
+use super::Context;
+use crate::discovery::{self, Discovery, RomBoard, StableId, UsbMode};
 use crate::events::Sink;
-use crate::flash::{self, Comeback, Endpoint, Family, RomLoader, Tools};
-use crate::moonraker::{Client, ServiceAction};
+use crate::firmware::{self, BuildRequest};
+use crate::flash::{self, Comeback, Endpoint, Tools};
+use crate::moonraker::{self, Client, ServiceAction};
+use crate::pipeline::{
+    Built, Deps, DeviceInfo, Firmware, Flash, Inventory, Klippy, Service, Stopped, Watchdog,
+};
 use crate::process::{Cancel, Cmd};
-use crate::registry::{Registry, ServiceKind, Settings};
-use crate::service::{self, Backend, ServiceConfig, ServiceControl, StopGuard};
-use crate::versions::{self, VersionState};
+use crate::registry::{self, Backend, KatapultFlasher, Settings};
+use crate::service::{self, ServiceConfig, StopGuard};
+use crate::versions;
 
 /// Timeout of one Moonraker request made by the pipeline.
 const MOONRAKER_TIMEOUT: Duration = Duration::from_secs(5);
@@ -38,24 +39,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// `versions::compare` in the pipeline's terms.
-pub fn compare(mcu: &str, target: &str) -> Freshness {
-    match versions::compare(mcu, target) {
-        VersionState::Current => Freshness::Current,
-        VersionState::Outdated => Freshness::Outdated,
-        VersionState::Newer => Freshness::Newer,
-        VersionState::Unknown => Freshness::Unknown,
-    }
-}
-
 /// The service settings of the registry, as the service module wants them.
 pub fn service_config(s: &Settings) -> ServiceConfig {
     ServiceConfig {
-        backend: match s.service {
-            ServiceKind::Moonraker => Backend::Moonraker,
-            ServiceKind::Systemd => Backend::Systemd,
-            ServiceKind::Command => Backend::Command,
-        },
+        backend: s.service,
         unit: s.klipper_service.clone(),
         moonraker_url: s.moonraker_url.clone(),
         stop_command: s.stop_command.clone(),
@@ -65,7 +52,7 @@ pub fn service_config(s: &Settings) -> ServiceConfig {
 
 /// Registry devices + discovery. Also the flasher's `Watch`.
 pub struct LiveDevices {
-    home: Home,
+    context: Context,
     disc: Discovery,
     /// Stable identity of each serial device, learnt when it was resolved.
     stable: Mutex<HashMap<String, StableId>>,
@@ -82,23 +69,19 @@ impl LiveDevices {
             .map(|r| r.path)
             .collect()
     }
-}
 
-impl LiveDevices {
-    fn serial_pattern(endpoint: &Endpoint) -> Option<String> {
-        match endpoint {
-            Endpoint::Serial { path, .. } => Some(path.display().to_string()),
-            _ => None,
-        }
-    }
-
-    fn find_port(&self, key: &str, endpoint: &Endpoint) -> Result<discovery::SerialPort, String> {
+    /// The tty of a serial device: by its stable identity once known, else by its
+    /// registered path (or pattern).
+    fn find_port(
+        &self,
+        key: &str,
+        pattern: &str,
+    ) -> Result<discovery::SerialPort, discovery::Error> {
         let stable = lock(&self.stable).get(key).cloned();
         if let Some(port) = stable.and_then(|s| self.disc.find(&s)) {
             return Ok(port);
         }
-        let pattern = Self::serial_pattern(endpoint).ok_or("not a serial device")?;
-        let port = self.disc.resolve(&pattern).map_err(|e| e.to_string())?;
+        let port = self.disc.resolve(pattern)?;
         lock(&self.stable).insert(key.to_owned(), StableId::of(&port));
         Ok(port)
     }
@@ -110,45 +93,28 @@ impl LiveDevices {
 }
 
 impl Inventory for LiveDevices {
-    fn devices(&self) -> Result<Vec<DeviceInfo>, Error> {
-        let reg = self.home.registry()?;
-        Ok(self.home.device_infos(&reg))
+    fn devices(&self) -> Result<Vec<DeviceInfo>, registry::Error> {
+        let reg = self.context.registry()?;
+        Ok(self.context.device_infos(&reg))
     }
 
-    fn resolve(&self, dev: &DeviceInfo) -> Result<String, String> {
+    fn resolve(&self, dev: &DeviceInfo) -> Result<String, discovery::Error> {
         match &dev.endpoint {
-            Endpoint::Serial { .. } => self
-                .find_port(&dev.key, &dev.endpoint)
+            Endpoint::Serial { path } => self
+                .find_port(&dev.key, path)
                 .map(|p| self.port_path(&p).display().to_string()),
-            Endpoint::Can { interface, uuid } => Ok(format!("{interface}:{uuid}")),
-            Endpoint::Linux { path } => Ok(path.display().to_string()),
+            Endpoint::Can { .. } | Endpoint::Linux { .. } => Ok(dev.endpoint.describe()),
         }
-    }
-
-    fn rescan(&self) {
-        // Keep the stable identities; discovery reads the file system afresh on each call.
-    }
-}
-
-fn rom_loader(r: &discovery::RomLoader) -> RomLoader {
-    let (family, what) = match r.family {
-        "stm32-dfu" => (Family::Stm32, "STM32 DFU (0483:df11)"),
-        "rp2040-bootsel" => (Family::Rp2040, "RP2040 BOOTSEL (2e8a:0003)"),
-        "rp2350-bootsel" => (Family::Rp2040, "RP2350 BOOTSEL (2e8a:000f)"),
-        _ => (Family::Generic, "a ROM bootloader"),
-    };
-    RomLoader {
-        family,
-        description: format!("{what} at {}", r.path.display()),
     }
 }
 
 impl flash::Watch for LiveDevices {
     fn locate(&self, key: &str, endpoint: &Endpoint) -> Option<PathBuf> {
         lock(&self.roms_before).insert(key.to_owned(), self.rom_paths());
-        self.find_port(key, endpoint)
-            .ok()
-            .map(|p| self.port_path(&p))
+        let Endpoint::Serial { path } = endpoint else {
+            return None;
+        };
+        self.find_port(key, path).ok().map(|p| self.port_path(&p))
     }
 
     fn wait_back(
@@ -158,7 +124,7 @@ impl flash::Watch for LiveDevices {
         timeout: Duration,
         cancel: &Cancel,
     ) -> Comeback {
-        let Endpoint::Serial { .. } = endpoint else {
+        let Endpoint::Serial { path } = endpoint else {
             return Comeback::Gone;
         };
         let stable = lock(&self.stable).get(key).cloned();
@@ -171,7 +137,7 @@ impl flash::Watch for LiveDevices {
         loop {
             let port = match &stable {
                 Some(s) => self.disc.find(s),
-                None => Self::serial_pattern(endpoint).and_then(|p| self.disc.resolve(&p).ok()),
+                None => self.disc.resolve(path).ok(),
             };
             if let Some(port) = &port {
                 if matches!(
@@ -183,15 +149,15 @@ impl flash::Watch for LiveDevices {
             } else if let Some(r) = self
                 .disc
                 .find_rom_loaders()
-                .iter()
+                .into_iter()
                 .find(|r| !known.contains(&r.path))
             {
                 // Our board is gone and a new ROM loader appeared: it fell into it.
-                return Comeback::RomLoader(rom_loader(r));
+                return Comeback::RomLoader(r);
             }
             if cancel.is_cancelled() || Instant::now() >= deadline {
-                return match self.disc.find_rom_loaders().first() {
-                    Some(r) => Comeback::RomLoader(rom_loader(r)),
+                return match self.disc.find_rom_loaders().into_iter().next() {
+                    Some(r) => Comeback::RomLoader(r),
                     None => Comeback::Gone,
                 };
             }
@@ -199,12 +165,8 @@ impl flash::Watch for LiveDevices {
         }
     }
 
-    fn rom_loaders(&self) -> Vec<RomLoader> {
-        self.disc
-            .find_rom_loaders()
-            .iter()
-            .map(rom_loader)
-            .collect()
+    fn rom_loaders(&self) -> Vec<RomBoard> {
+        self.disc.find_rom_loaders()
     }
 }
 
@@ -231,13 +193,13 @@ impl LiveFirmware {
 impl Firmware for LiveFirmware {
     fn target_version(&self, dev: &DeviceInfo) -> Option<String> {
         // The cached build's dictionary when the cache is valid, else the tree's version.
-        build::up_to_date(&self.request(dev))
+        firmware::up_to_date(&self.request(dev))
             .map(|fw| fw.version)
-            .or_else(|| Some(build::source_version(&self.klipper_dir)))
+            .or_else(|| Some(firmware::source_version(&self.klipper_dir)))
     }
 
     fn target_dict(&self, dev: &DeviceInfo) -> Option<Value> {
-        build::up_to_date(&self.request(dev)).and_then(|fw| fw.dict().ok())
+        firmware::up_to_date(&self.request(dev)).and_then(|fw| fw.dict().ok())
     }
 
     fn build(
@@ -245,9 +207,9 @@ impl Firmware for LiveFirmware {
         devs: &[DeviceInfo],
         cancel: &Cancel,
         sink: &Sink,
-    ) -> Vec<Result<Built, String>> {
+    ) -> Vec<Result<Built, firmware::Error>> {
         let reqs: Vec<BuildRequest> = devs.iter().map(|d| self.request(d)).collect();
-        build::build_all(&reqs, self.jobs, cancel, sink)
+        firmware::build_all(&reqs, self.jobs, cancel, sink)
             .into_iter()
             .map(|r| {
                 r.map(|fw| Built {
@@ -256,84 +218,77 @@ impl Firmware for LiveFirmware {
                     image: fw.image,
                     cached: fw.cached,
                 })
-                .map_err(|e| e.to_string())
             })
             .collect()
     }
 }
 
 /// Klippy through Moonraker.
-pub struct LivePrinter {
-    client: Result<Client, String>,
+pub struct LiveKlippy {
+    url: String,
     sections: Vec<String>,
 }
 
-impl Printer for LivePrinter {
-    fn print_state(&self) -> Result<String, String> {
-        let client = self.client.as_ref().map_err(Clone::clone)?;
-        let state = client.print_state().map_err(|e| e.to_string())?;
+impl LiveKlippy {
+    fn client(&self) -> Result<Client, moonraker::Error> {
+        Client::new(&self.url, MOONRAKER_TIMEOUT)
+    }
+}
+
+impl Klippy for LiveKlippy {
+    fn print_state(&self) -> Result<String, moonraker::Error> {
+        let state = self.client()?.print_state()?;
         Ok(state.print_stats.unwrap_or_else(|| "standby".into()))
     }
 
-    fn mcu_versions(&self) -> Result<BTreeMap<String, String>, String> {
-        let client = self.client.as_ref().map_err(Clone::clone)?;
+    fn mcu_versions(&self) -> Result<BTreeMap<String, String>, moonraker::Error> {
         let sections: Vec<&str> = self.sections.iter().map(String::as_str).collect();
-        let got = client.mcu_versions(&sections).map_err(|e| e.to_string())?;
+        let got = self.client()?.mcu_versions(&sections)?;
         Ok(got
             .into_iter()
             .filter_map(|(k, v)| v.map(|v| (k, v)))
             .collect())
     }
 
-    fn wait_ready(&self, timeout: Duration, cancel: &Cancel) -> Result<(), String> {
-        let client = self.client.as_ref().map_err(Clone::clone)?;
-        client
-            .wait_klippy_ready(timeout, cancel)
-            .map_err(|e| e.to_string())
+    fn wait_ready(&self, timeout: Duration, cancel: &Cancel) -> Result<(), moonraker::Error> {
+        self.client()?.wait_klippy_ready(timeout, cancel)
     }
 }
 
 /// The klipper service through the configured backend.
 pub struct LiveService {
-    svc: Result<Arc<dyn ServiceControl>, String>,
+    cfg: ServiceConfig,
 }
 
 impl Stopped for StopGuard {
-    fn restart(self: Box<Self>) -> Result<Duration, String> {
-        StopGuard::restart(*self).map_err(|e| e.to_string())
+    fn restart(self: Box<Self>) -> Result<Duration, service::Error> {
+        StopGuard::restart(*self)
     }
 }
 
 impl Service for LiveService {
-    fn check(&self) -> Result<(), String> {
-        let svc = self.svc.as_ref().map_err(Clone::clone)?;
-        svc.check().map_err(|e| e.to_string())
+    fn check(&self) -> Result<(), service::Error> {
+        service::from_config(&self.cfg)?.check()
     }
 
-    fn stop(&self) -> Result<Box<dyn Stopped>, String> {
-        let svc = self.svc.as_ref().map_err(Clone::clone)?;
-        service::stop(Arc::clone(svc))
-            .map(|g| Box::new(g) as Box<dyn Stopped>)
-            .map_err(|e| e.to_string())
+    fn stop(&self) -> Result<Box<dyn Stopped>, service::Error> {
+        let guard = service::stop(service::from_config(&self.cfg)?)?;
+        Ok(Box::new(guard))
     }
 }
 
 /// The watchdog process (`python -m kflash.watchdog`).
 pub struct LiveWatchdog {
-    launch: Option<Vec<OsString>>,
+    /// The command that starts it; empty when no Python interpreter is known.
+    launch: Vec<OsString>,
     cfg: ServiceConfig,
     state_dir: PathBuf,
     armed: Mutex<Option<service::Watchdog>>,
 }
 
 impl Watchdog for LiveWatchdog {
-    fn arm(&self) -> Result<(), String> {
-        let launch = self
-            .launch
-            .as_ref()
-            .ok_or("no Python interpreter known to run kflash.watchdog")?;
-        let dog = service::Watchdog::arm(launch, &self.cfg, &self.state_dir)
-            .map_err(|e| e.to_string())?;
+    fn arm(&self) -> Result<(), service::Error> {
+        let dog = service::Watchdog::arm(&self.launch, &self.cfg, &self.state_dir)?;
         *lock(&self.armed) = Some(dog);
         Ok(())
     }
@@ -347,57 +302,105 @@ impl Watchdog for LiveWatchdog {
     }
 }
 
+/// The real flasher behind the pipeline's `Flash` port.
+impl Flash for flash::Flasher {
+    fn check(&self, dev: &DeviceInfo) -> Result<(), flash::Error> {
+        flash::Flasher::check(self, &dev.job(None))
+    }
+
+    fn flash(
+        &self,
+        dev: &DeviceInfo,
+        built: &Built,
+        cancel: &Cancel,
+        sink: &Sink,
+    ) -> Result<flash::Flashed, flash::Failure> {
+        flash::Flasher::flash(self, &dev.job(Some(built)), cancel, sink)
+    }
+}
+
 /// Restart the linux MCU's service (`klipper-mcu` or `klipper_mcu`) the way klipper's
 /// service is controlled; `Ok(None)` when neither exists.
 fn linux_restart(settings: &Settings) -> flash::LinuxRestart {
-    let kind = settings.service;
+    let backend = settings.service;
     let url = settings.moonraker_url.clone();
-    Arc::new(move |cancel: &Cancel| -> Result<Option<String>, String> {
-        let units = ["klipper-mcu", "klipper_mcu"];
-        match kind {
-            ServiceKind::Moonraker => {
-                let client = Client::new(&url, MOONRAKER_TIMEOUT).map_err(|e| e.to_string())?;
-                let available = client.available_services().map_err(|e| e.to_string())?;
-                let Some(unit) = units.iter().find(|u| available.iter().any(|a| a == *u)) else {
-                    return Ok(None);
-                };
-                client
-                    .service_action(ServiceAction::Restart, unit)
-                    .map_err(|e| e.to_string())?;
-                Ok(Some((*unit).to_owned()))
-            }
-            ServiceKind::Systemd => {
-                for unit in units {
-                    let listed = Cmd::new("systemctl")
-                        .args(["list-unit-files", "--no-legend", &format!("{unit}.service")])
-                        .timeout(Duration::from_secs(20))
-                        .cancel(cancel)
-                        .run_unchecked()
-                        .map_err(|e| e.to_string())?;
-                    if listed.stdout.contains(unit) {
-                        Cmd::new("sudo")
-                            .args(["-n", "systemctl", "restart", unit])
-                            .timeout(Duration::from_secs(60))
-                            .cancel(cancel)
-                            .run()
-                            .map_err(|e| e.to_string())?;
-                        return Ok(Some(unit.to_owned()));
-                    }
+    Arc::new(
+        move |cancel: &Cancel| -> Result<Option<String>, service::Error> {
+            let units = ["klipper-mcu", "klipper_mcu"];
+            let moonraker = |action: &'static str, unit: &str| {
+                let service = unit.to_owned();
+                move |e: moonraker::Error| service::Error::Moonraker {
+                    action,
+                    service,
+                    source: Box::new(e),
                 }
-                Ok(None)
+            };
+            let command = |action: &'static str, unit: &str| {
+                let service = unit.to_owned();
+                move |e| service::Error::Command {
+                    action,
+                    service,
+                    source: Box::new(e),
+                }
+            };
+            match backend {
+                Backend::Moonraker => {
+                    let client = Client::new(&url, MOONRAKER_TIMEOUT)
+                        .map_err(moonraker("find", "klipper-mcu"))?;
+                    let available = client
+                        .available_services()
+                        .map_err(moonraker("find", "klipper-mcu"))?;
+                    let Some(unit) = units.iter().find(|u| available.iter().any(|a| a == *u))
+                    else {
+                        return Ok(None);
+                    };
+                    client
+                        .service_action(ServiceAction::Restart, unit)
+                        .map_err(moonraker("restart", unit))?;
+                    Ok(Some((*unit).to_owned()))
+                }
+                Backend::Systemd => {
+                    for unit in units {
+                        let listed = Cmd::new("systemctl")
+                            .args(["list-unit-files", "--no-legend", &format!("{unit}.service")])
+                            .timeout(Duration::from_secs(20))
+                            .cancel(cancel)
+                            .run_unchecked()
+                            .map_err(command("find", unit))?;
+                        if listed.stdout.contains(unit) {
+                            Cmd::new("sudo")
+                                .args(["-n", "systemctl", "restart", unit])
+                                .timeout(Duration::from_secs(60))
+                                .cancel(cancel)
+                                .run()
+                                .map_err(command("restart", unit))?;
+                            return Ok(Some(unit.to_owned()));
+                        }
+                    }
+                    Ok(None)
+                }
+                Backend::Command => Ok(None),
             }
-            ServiceKind::Command => Ok(None),
-        }
+        },
+    )
+}
+
+/// The native Katapult serial flasher in the shape of the flasher's seam: the default
+/// for serial boards (setting `katapult_flasher`), flashtool.py its fallback, `make flash`
+/// the last resort of `auto`.
+pub fn native_katapult() -> flash::NativeKatapult {
+    Arc::new(|dev, baud, firmware, cancel, sink| {
+        crate::katapult::flash_device(dev, baud, firmware, cancel, sink).map(drop)
     })
 }
 
-impl Home {
+impl Context {
     /// The real dependencies of a run, from the current settings.
-    pub fn deps(&self) -> Result<Deps, Error> {
+    pub fn deps(&self) -> Result<Deps, registry::Error> {
         let reg = self.registry()?;
         let s = &reg.settings;
         let devices = Arc::new(LiveDevices {
-            home: self.clone(),
+            context: self.clone(),
             disc: Discovery::from_env(),
             stable: Mutex::new(HashMap::new()),
             roms_before: Mutex::new(HashMap::new()),
@@ -408,8 +411,8 @@ impl Home {
         tools.flash_timeout = Duration::from_secs(s.flash_timeout_s);
         tools.linux_restart = Some(linux_restart(s));
         tools.native_katapult = match s.katapult_flasher {
-            crate::registry::KatapultFlasher::Native => self.native_katapult.clone(),
-            crate::registry::KatapultFlasher::Flashtool => None,
+            KatapultFlasher::Native => self.native_katapult.clone(),
+            KatapultFlasher::Flashtool => None,
         };
         let cfg = service_config(s);
         let jobs = std::thread::available_parallelism().map_or(2, usize::from);
@@ -425,16 +428,14 @@ impl Home {
                 timeout: Duration::from_secs(s.build_timeout_s),
                 jobs,
             }),
-            printer: Arc::new(LivePrinter {
-                client: Client::new(&s.moonraker_url, MOONRAKER_TIMEOUT).map_err(|e| e.to_string()),
+            klippy: Arc::new(LiveKlippy {
+                url: s.moonraker_url.clone(),
                 sections: reg.devices.iter().map(|d| d.mcu_section.clone()).collect(),
             }),
-            service: Arc::new(LiveService {
-                svc: service::from_config(&cfg).map_err(|e| e.to_string()),
-            }),
+            service: Arc::new(LiveService { cfg: cfg.clone() }),
             flasher: Arc::new(flash::Flasher::new(tools, devices)),
             watchdog: Arc::new(LiveWatchdog {
-                launch: self.python.as_ref().map(|py| {
+                launch: self.python.as_ref().map_or_else(Vec::new, |py| {
                     vec![
                         py.clone().into_os_string(),
                         "-m".into(),
@@ -445,7 +446,7 @@ impl Home {
                 state_dir: self.state.root().to_path_buf(),
                 armed: Mutex::new(None),
             }),
-            compare,
+            compare: versions::compare,
             lock_path: self.state.lock_path(),
             runs_dir: self.state.runs_dir(),
             flashed_dir: self.state.root().join("flashed"),
@@ -453,90 +454,12 @@ impl Home {
             ready_timeout,
         })
     }
-
-    /// Klippy's state, each device's current and target version, and the last run.
-    pub fn status(&self) -> Result<Value, Error> {
-        let reg: Registry = self.registry()?;
-        let deps = self.deps()?;
-        let state = deps.printer.print_state();
-        let versions = deps.printer.mcu_versions().unwrap_or_default();
-        let devices: Vec<Value> = self
-            .device_infos(&reg)
-            .iter()
-            .map(|d| {
-                let before = versions.get(&d.mcu_section).cloned();
-                let target = d
-                    .target
-                    .as_ref()
-                    .ok()
-                    .and_then(|_| deps.firmware.target_version(d));
-                let fresh = match (&before, &target) {
-                    (Some(b), Some(t)) => compare(b, t),
-                    _ => Freshness::Unknown,
-                };
-                json!({
-                    "key": d.key,
-                    "mcu_section": d.mcu_section,
-                    "version": before,
-                    "target_version": target,
-                    "state": fresh.as_str(),
-                    "problem": d.target.as_ref().err(),
-                })
-            })
-            .collect();
-        let last_run = last_run(&self.state.runs_dir());
-        Ok(json!({
-            "state_dir": self.state.root().display().to_string(),
-            "moonraker": state.is_ok(),
-            "moonraker_error": state.as_ref().err(),
-            "print_state": state.ok(),
-            "devices": devices,
-            "last_run": last_run,
-        }))
-    }
-}
-
-fn last_run(dir: &Path) -> Value {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Value::Null;
-    };
-    let mut files: Vec<PathBuf> = entries
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|e| e == "json"))
-        .collect();
-    files.sort();
-    files
-        .last()
-        .and_then(|p| std::fs::read(p).ok())
-        .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
-        .map_or(Value::Null, |v| {
-            json!({
-                "ok": v.get("ok"),
-                "started": v.get("started"),
-                "finished": v.get("finished"),
-                "cancelled": v.get("cancelled"),
-            })
-        })
-}
-
-/// The native Katapult serial flasher in the shape of the flasher's seam: the default
-/// for serial boards (setting `katapult_flasher`), flashtool.py its fallback, `make flash`
-/// the last resort of `auto`.
-pub fn native_katapult() -> flash::NativeKatapult {
-    Arc::new(|dev, baud, firmware, cancel, sink| {
-        crate::katapult::flash_device(dev, baud, firmware, cancel, sink)
-            .map(drop)
-            .map_err(|e| flash::NativeFailure {
-                message: e.to_string(),
-                try_flashtool: e.worth_another_flasher(),
-            })
-    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::discovery::RomLoader;
     use crate::flash::Watch;
     use std::fs;
     use std::os::unix::fs::symlink;
@@ -557,14 +480,13 @@ mod tests {
         fs::create_dir_all(sys.join("class/tty/ttyACM0")).unwrap();
         symlink(usb.join("1-1:1.0"), sys.join("class/tty/ttyACM0/device")).unwrap();
         let live = LiveDevices {
-            home: Home::open(Some(root.join("state"))).unwrap(),
+            context: Context::open(Some(root.join("state"))).unwrap(),
             disc: Discovery::at(&dev, &sys),
             stable: Mutex::new(HashMap::new()),
             roms_before: Mutex::new(HashMap::new()),
         };
         let endpoint = Endpoint::Serial {
-            path: PathBuf::from(format!("/dev/serial/by-id/{name}")),
-            baud: None,
+            path: format!("/dev/serial/by-id/{name}"),
         };
         (live, endpoint)
     }
@@ -606,8 +528,8 @@ mod tests {
         assert!(started.elapsed() < Duration::from_secs(5));
         match back {
             Comeback::RomLoader(r) => {
-                assert_eq!(r.family, Family::Stm32);
-                assert!(r.description.contains("0483:df11"));
+                assert_eq!(r.loader, RomLoader::StmDfu);
+                assert!(r.describe().contains("0483:df11"));
             }
             other => panic!("{other:?}"),
         }

@@ -290,21 +290,7 @@ fn source_version_detail(klipper_dir: &Path) -> (String, bool) {
 /// True when `built` (a dictionary's version) is `expected` (the tree's source version),
 /// possibly followed by Klipper's `-YYYYMMDD_HHMMSS-<host>` suffix for dirty/non-git trees.
 fn version_matches(expected: &str, built: &str) -> bool {
-    if built == expected {
-        return true;
-    }
-    let Some(rest) = built
-        .strip_prefix(expected)
-        .and_then(|r| r.strip_prefix('-'))
-    else {
-        return false;
-    };
-    let b = rest.as_bytes();
-    b.len() > 16
-        && b[..8].iter().all(u8::is_ascii_digit)
-        && b[8] == b'_'
-        && b[9..15].iter().all(u8::is_ascii_digit)
-        && b[15] == b'-'
+    built == expected || crate::versions::strip_date_suffix(built) == expected
 }
 
 fn sha256_hex(parts: &[&[u8]]) -> String {

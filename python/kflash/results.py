@@ -1,0 +1,200 @@
+"""The JSON shapes kflash's calls return (DESIGN.md's contract), for type
+checkers: ``Engine.plan`` -> ``Plan``, ``Engine.flash_all`` -> ``Report``,
+``Engine.devices`` -> ``list[DeviceRow]``, and so on. Plain ``TypedDict``s: at
+run time the results are ordinary dicts and lists."""
+
+from typing import Callable, List, Literal, Optional, TypedDict
+
+Stage = Literal[
+    "plan", "preflight", "build", "stop", "flash", "restart", "verify", "report"
+]
+Level = Literal["info", "warning", "error"]
+VersionState = Literal["current", "outdated", "newer", "unknown"]
+Step = Literal["pass", "fail", "cached", "skip"]
+
+
+class Event(TypedDict):
+    """One progress event, as ``on_event`` receives it."""
+
+    stage: Stage
+    device: Optional[str]
+    fraction: Optional[float]
+    level: Level
+    message: str
+
+
+class PlanEntry(TypedDict):
+    key: str
+    name: Optional[str]
+    method: str
+    endpoint: str
+    resolved: Optional[str]
+    mcu: Optional[str]
+    interface: Optional[str]
+    config: str
+    version_before: Optional[str]
+    version_target: Optional[str]
+    state: VersionState
+    action: Literal["flash", "skip", "error"]
+    reason: str
+
+
+class Plan(TypedDict):
+    """``kflash plan --json``."""
+
+    devices: List[PlanEntry]
+    moonraker: bool
+    moonraker_error: Optional[str]
+    print_state: Optional[str]
+
+
+class ServiceReport(TypedDict):
+    stopped: bool
+    restarted: bool
+    downtime_s: float
+    stop_s: float
+    start_s: float
+    error: Optional[str]
+
+
+class DeviceReport(TypedDict):
+    """One device of a run's report (also one entry of ``Engine.build``)."""
+
+    key: str
+    method: str
+    action: str
+    reason: str
+    version_before: Optional[str]
+    version_target: Optional[str]
+    version_after: Optional[str]
+    build: Step
+    flash: Step
+    flash_s: Optional[float]
+    verify: Step
+    error: Optional[str]
+    hint: Optional[str]
+
+
+class Report(TypedDict):
+    """``kflash flash-all --json``: the run's report."""
+
+    ok: bool
+    target_version: Optional[str]
+    service: ServiceReport
+    devices: List[DeviceReport]
+    cancelled: bool
+    started: str
+    finished: str
+    record: Optional[str]
+
+
+class _EndpointKind(TypedDict):
+    type: Literal["serial", "can", "linux"]
+
+
+class Endpoint(_EndpointKind, total=False):
+    """Where a device is reached, as devices.json stores it (``identity``):
+    ``path`` for serial and linux, ``uuid`` and ``interface`` for CAN."""
+
+    path: str
+    uuid: str
+    interface: str
+
+
+class DeviceRow(TypedDict):
+    """One row of ``kflash devices list --json``."""
+
+    key: str
+    name: Optional[str]
+    mcu_section: str
+    identity: Endpoint
+    endpoint: str
+    method: Literal["auto", "katapult", "make", "linux"]
+    baud: Optional[int]
+    config: str
+    config_present: bool
+    mcu: Optional[str]
+    interface: Optional[str]
+    problem: Optional[str]
+
+
+class Skipped(TypedDict):
+    key: str
+    reason: str
+
+
+class Imported(TypedDict):
+    """``kflash devices import --json``."""
+
+    added: List[DeviceRow]
+    skipped: List[Skipped]
+
+
+class DeviceStatus(TypedDict):
+    key: str
+    mcu_section: str
+    version: Optional[str]
+    target_version: Optional[str]
+    state: VersionState
+    problem: Optional[str]
+
+
+class LastRun(TypedDict):
+    ok: Optional[bool]
+    started: Optional[str]
+    finished: Optional[str]
+    cancelled: Optional[bool]
+
+
+class Status(TypedDict):
+    """``kflash status --json``."""
+
+    state_dir: str
+    moonraker: bool
+    moonraker_error: Optional[str]
+    print_state: Optional[str]
+    devices: List[DeviceStatus]
+    last_run: Optional[LastRun]
+
+
+class ErrorDetails(TypedDict):
+    """What every kflash exception carries (``details``; also its attributes)."""
+
+    device: Optional[str]
+    step: Optional[str]
+    command: Optional[str]
+    exit_status: Optional[int]
+    output_tail: Optional[str]
+    hint: Optional[str]
+
+
+class KatapultFlash(TypedDict):
+    """``katapult_flash``'s result."""
+
+    device: str
+    bytes: int
+    blocks: int
+    block_size: int
+    app_start: int
+    mcu: str
+    bootloader_version: Optional[str]
+    firmware_version: Optional[str]
+    pages: int
+    completed: bool
+    duration_s: float
+    retries: int
+    rate_bps: float
+
+
+class KatapultStatus(TypedDict):
+    """``katapult_status``'s result."""
+
+    device: str
+    mcu: str
+    bootloader_version: Optional[str]
+    proto_version: str
+    app_start: int
+    block_size: int
+
+
+OnEvent = Callable[[Event], object]

@@ -1,0 +1,98 @@
+//! `kflash status`: klippy's print state, each device's current and target version, and
+//! the last run. Reads only.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::{Context, Error};
+use crate::versions::VersionState;
+
+/// One device in `kflash status`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DeviceStatus {
+    pub key: String,
+    pub mcu_section: String,
+    /// What the MCU reports now.
+    pub version: Option<String>,
+    /// What kflash would build.
+    pub target_version: Option<String>,
+    /// `current`, `outdated`, `newer`, `unknown`.
+    pub state: &'static str,
+    /// Why the device's config cannot build its firmware.
+    pub problem: Option<String>,
+}
+
+/// The last run record's outcome (`<state>/runs/*.json`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LastRun {
+    pub ok: Option<bool>,
+    pub started: Option<String>,
+    pub finished: Option<String>,
+    pub cancelled: Option<bool>,
+}
+
+/// `kflash status --json`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Status {
+    pub state_dir: String,
+    pub moonraker: bool,
+    pub moonraker_error: Option<String>,
+    pub print_state: Option<String>,
+    pub devices: Vec<DeviceStatus>,
+    pub last_run: Option<LastRun>,
+}
+
+impl Context {
+    /// Klippy's state, each device's current and target version, and the last run.
+    pub fn status(&self) -> Result<Status, Error> {
+        let reg = self.registry()?;
+        let deps = self.deps()?;
+        let state = deps.klippy.print_state();
+        let versions = deps.klippy.mcu_versions().unwrap_or_default();
+        let devices = self
+            .device_infos(&reg)
+            .iter()
+            .map(|d| {
+                let version = versions.get(&d.mcu_section).cloned();
+                let target_version = d
+                    .target
+                    .as_ref()
+                    .ok()
+                    .and_then(|_| deps.firmware.target_version(d));
+                let state = match (&version, &target_version) {
+                    (Some(b), Some(t)) => (deps.compare)(b, t),
+                    _ => VersionState::Unknown,
+                };
+                DeviceStatus {
+                    key: d.key.clone(),
+                    mcu_section: d.mcu_section.clone(),
+                    version,
+                    target_version,
+                    state: state.as_str(),
+                    problem: d.target.as_ref().err().map(ToString::to_string),
+                }
+            })
+            .collect();
+        Ok(Status {
+            state_dir: self.state.root().display().to_string(),
+            moonraker: state.is_ok(),
+            moonraker_error: state.as_ref().err().map(ToString::to_string),
+            print_state: state.ok(),
+            devices,
+            last_run: last_run(&self.state.runs_dir()),
+        })
+    }
+}
+
+fn last_run(dir: &Path) -> Option<LastRun> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .collect();
+    files.sort();
+    let bytes = std::fs::read(files.last()?).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}

@@ -1,0 +1,158 @@
+//! The plan: which devices a run selects, and per device what it would do and why.
+//!
+//! No side effects: reads the registry, configs, the device tree and Moonraker, and
+//! writes nothing.
+
+use super::{emit, Deps, DeviceInfo, Error, Options, Plan, PlanEntry};
+use crate::discovery::glob_match;
+use crate::events::{Sink, Stage};
+use crate::moonraker;
+use crate::versions::{self, DictChange, VersionState};
+
+/// A plan and what it was made from: the selected devices and klippy's print state.
+#[derive(Debug)]
+pub struct Planned {
+    pub plan: Plan,
+    /// The selected devices, in registry order (the plan's order).
+    pub devices: Vec<DeviceInfo>,
+    /// `print_stats.state`, or why Moonraker could not be asked.
+    pub print_state: Result<String, moonraker::Error>,
+}
+
+/// The devices `keys` selects, in registry order. Each pattern must match something.
+pub fn select(all: Vec<DeviceInfo>, keys: Option<&[String]>) -> Result<Vec<DeviceInfo>, Error> {
+    let Some(keys) = keys.filter(|k| !k.is_empty()) else {
+        return Ok(all);
+    };
+    for pattern in keys {
+        if !all.iter().any(|d| glob_match(pattern, &d.key)) {
+            return Err(Error::NoMatch {
+                pattern: pattern.clone(),
+                candidates: all.iter().map(|d| d.key.clone()).collect(),
+            });
+        }
+    }
+    Ok(all
+        .into_iter()
+        .filter(|d| keys.iter().any(|p| glob_match(p, &d.key)))
+        .collect())
+}
+
+/// Why an outdated device needs flashing: a protocol change (must flash) or only the
+/// version string, when kflash knows what it flashed last and what it would build.
+fn outdated_reason(deps: &Deps, dev: &DeviceInfo, before: Option<&str>) -> String {
+    let flashed = std::fs::read(deps.flashed_dir.join(format!("{}.dict", dev.key)))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
+    let last_matches = flashed
+        .as_ref()
+        .and_then(|d| d.get("version").and_then(serde_json::Value::as_str))
+        .zip(before)
+        .is_some_and(|(flashed, before)| (deps.compare)(before, flashed) == VersionState::Current);
+    match (
+        flashed.filter(|_| last_matches),
+        deps.firmware.target_dict(dev),
+    ) {
+        (Some(old), Some(new)) => match versions::compare_dicts(&old, &new) {
+            DictChange::Protocol { detail } => {
+                format!("outdated; protocol changed, must flash ({detail})")
+            }
+            DictChange::VersionOnly | DictChange::Identical => {
+                "outdated; version string only (protocol unchanged)".into()
+            }
+        },
+        _ => "outdated".into(),
+    }
+}
+
+/// Compute the plan. No side effects.
+pub fn plan(deps: &Deps, opts: &Options, sink: &Sink) -> Result<Planned, Error> {
+    let devices = select(deps.inventory.devices()?, opts.keys.as_deref())?;
+    emit(
+        sink,
+        Stage::Plan,
+        None,
+        format!("planning {} device(s)", devices.len()),
+    );
+    let print_state = deps.klippy.print_state();
+    let versions = match &print_state {
+        Ok(_) => deps.klippy.mcu_versions().ok(),
+        Err(_) => None,
+    };
+    let moonraker_error = print_state.as_ref().err().map(ToString::to_string);
+    let mut entries = Vec::new();
+    for dev in &devices {
+        let resolved = deps.inventory.resolve(dev);
+        let version_target = match &dev.target {
+            Ok(_) => deps.firmware.target_version(dev),
+            Err(_) => None,
+        };
+        let version_before = versions
+            .as_ref()
+            .and_then(|v| v.get(&dev.mcu_section))
+            .filter(|v| !v.is_empty())
+            .cloned();
+        let state = match (&version_before, &version_target) {
+            (Some(before), Some(target)) => (deps.compare)(before, target),
+            _ => VersionState::Unknown,
+        };
+        let (action, reason) = match (&dev.target, &resolved) {
+            (Err(problem), _) => ("error", problem.to_string()),
+            (Ok(_), Err(problem)) => ("error", problem.to_string()),
+            (Ok(_), Ok(_)) => match state {
+                VersionState::Current if opts.only_outdated => {
+                    ("skip", "already runs the target version".to_owned())
+                }
+                VersionState::Newer if opts.only_outdated => (
+                    "skip",
+                    "runs a newer version than this build (not downgrading)".to_owned(),
+                ),
+                VersionState::Current => {
+                    ("flash", "current; flashing anyway (all selected)".into())
+                }
+                VersionState::Newer => (
+                    "flash",
+                    "WARNING: runs a newer version; this is a downgrade".into(),
+                ),
+                VersionState::Outdated => (
+                    "flash",
+                    outdated_reason(deps, dev, version_before.as_deref()),
+                ),
+                VersionState::Unknown if moonraker_error.is_some() => (
+                    "flash",
+                    "current version unknown (Moonraker unreachable)".into(),
+                ),
+                VersionState::Unknown if version_before.is_none() => (
+                    "flash",
+                    "current version unknown (MCU did not identify)".into(),
+                ),
+                VersionState::Unknown => ("flash", "version not comparable".into()),
+            },
+        };
+        entries.push(PlanEntry {
+            key: dev.key.clone(),
+            name: dev.name.clone(),
+            method: dev.method.as_str().into(),
+            endpoint: dev.endpoint.describe(),
+            resolved: resolved.ok(),
+            mcu: dev.target.as_ref().ok().map(|t| t.mcu.clone()),
+            interface: dev.target.as_ref().ok().map(|t| t.link.as_str().into()),
+            config: dev.config.display().to_string(),
+            version_before,
+            version_target,
+            state: state.as_str().into(),
+            action: action.into(),
+            reason,
+        });
+    }
+    Ok(Planned {
+        plan: Plan {
+            devices: entries,
+            moonraker: moonraker_error.is_none(),
+            moonraker_error,
+            print_state: print_state.as_ref().ok().cloned(),
+        },
+        devices,
+        print_state,
+    })
+}

@@ -1,0 +1,241 @@
+//! The pipeline's ports: what a run needs from the outside world, as traits, and `Deps`
+//! that bundles them.
+//!
+//! Every port returns its domain's error type, never a string: the registry's, discovery's,
+//! the firmware builder's, Moonraker's, the service's, the flasher's. The real
+//! implementations live in `crate::commands::printer`; the tests use recording fakes.
+//! Every member of `Deps` is `Send + Sync`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::events::Sink;
+use crate::flash::{self, Endpoint, Method};
+use crate::kconfig::{self, Interface, KConfig};
+use crate::process::Cancel;
+use crate::versions::VersionState;
+use crate::{discovery, firmware, moonraker, registry, service};
+
+/// How a device talks to the host: decides the flash order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Link {
+    Can,
+    Serial,
+    UsbCanBridge,
+    Linux,
+}
+
+impl Link {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Link::Can => "can",
+            Link::Serial => "serial",
+            Link::UsbCanBridge => "usb_can_bridge",
+            Link::Linux => "linux",
+        }
+    }
+}
+
+/// Why a device's config cannot build firmware for it.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ConfigError {
+    /// Missing, unreadable, or not a Klipper config.
+    #[error(transparent)]
+    Unreadable(#[from] kconfig::Error),
+    #[error("{} builds {mcu} firmware, but the device is the linux-process MCU", config.display())]
+    NotLinux { config: PathBuf, mcu: String },
+    #[error("{} builds the linux-process MCU, but the device is a board", config.display())]
+    Linux { config: PathBuf },
+    #[error(
+        "{} builds {mcu} firmware for USB/serial, but the device is on CAN (enable CAN in \
+         `kflash config KEY`)",
+        config.display()
+    )]
+    NotCan { config: PathBuf, mcu: String },
+    #[error(
+        "{} builds {mcu} firmware for CAN, but the device is registered by serial path",
+        config.display()
+    )]
+    Can { config: PathBuf, mcu: String },
+}
+
+/// What a device's config builds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// `CONFIG_MCU` ("linux" for the linux-process MCU).
+    pub mcu: String,
+    pub link: Link,
+}
+
+impl Target {
+    /// Read a device's config: its MCU and link, checked against how the device is reached.
+    pub fn read(config: &Path, endpoint: &Endpoint) -> Result<Target, ConfigError> {
+        let target = KConfig::load(config)?.target()?;
+        let mcu = target.mcu;
+        let link = if mcu == "linux" {
+            Link::Linux
+        } else {
+            match target.interface {
+                Interface::UsbCanBridge => Link::UsbCanBridge,
+                Interface::Can => Link::Can,
+                Interface::Usb | Interface::Serial | Interface::Unknown => Link::Serial,
+            }
+        };
+        let config = config.to_path_buf();
+        match (endpoint, link) {
+            (Endpoint::Linux { .. }, Link::Linux)
+            | (Endpoint::Can { .. }, Link::Can)
+            | (Endpoint::Serial { .. }, Link::Serial | Link::UsbCanBridge) => {
+                Ok(Target { mcu, link })
+            }
+            (Endpoint::Linux { .. }, _) => Err(ConfigError::NotLinux { config, mcu }),
+            (_, Link::Linux) => Err(ConfigError::Linux { config }),
+            (Endpoint::Can { .. }, _) => Err(ConfigError::NotCan { config, mcu }),
+            (Endpoint::Serial { .. }, _) => Err(ConfigError::Can { config, mcu }),
+        }
+    }
+}
+
+/// One registered device, with its config read.
+#[derive(Debug, Clone)]
+pub struct DeviceInfo {
+    pub key: String,
+    pub name: Option<String>,
+    pub method: Method,
+    pub endpoint: Endpoint,
+    /// UART baud rate (serial boards on a UART).
+    pub baud: Option<u32>,
+    /// The printer.cfg section whose Moonraker status carries `mcu_version` (`mcu`,
+    /// `mcu EBB36`).
+    pub mcu_section: String,
+    pub config: PathBuf,
+    /// The config's target, or why it is unusable (missing, invalid, wrong MCU).
+    pub target: Result<Target, ConfigError>,
+}
+
+impl DeviceInfo {
+    /// The flasher's job for this device and a build (`None`: only checking).
+    pub fn job<'a>(&'a self, built: Option<&'a Built>) -> flash::Job<'a> {
+        flash::Job {
+            key: &self.key,
+            method: self.method,
+            endpoint: &self.endpoint,
+            baud: self.baud,
+            mcu: self.target.as_ref().map_or("", |t| t.mcu.as_str()),
+            out_dir: built.map_or(Path::new(""), |b| b.out_dir.as_path()),
+            image: built.map_or(Path::new(""), |b| b.image.as_path()),
+            kconfig: &self.config,
+        }
+    }
+}
+
+/// The result of building one device.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Built {
+    /// `klipper.dict`'s version: what the MCU will report.
+    pub version: String,
+    pub out_dir: PathBuf,
+    /// The image to flash.
+    pub image: PathBuf,
+    /// Nothing changed since the last build: not rebuilt.
+    pub cached: bool,
+}
+
+/// The registry and the device tree.
+pub trait Inventory: Send + Sync {
+    /// Every registered device, configs read. Fails on an unreadable registry.
+    fn devices(&self) -> Result<Vec<DeviceInfo>, registry::Error>;
+    /// Where the device is now.
+    fn resolve(&self, dev: &DeviceInfo) -> Result<String, discovery::Error>;
+}
+
+/// Building firmware.
+pub trait Firmware: Send + Sync {
+    /// The version a build would have (cached build's dictionary if the cache is valid,
+    /// else the source tree's version). No side effects.
+    fn target_version(&self, dev: &DeviceInfo) -> Option<String>;
+    /// The data dictionary a build would have, when known without building (a valid
+    /// cached build). No side effects.
+    fn target_dict(&self, _dev: &DeviceInfo) -> Option<serde_json::Value> {
+        None
+    }
+    /// Build these devices (in parallel); one result per device, same order.
+    fn build(
+        &self,
+        devs: &[DeviceInfo],
+        cancel: &Cancel,
+        sink: &Sink,
+    ) -> Vec<Result<Built, firmware::Error>>;
+}
+
+/// Klippy, asked through Moonraker.
+pub trait Klippy: Send + Sync {
+    /// `print_stats.state` (`standby`, `printing`, `paused`, ...).
+    fn print_state(&self) -> Result<String, moonraker::Error>;
+    /// `mcu_version` per section (`mcu`, `mcu EBB36`).
+    fn mcu_versions(&self) -> Result<BTreeMap<String, String>, moonraker::Error>;
+    /// Wait until klippy is `ready`.
+    fn wait_ready(&self, timeout: Duration, cancel: &Cancel) -> Result<(), moonraker::Error>;
+}
+
+/// A stopped service. Dropping it without `restart` restarts the service (and only logs).
+pub trait Stopped: Send {
+    /// Start the service again; returns how long it was down.
+    fn restart(self: Box<Self>) -> Result<Duration, service::Error>;
+}
+
+/// The klipper service.
+pub trait Service: Send + Sync {
+    /// Check, without stopping anything, that the real stop/start path works.
+    fn check(&self) -> Result<(), service::Error>;
+    /// Stop the service; the guard restarts it.
+    fn stop(&self) -> Result<Box<dyn Stopped>, service::Error>;
+}
+
+/// The watchdog outside the runner that restarts the service if the runner dies.
+pub trait Watchdog: Send + Sync {
+    fn arm(&self) -> Result<(), service::Error>;
+    fn disarm(&self);
+}
+
+/// Flashing one device (the real one is `flash::Flasher`).
+pub trait Flash: Send + Sync {
+    /// Before any downtime: can some method flash this device?
+    fn check(&self, dev: &DeviceInfo) -> Result<(), flash::Error>;
+    fn flash(
+        &self,
+        dev: &DeviceInfo,
+        built: &Built,
+        cancel: &Cancel,
+        sink: &Sink,
+    ) -> Result<flash::Flashed, flash::Failure>;
+}
+
+/// Everything a run talks to.
+#[derive(Clone)]
+pub struct Deps {
+    pub inventory: Arc<dyn Inventory>,
+    pub firmware: Arc<dyn Firmware>,
+    pub klippy: Arc<dyn Klippy>,
+    pub service: Arc<dyn Service>,
+    pub flasher: Arc<dyn Flash>,
+    pub watchdog: Arc<dyn Watchdog>,
+    /// `compare(mcu_version, target_version)`.
+    pub compare: fn(&str, &str) -> VersionState,
+    /// `<state>/lock`.
+    pub lock_path: PathBuf,
+    /// `<state>/runs`.
+    pub runs_dir: PathBuf,
+    /// `<state>/flashed`: the dictionary of the firmware last flashed to each device
+    /// (`<key>.dict`), to tell a protocol change from a version-string-only one.
+    pub flashed_dir: PathBuf,
+    /// Pause between two devices in the stop window.
+    pub stagger: Duration,
+    /// How long to wait for klippy after the restart.
+    pub ready_timeout: Duration,
+}

@@ -1,0 +1,94 @@
+//! Verify: after the restart, each flashed MCU must report the version that was built.
+
+use std::time::Duration;
+
+use super::{emit, warn, Built, Deps, DeviceInfo, Report};
+use crate::events::{Sink, Stage};
+use crate::process::Cancel;
+use crate::versions::VersionState;
+
+pub(super) fn verify(
+    deps: &Deps,
+    devices: &[DeviceInfo],
+    built: &[(usize, Built)],
+    report: &mut Report,
+    ready_timeout: Duration,
+    cancel: &Cancel,
+    sink: &Sink,
+) {
+    let flashed: Vec<&(usize, Built)> = built
+        .iter()
+        .filter(|(i, _)| report.devices[*i].flash == "pass")
+        .collect();
+    if flashed.is_empty() {
+        return;
+    }
+    // A board that failed to flash usually keeps klippy from getting ready: do not wait
+    // the full time for it, and do not blame the boards that did flash.
+    let another_failed = report.devices.iter().any(|d| d.flash == "fail");
+    let ready_timeout = if another_failed {
+        ready_timeout.min(Duration::from_secs(10))
+    } else {
+        ready_timeout
+    };
+    emit(sink, Stage::Verify, None, "waiting for klippy to be ready");
+    let ready = deps.klippy.wait_ready(ready_timeout, cancel);
+    let versions = deps.klippy.mcu_versions();
+    for (i, b) in flashed {
+        let r = &mut report.devices[*i];
+        let after = versions
+            .as_ref()
+            .ok()
+            .and_then(|v| v.get(&devices[*i].mcu_section))
+            .filter(|v| !v.is_empty())
+            .cloned();
+        r.version_after.clone_from(&after);
+        match (&after, &ready, &versions) {
+            (Some(v), _, _) if (deps.compare)(v, &b.version) == VersionState::Current => {
+                r.verify = "pass".into();
+            }
+            (Some(v), _, _) => {
+                r.verify = "fail".into();
+                r.error = Some(format!(
+                    "the MCU reports {v}, but {} was flashed",
+                    b.version
+                ));
+                r.hint.get_or_insert_with(|| {
+                    "run FIRMWARE_RESTART, then `kflash status`; flash again if it persists".into()
+                });
+            }
+            (None, Err(e), _) | (None, Ok(()), Err(e)) if another_failed => {
+                r.verify = "skip".into();
+                r.hint = Some(format!(
+                    "not verified: klippy is not ready ({e}), most likely because another \
+                     MCU failed to flash; run `kflash status` once that one is fixed"
+                ));
+            }
+            (None, Err(e), _) | (None, Ok(()), Err(e)) => {
+                r.verify = "fail".into();
+                r.error = Some(format!("cannot read the MCU version after restart: {e}"));
+            }
+            (None, Ok(()), Ok(_)) => {
+                r.verify = "fail".into();
+                r.error = Some("klippy is ready but this MCU reports no version".into());
+            }
+        }
+        if r.verify == "skip" {
+            warn(
+                sink,
+                Stage::Verify,
+                Some(&r.key),
+                r.hint.clone().unwrap_or_default(),
+            );
+        } else if r.verify == "fail" {
+            warn(
+                sink,
+                Stage::Verify,
+                Some(&r.key),
+                r.error.clone().unwrap_or_default(),
+            );
+        } else {
+            emit(sink, Stage::Verify, Some(&r.key), "verified");
+        }
+    }
+}
