@@ -39,6 +39,7 @@ __all__ = [
     "ServiceUnavailable",
     "SnapshotReader",
     "SnapshotStore",
+    "__version__",
     "compare_versions",
     "katapult_flash",
     "katapult_status",
