@@ -89,3 +89,11 @@ clean:
 
 clean-host-bed:
 	rm -rf --one-file-system "$${XDG_CACHE_HOME:-$$HOME/.cache}/kflash/host-bed"
+
+# Release wheels (abi3; x86_64, aarch64, armv7) into dist/, checked (tags, glibc <= 2.36,
+# stripped), then the ARM ones smoke-tested in bookworm roots under qemu-user. Needs root;
+# caches under ~/.cache/kflash/wheels. See README "Wheels, versions and releases".
+.PHONY: wheels
+wheels:
+	scripts/wheels/build.sh
+	scripts/wheels/smoke.sh

@@ -230,10 +230,10 @@ install_wheel() {
         fi
         say "building the kflash wheel (maturin build --release)"
         (cd "$REPO" && "$maturin" build --release --quiet)
-        wheel="$(ls -t "$REPO"/target/wheels/kflash-*.whl | head -n1)"
+        wheel="$(ls -t "$REPO"/target/wheels/kflash_klipper-*.whl | head -n1)"
     fi
     [ -f "$wheel" ] || die "no wheel at $wheel"
-    if ! "$PY" -m pip show kflash >/dev/null 2>&1; then
+    if ! "$PY" -m pip show kflash-klipper >/dev/null 2>&1; then
         record wheel "$VENV_DIR"
     fi
     say "installing $(basename "$wheel") into $VENV_DIR"
@@ -474,7 +474,7 @@ uninstall() {
         sudo systemctl daemon-reload
     fi
     if [ -n "$wheel_venv" ] && [ -x "$wheel_venv/bin/python" ]; then
-        "$wheel_venv/bin/python" -m pip uninstall --quiet -y kflash
+        "$wheel_venv/bin/python" -m pip uninstall --quiet -y kflash-klipper
         say "uninstalled the kflash wheel from $wheel_venv"
     fi
     rm -f "$MANIFEST"

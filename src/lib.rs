@@ -66,10 +66,12 @@ mod _core {
     #[pymodule_export]
     use crate::py::versions::compare_versions;
 
-    /// The exception classes with two bases (`BuildTimeout`, `FlashTimeout`,
+    /// `__version__` (Cargo.toml's version, the one the wheel's metadata carries too)
+    /// and the exception classes with two bases (`BuildTimeout`, `FlashTimeout`,
     /// `ServiceUnavailable`, `MoonrakerUnavailable`).
     #[pymodule_init]
     fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {
+        m.add("__version__", env!("CARGO_PKG_VERSION"))?;
         crate::py::errors::add_combined_classes(m)
     }
 }

@@ -161,7 +161,7 @@ def test_install_twice_is_idempotent_and_uninstall_restores(tmp_path):
     assert r.returncode == 0, r.stderr + r.stdout
     assert snapshot(home) == original
     assert (pip_dir / "log").read_text().splitlines()[-1] == \
-        "-m pip uninstall --quiet -y kflash"
+        "-m pip uninstall --quiet -y kflash-klipper"
     # nothing left to uninstall: a clear error, nothing touched
     r = uninstall(home, env)
     assert r.returncode != 0 and "was not installed" in r.stderr

@@ -39,6 +39,7 @@ __all__ = [
     "ServiceUnavailable",
     "SnapshotReader",
     "SnapshotStore",
+    "__version__",
     "compare_versions",
     "katapult_decode",
     "katapult_encode",
@@ -46,6 +47,9 @@ __all__ = [
     "katapult_status",
     "wait_klippy_ready",
 ]
+
+__version__: str
+"""Cargo.toml's version: the wheel's version."""
 
 # --- Exceptions --------------------------------------------------------------
 

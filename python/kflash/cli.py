@@ -23,7 +23,7 @@ import signal
 import subprocess
 import sys
 
-from kflash import katapult_cli, status_watch
+from kflash import __version__, katapult_cli, status_watch
 from kflash._core import ExitStatus, KflashError
 
 DEFAULT_PRINTER_CFG = "~/printer_data/config/printer.cfg"
@@ -596,6 +596,9 @@ def build_parser():
             "`kflash config KEY` for each board (Klipper's menuconfig), then "
             "`kflash plan` and `kflash flash-all`."
         ),
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"kflash {__version__}"
     )
     parser.add_argument(
         "--home",

@@ -255,7 +255,7 @@ def build_kflash_wheel(out_dir: str) -> str:
     env = dict(os.environ, VIRTUAL_ENV=os.path.dirname(os.path.dirname(sys.executable)))
     r = subprocess.run([maturin, "build", "--release", "--quiet", "--out", out_dir],
                        cwd=REPO, env=env, capture_output=True, text=True, check=False)
-    wheels = glob.glob(os.path.join(out_dir, "kflash-*.whl"))
+    wheels = glob.glob(os.path.join(out_dir, "kflash_klipper-*.whl"))
     if r.returncode != 0 or len(wheels) != 1:
         raise BedError(f"maturin build failed:\n{r.stdout[-2000:]}{r.stderr[-2000:]}")
     return wheels[0]
