@@ -79,6 +79,11 @@ class SnapshotProbe:
         eventtime = self.reactor.monotonic()
         served = obj.get_status(eventtime)
         real = self._real_get_status(name)(eventtime)
+        # A reader that changes what it got (klippy's own extruder does) changes
+        # only its copy.
+        mine = obj.get_status(eventtime)
+        mine["__probe__"] = True
+        isolated = "__probe__" not in obj.get_status(eventtime)
         toolhead = self.printer.lookup_object("toolhead")
         snapshot = self.printer.lookup_object("status_snapshot", None)
         web_request.send(
@@ -86,7 +91,8 @@ class SnapshotProbe:
                 "eventtime": eventtime,
                 "served": served,
                 "real": real,
-                "same_dict_twice": obj.get_status(eventtime) is served,
+                "fresh_dict_per_read": obj.get_status(eventtime) is not served,
+                "reader_isolated": isolated,
                 "served_by_store": snapshot is not None
                 and name in snapshot.served
                 and getattr(obj.get_status, "__self__", None)

@@ -220,6 +220,7 @@ class Klippy:
 
     def __init__(self, workdir, snapshot_section=DEFAULT_SECTIONS):
         self.dir = pathlib.Path(workdir)
+        self.dir.mkdir(parents=True, exist_ok=True)
         self.dict_path = self.dir / "klipper.dict"
         self.cfg_path = self.dir / "printer.cfg"
         self.uds = self.dir / "klippy_uds"
