@@ -13,6 +13,8 @@
 #   snapshot_probe/lateness  lateness percentiles of a 10 ms reactor timer
 #   snapshot_probe/serve     {"on": bool}: unwrap / re-wrap [status_snapshot]
 #                            (A/B rounds in one klippy)
+#   snapshot_probe/homing    klippy's trigger and halt step positions of every
+#                            homing move so far (homing:homing_move_end)
 """[snapshot_probe]: measurements from inside klippy's reactor."""
 
 import time
@@ -47,7 +49,12 @@ class SnapshotProbe:
         webhooks.register_endpoint("snapshot_probe/timing", self._handle_timing)
         webhooks.register_endpoint("snapshot_probe/lateness", self._handle_lateness)
         webhooks.register_endpoint("snapshot_probe/serve", self._handle_serve)
+        webhooks.register_endpoint("snapshot_probe/homing", self._handle_homing)
         self.printer.register_event_handler("klippy:ready", self._handle_ready)
+        self.printer.register_event_handler(
+            "homing:homing_move_end", self._note_homing_move
+        )
+        self.homing_moves = []
 
     def _restore_print_time(self):
         mcu = self.printer.lookup_object("mcu")
@@ -152,6 +159,22 @@ class SnapshotProbe:
         elif not on and snapshot.timer is not None:
             snapshot._handle_disconnect()
         web_request.send({"serving": snapshot.timer is not None})
+
+    def _note_homing_move(self, hmove):
+        self.homing_moves.append(
+            {
+                sp.stepper_name: {
+                    "endstop": sp.endstop_name,
+                    "start": sp.start_pos,
+                    "trigger": sp.trig_pos,
+                    "halt": sp.halt_pos,
+                }
+                for sp in hmove.stepper_positions
+            }
+        )
+
+    def _handle_homing(self, web_request):
+        web_request.send({"moves": self.homing_moves})
 
     def _handle_lateness(self, web_request):
         samples, self.lateness = self.lateness, []
