@@ -35,8 +35,10 @@ Freshness rules:
 - Toolhead moves (toolhead.move, set_extruder) and the events that change
   position or homing state (toolhead:set_position, toolhead:manual_move,
   homing:home_rails_end, stepper_enable:motor_off,
-  toolhead:update_extra_axes) mark the snapshots outdated: the next read
-  refreshes them (again: not during Drip). So `position` and `homed_axes`
+  toolhead:update_extra_axes) mark the snapshots of the objects they change
+  (toolhead, gcode_move, motion_report, stepper_enable) outdated: the next
+  read refreshes them (again: not during Drip). Other objects (a system
+  monitor, heaters) are never refreshed by a read for these events. So `position` and `homed_axes`
   are exact for every reader outside homing; other fields (max_velocity after
   SET_VELOCITY_LIMIT, print_time, stalls, fields of other objects) lag by at
   most `interval`.
@@ -59,6 +61,8 @@ CHANGE_EVENTS = (
     "homing:home_rails_end",
     "stepper_enable:motor_off",
 )
+# Objects whose status those events change (others lag by `interval`).
+MOTION_OBJECTS = ("toolhead", "gcode_move", "motion_report", "stepper_enable")
 # Toolhead methods that change what its get_status reports.
 TOOLHEAD_MUTATORS = ("move", "set_extruder")
 PRINT_TIME_FIELD = "estimated_print_time"
@@ -258,8 +262,10 @@ class StatusSnapshot:
         )
 
     def _note_change(self, *args):
-        for served in self.served.values():
-            served.store.invalidate()
+        for name in MOTION_OBJECTS:
+            served = self.served.get(name)
+            if served is not None:
+                served.store.invalidate()
 
     def _tick(self, eventtime):
         if self.in_drip():
