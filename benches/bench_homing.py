@@ -143,8 +143,9 @@ def recover(printer, api):
 def home_once(printer, api):
     """One G28 from 20 mm away; returns its figures (or the error)."""
     api.gcode(AWAY, timeout=120)
-    settled(printer)
-    before = len(printer.motion_state()["homings"])
+    state = settled(printer)
+    before = len(state["homings"])
+    expired_before = len(state.get("expiries", []))
     api.call("snapshot_probe/lateness", {"reset": True})
     start = time.monotonic()
     error = None
@@ -154,7 +155,9 @@ def home_once(printer, api):
         error = str(e)
     took = time.monotonic() - start
     lateness = api.call("snapshot_probe/lateness")["values"]
-    records = settled(printer)["homings"][before:] if error is None else []
+    state = settled(printer)
+    records = state["homings"][before:] if error is None else []
+    expiries = state.get("expiries", [])[expired_before:]
     moves = []
     for r in records:
         for pin, s in r["steppers"].items():
@@ -166,7 +169,13 @@ def home_once(printer, api):
                     "min_lead_s": r["min_step_lead_s"],
                 }
             )
-    return {"g28_s": took, "lateness": lateness, "moves": moves, "error": error}
+    return {
+        "g28_s": took,
+        "lateness": lateness,
+        "moves": moves,
+        "error": error,
+        "expiries": expiries,
+    }
 
 
 def percentile(values, q):
@@ -226,7 +235,7 @@ def summarise(cycles):
     steps = [m["steps"] for m in moves]
     return {
         "g28": len(cycles),
-        "failed": [c["error"] for c in cycles if c["error"]],
+        "failed": [_cause(c) for c in cycles if c["error"]],
         "g28_p50_s": statistics.median(c["g28_s"] for c in ok) if ok else None,
         "g28_max_s": max(c["g28_s"] for c in ok) if ok else None,
         "late_p50": percentile(lateness, 0.5),
@@ -238,6 +247,22 @@ def summarise(cycles):
         "stop_um_max": max((m["um"] for m in moves), default=None),
         "min_lead_s": min((m["min_lead_s"] for m in moves), default=None),
     }
+
+
+def _cause(cycle):
+    """A failed G28's error, and whose the trsync timeout was if there was one."""
+    text = cycle["error"].split("'message': ")[-1].strip("'}\" ")
+    for e in cycle["expiries"]:
+        late = e["max_report_lag_s"]
+        owner = (
+            "the simulator was starved: it sent trsync reports up to "
+            f"{late * 1e3:.0f} ms late, a real MCU sends them on time"
+            if late > 0.1
+            else f"the simulator's reports were on time (at most {late * 1e3:.0f} ms "
+            "late): the host did not extend the timeout"
+        )
+        text += f" ({owner})"
+    return text
 
 
 def ms(v):
@@ -297,6 +322,9 @@ def report(raw, args):
             f"{ms(r['late_p50'])} / {ms(r['late_p99'])} / {ms(r['late_max'])} | "
             f"{steps}; {um} | {ms(r['min_lead_s'])} | {busy} | {qps} |"
         )
+    for mode in MODES:
+        for cause in s[mode]["failed"]:
+            lines.append(f"\nFailed G28, {names[mode]}: {cause}.")
     idle, stock, store = s["idle"], s["stock"], s["store"]
     noise = _spread(idle["late_p99_per_g28"])
     verdict = _verdict(idle, store, noise)
@@ -315,7 +343,7 @@ def report(raw, args):
         "oversampling, then trsync stops the steppers), so it is the same in every "
         "mode by construction of a single-MCU homing; what host load can break is "
         "step delivery during the drip move (the shortest step lead: at zero the "
-        "MCU shuts down with \"Timer too close\") and the G28 time (the host must "
+        'MCU shuts down with "Timer too close") and the G28 time (the host must '
         "notice the trigger, query positions and plan the next move).",
         "",
         "Re-run: `python benches/bench_homing.py` (`--rounds N --cycles N "

@@ -199,6 +199,10 @@ def test_reports_go_out_every_report_ticks_and_the_timeout_triggers(mcu):
     last = sent.named("trsync_state")[-1]
     assert (last["can_trigger"], last["trigger_reason"]) == (0, COMMS_TIMEOUT)
     assert not motion.homings, "a timeout is not a homing"
+    (expiry,) = motion.expiries
+    assert expiry["clock"] == 260000 and expiry["trsync"] == 2
+    # This simulator sent the report due at 235000 only at 240000: 5 ms late.
+    assert expiry["max_report_lag_s"] == pytest.approx(0.005)
 
 
 def test_the_host_extends_the_timeout_like_trdispatch(mcu):

@@ -31,7 +31,10 @@ with no such entry never triggers.
 Each trigger by an endstop is recorded (`Motion.homings`): the sample clock, the trigger
 clock, and for each stopped stepper its position at the first matching sample (what
 klippy takes as the trigger position) and where it stopped, plus the shortest lead time
-of a step command during that homing move. Not thread-safe; driven by one event loop.
+of a step command during that homing move. Each trsync timeout is recorded too
+(`Motion.expiries`), with how late this process sent its reports: the simulator runs in
+real time on a shared machine, and a starved simulator can time out a homing a real MCU
+would not. Not thread-safe; driven by one event loop.
 """
 
 from __future__ import annotations
@@ -255,6 +258,7 @@ class Trsync:
         self.report_due = False
         self.steppers: list[Stepper] = []
         self.min_lead: Optional[int] = None  # of step commands while armed
+        self.max_report_lag = 0  # how late (ticks) this simulator sent a report
 
     def clear(self) -> None:
         self.report_clock = self.expire_clock = None
@@ -264,6 +268,7 @@ class Trsync:
         self.can_trigger = self.report_due = False
         self.reason = self.expire_reason = 0
         self.min_lead = None
+        self.max_report_lag = 0
 
 
 class Motion:
@@ -287,6 +292,7 @@ class Motion:
         self.trsyncs: dict[int, Trsync] = {}
         self.outputs: dict[int, int] = {}
         self.homings: list[dict[str, Any]] = []
+        self.expiries: list[dict[str, Any]] = []
         self.changed = False
 
     def pin_name(self, pin: int) -> str:
@@ -452,9 +458,12 @@ class Motion:
                 self._trigger(e.trsync, e.reason, clock)
             elif kind == "expire":
                 what.expire_clock = None
+                if what.can_trigger:
+                    self._note_expiry(what, clock, now)
                 self._trigger(what, what.expire_reason, clock)
             else:
                 what.report_due = True
+                what.max_report_lag = max(what.max_report_lag, now - clock)
                 what.report_clock += what.report_ticks
         for t in self.trsyncs.values():
             if t.report_due:
@@ -518,6 +527,20 @@ class Motion:
             }
         )
 
+    def _note_expiry(self, t: Trsync, clock: int, now: int) -> None:
+        """A trsync timed out (klippy: "Communication timeout during homing"). Says
+        how late this simulator itself was: a real MCU sends its reports on time, so
+        an expiry after late reports is the simulator's (a starved process), not the
+        host's."""
+        self.expiries.append(
+            {
+                "trsync": t.oid,
+                "clock": clock,
+                "noticed_late_s": (now - clock) / self.freq,
+                "max_report_lag_s": t.max_report_lag / self.freq,
+            }
+        )
+
     def shutdown(self, now: int) -> None:
         """What the firmware's shutdown handlers do: steppers stop where they are,
         trsyncs are cleared, timers (endstop sampling) are gone."""
@@ -541,4 +564,5 @@ class Motion:
                 for s in self.steppers.values()
             },
             "homings": self.homings,
+            "expiries": self.expiries,
         }

@@ -343,6 +343,20 @@ mod tests {
             .into();
             assert!(err.is_instance_of::<KflashError>(py));
             assert!(err.to_string().contains("/dev/shm/x"));
+            for err in [
+                snapshot::Error::Truncated {
+                    path: "/dev/shm/x".into(),
+                    size: 3,
+                    expected: 64,
+                },
+                snapshot::Error::Replaced {
+                    path: "/dev/shm/x".into(),
+                },
+            ] {
+                let err: PyErr = err.into();
+                assert!(err.is_instance_of::<KflashError>(py));
+                assert!(err.to_string().contains("/dev/shm/x"));
+            }
         });
     }
 
