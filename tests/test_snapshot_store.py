@@ -1,5 +1,6 @@
 """kflash.SnapshotStore and the shared-memory mirror, from Python."""
 
+import collections
 import json
 import multiprocessing
 import threading
@@ -10,6 +11,8 @@ from klippy.clocksync import ClockSync
 
 import kflash
 from kflash import snapshot
+
+Coord = collections.namedtuple("Coord", ("x", "y", "z", "e"))
 
 
 def status(version, width=8):
@@ -30,18 +33,134 @@ def test_get_status_serves_the_latest_publish():
     assert 0.0 <= store.age < 5.0
 
 
-def test_readers_share_one_published_dict_that_the_publisher_cannot_change():
+def test_the_publisher_cannot_change_a_published_status():
     store = kflash.SnapshotStore()
-    source = {"homed_axes": "", "position": [0.0, 0.0]}
+    source = {"homed_axes": "", "limits": [0.0, 200.0], "info": {"layer": 1}}
     store.publish(source, 1.0)
-    first = store.get_status(1.0)
-    assert store.get_status(2.0) is first, "O(1) read: the same dict"
     source["homed_axes"] = "xyz"  # the object mutates its own dict later
-    assert store.get_status(3.0)["homed_axes"] == "", "a publish is a copy"
+    source["limits"].append(300.0)
+    source["info"]["layer"] = 2
+    assert store.get_status(3.0) == {
+        "homed_axes": "",
+        "limits": [0.0, 200.0],
+        "info": {"layer": 1},
+    }, "a publish is a deep enough copy"
     store.publish(source, 4.0)
-    second = store.get_status(4.0)
-    assert second is not first
-    assert first["homed_axes"] == "" and second["homed_axes"] == "xyz"
+    assert store.get_status(4.0)["homed_axes"] == "xyz"
+
+
+def test_a_reader_cannot_change_what_other_readers_see():
+    """Stock toolhead returns a fresh dict per call: a reader may change its copy
+    (klippy's own PrinterExtruder.get_status adds keys to its heater's status); it
+    must never reach the next reader, nor webhooks' copy."""
+    store = kflash.SnapshotStore()
+    store.publish(
+        {
+            "position": Coord(1.0, 2.0, 3.0, 0.0),
+            "available": ["extruder", "heater_bed"],
+            "info": {"layers": [1, 2], "name": "x"},
+        },
+        1.0,
+    )
+    mine = store.get_status(2.0)
+    mine["position"] = (9.0, 9.0, 9.0, 9.0)  # the caller's own copy
+    mine["can_extrude"] = True
+    del mine["info"]
+    theirs = store.get_status(2.0)
+    assert theirs is not mine
+    assert theirs["position"] == (1.0, 2.0, 3.0, 0.0)
+    assert "can_extrude" not in theirs and "info" in theirs
+    # Nested values are shared, so they refuse every change.
+    nested_changes = [
+        lambda s: s["available"].append("x"),
+        lambda s: s["available"].__setitem__(0, "x"),
+        lambda s: s["available"].sort(),
+        lambda s: s["available"].extend(["x"]),
+        lambda s: s["available"].pop(),
+        lambda s: s["available"].__iadd__(["x"]),
+        lambda s: s["info"].__setitem__("name", "y"),
+        lambda s: s["info"].update(name="y"),
+        lambda s: s["info"].pop("name"),
+        lambda s: s["info"].setdefault("new", 1),
+        lambda s: s["info"].clear(),
+        lambda s: s["info"]["layers"].remove(1),
+    ]
+    for change in nested_changes:
+        with pytest.raises(TypeError, match="read-only"):
+            change(theirs)
+    assert store.get_status(3.0) == {
+        "position": (1.0, 2.0, 3.0, 0.0),
+        "available": ["extruder", "heater_bed"],
+        "info": {"layers": [1, 2], "name": "x"},
+    }
+
+
+def test_a_served_status_reads_like_the_dict_it_replaces():
+    """What klippy's readers do with a status: webhooks' field diff and json
+    encoding, Jinja macros (through copy.deepcopy, as kalico's wrapper does),
+    dict(...), .copy(), `in`, iteration, pickling."""
+    import copy
+    import pickle
+
+    import jinja2
+
+    status = {
+        "position": Coord(1.5, 2.0, 3.0, 0.0),
+        "homed_axes": "xy",
+        "available_heaters": ["extruder"],
+        "info": {"total_layer": 10, "current_layer": 3, "names": ["a", "b"]},
+        "pair": (1, [2, 3]),
+    }
+    store = kflash.SnapshotStore()
+    store.publish(status, 1.0)
+    served = store.get_status(2.0)
+    assert type(served) is dict
+    assert isinstance(served["info"], dict)
+    assert isinstance(served["info"]["names"], list)
+    assert type(served["position"]) is Coord and served["position"].x == 1.5
+    assert served == status and not (served != status)
+    # webhooks: per-field `!=` against the previous tick, then json.dumps.
+    again = store.get_status(2.25)
+    assert not any(served[k] != again[k] for k in served)
+    assert json.loads(json.dumps(served, separators=(",", ":"))) == json.loads(
+        json.dumps(status)
+    )
+    assert "info" in served and "layers" not in served["info"]
+    assert sorted(served) == sorted(status) and list(served["info"]) == list(
+        status["info"]
+    )
+    for copied in (
+        dict(served["info"]),
+        served["info"].copy(),
+        copy.copy(served["info"]),
+        copy.deepcopy(served)["info"],
+        pickle.loads(pickle.dumps(served))["info"],
+    ):
+        assert type(copied) is dict and copied == status["info"]
+        copied["names"] = []  # a copy is the caller's own
+    deep = copy.deepcopy(served)
+    deep["info"]["names"].append("c")
+    assert type(deep["info"]["names"]) is list
+    assert store.get_status(3.0)["info"]["names"] == ["a", "b"]
+    template = jinja2.Environment().from_string(
+        "{{ p.position.x }} {{ p.info.names|join(',') }} {{ p.info.current_layer }}"
+        " {{ 'extruder' in p.available_heaters }}"
+    )
+    assert template.render(p=copy.deepcopy(served)) == "1.5 a,b 3 True"
+    assert template.render(p=served) == "1.5 a,b 3 True"
+
+
+def test_tuples_holding_lists_are_rebuilt_read_only_and_keep_their_type():
+    store = kflash.SnapshotStore()
+    store.publish({"plain": (1, [2]), "coord": Coord(1, [2], 3, 4), "flat": (1, 2)}, 1)
+    got = store.get_status(1.0)
+    assert type(got["plain"]) is tuple and type(got["coord"]) is Coord
+    for value in (got["plain"][1], got["coord"].y):
+        with pytest.raises(TypeError):
+            value.append(3)
+    flat = (1, 2)
+    store.publish({"flat": flat}, 2)
+    assert store.get_status(2.0)["flat"] is flat, "nothing to freeze: not copied"
 
 
 def test_fallback_refreshes_missing_invalidated_and_old_snapshots():
@@ -145,12 +264,12 @@ def test_print_time_is_exactly_klippys_for_the_callers_eventtime(clock_est, mcu_
     )
 
 
-def test_objects_without_the_print_time_field_get_the_shared_dict():
+def test_objects_without_the_print_time_field_get_it_not_added():
     sync = ClockSync(FakeReactor())
     store = kflash.SnapshotStore(print_time_clock=sync)
     store.publish({"temperature": 21.5}, 1.0)
-    assert store.get_status(2.0) is store.get_status(3.0)
-    assert "estimated_print_time" not in store.get_status(2.0)
+    assert store.get_status(2.0) == store.get_status(3.0) == {"temperature": 21.5}
+    assert store.get_status(2.0) is not store.get_status(2.0), "one copy per read"
 
 
 def test_readers_in_threads_see_whole_snapshots_in_order():

@@ -86,6 +86,17 @@ class FakeToolhead:
         self.commanded_pos[3] = extrude_pos
 
 
+class FakeMonitor:
+    """A system-monitor-like object: its status is unrelated to motion."""
+
+    def __init__(self):
+        self.real_calls = 0
+
+    def get_status(self, eventtime):
+        self.real_calls += 1
+        return {"load": self.real_calls}
+
+
 class FakeGcode:
     def __init__(self):
         self.commands = {}
@@ -102,10 +113,12 @@ class FakePrinter:
         self.handlers = {}
         self.mcu = FakeMcu(self.reactor)
         self.toolhead = FakeToolhead(self.mcu)
+        self.monitor = FakeMonitor()
         self.objects = {
             "mcu": self.mcu,
             "toolhead": self.toolhead,
             "gcode": FakeGcode(),
+            "monitor": self.monitor,
         }
 
     def get_reactor(self):
@@ -175,6 +188,21 @@ def test_moves_and_homing_events_make_the_next_read_exact():
     assert toolhead.get_status(printer.reactor.now)["homed_axes"] == "xyz"
     toolhead.set_extruder(None, 3.5)
     assert toolhead.get_status(printer.reactor.now)["position"][3] == 3.5
+
+
+def test_motion_events_do_not_refresh_unrelated_objects():
+    """A slow monitor served beside the toolhead is not read again because the
+    toolhead moved or homed: only the timer reads it."""
+    printer, extra = connected(objects="toolhead, monitor")
+    monitor = printer.monitor
+    calls = monitor.real_calls
+    printer.toolhead.move([1.0, 2.0, 3.0, 0.0], 10.0)
+    for event in status_snapshot.CHANGE_EVENTS:
+        printer.send_event(event)
+        monitor.get_status(printer.reactor.now)
+    assert monitor.real_calls == calls
+    assert not extra.served["toolhead"].store.current
+    assert extra.served["monitor"].store.current
 
 
 def test_while_homing_nothing_calls_the_toolhead_and_print_time_stays_exact():

@@ -5,6 +5,8 @@ G-code and queries go through klippy's API socket, the way Moonraker sends them.
 served get_status returns and what the toolhead's own method returns.
 """
 
+import os
+import subprocess
 import time
 
 import pytest
@@ -60,7 +62,9 @@ def test_the_extra_serves_the_listed_objects(printer):
     assert result["print_time_exact"] is True, "read path stays in the core"
     stats = api.call("snapshot_probe/compare", {"object": "system_stats"})
     assert stats["served_by_store"]
-    assert stats["same_dict_twice"], "no per-read copy without print time"
+    for checked in (result, stats):
+        assert checked["fresh_dict_per_read"], "each reader gets its own dict"
+        assert checked["reader_isolated"], "a reader's change reached another"
 
 
 def test_toolhead_status_matches_the_toolhead_after_homing_and_moves(printer):
@@ -218,3 +222,31 @@ def test_an_unusable_shm_path_stops_klippy_with_the_path(tmp_path):
                 klippy.start(timeout=20)
         finally:
             klippy.stop()
+
+
+def test_a_mirror_on_a_full_tmpfs_is_logged_and_klippy_keeps_running(tmp_path):
+    if os.geteuid() != 0:
+        pytest.fail("mounting a small tmpfs needs root (these tests run as root here)")
+    full = tmp_path / "full"
+    full.mkdir()
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=32k", "tmpfs", str(full)], check=True
+    )
+    try:
+        section = f"[status_snapshot]\nshm_path: {full / 'status'}\n[snapshot_probe]\n"
+        with linked_extras():
+            klippy = Klippy(tmp_path / "klippy", section)
+            api = klippy.start()
+            try:
+                status = api.query({"status_snapshot": None})["status"]
+                assert "No space left" in status["status_snapshot"]["mirror_error"]
+                served, real, _ = compare(api)
+                assert served["axis_maximum"] == real["axis_maximum"], "store serves"
+                assert api.call("info")["state"] == "ready"
+            finally:
+                api.close()
+                klippy.stop()
+        log = klippy.log.read_text()
+        assert "status_snapshot: mirror off:" in log and "No space left" in log
+    finally:
+        subprocess.run(["umount", str(full)], check=True)

@@ -71,3 +71,32 @@ def test_a_missing_mirror_says_how_to_set_it_up(tmp_path):
     code, out, err = run("--shm", str(tmp_path / "nothing"))
     assert code == 2 and out == ""
     assert "shm_path" in err and "nothing" in err
+
+
+def test_the_example_display_reads_the_mirror_without_klippy(tmp_path):
+    """examples/status_display.py, the README's consumer: one line per snapshot."""
+    import pathlib
+    import subprocess
+    import sys
+
+    example = pathlib.Path(__file__).resolve().parent.parent / "examples"
+    path = tmp_path / "status"
+    store = kflash.SnapshotStore(path)
+    store.publish(
+        {"toolhead": {"position": (10.0, 20.5, 3.0, 0.0), "homed_axes": "xyz"}}, 5.0
+    )
+    run = subprocess.run(
+        [sys.executable, str(example / "status_display.py"), str(path), "--count", "1"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("#1 X10.00 Y20.50 Z3.00 homed xyz age ")
+    missing = subprocess.run(
+        [sys.executable, str(example / "status_display.py"), str(tmp_path / "none")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert missing.returncode == 2 and "no status" in missing.stderr

@@ -5,16 +5,23 @@ shutdown) and answers from the data dictionary of the firmware it "runs": the id
 formats come from that dictionary, so what klippy reports as ``mcu_version`` is the
 dictionary's ``version``. Rules: reference/klipper-mcu-protocol.md (receiver rules §2,
 responses before the ACK, one message per block, junk tolerance, shutdown state, real
-reset on ``config_reset``). Transport-agnostic: bytes in through `feed`, bytes out
-through the ``write`` callback. Not thread-safe; driven by one event loop.
+reset on ``config_reset``). Steppers, endstops and trsync (what klippy needs to home)
+are `virtual_printer.motion`, wired by the board's ``wiring`` (its virtual endstops);
+their positions and homing records go to ``state_path`` (JSON) when given.
+Transport-agnostic: bytes in through `feed`, bytes out through the ``write`` callback;
+the owner's loop calls `tick` and sleeps until `next_deadline`. Not thread-safe; driven
+by one event loop.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from typing import Any, Callable, Optional
 
 from virtual_printer import proto
+from virtual_printer.motion import McuShutdown, Motion
 
 # Commands that still run while the MCU is shut down (the firmware's HF_IN_SHUTDOWN).
 _RUN_IN_SHUTDOWN = {
@@ -37,10 +44,16 @@ class KlipperApp:
         dictionary: dict[str, Any],
         write: Callable[[bytes], None],
         on_reset: Optional[Callable[[], None]] = None,
+        wiring: Optional[dict[str, Any]] = None,
+        state_path: Optional[str] = None,
     ) -> None:
         self.dictionary = dictionary
         self._write = write
         self._on_reset = on_reset
+        self.wiring = wiring
+        self.state_path = state_path
+        self._state_written: Any = None
+        self.pins = pin_numbers(dictionary.get("enumerations", {}).get("pin", {}))
         self.blob = proto.compress_dict(dictionary)
         self.commands = {
             mid: proto.MessageFormat(f, mid)
@@ -71,11 +84,15 @@ class KlipperApp:
         self.oids: Optional[int] = None
         self.shutdown_reason: Optional[int] = None
         self.t0 = time.monotonic()
+        self.motion = Motion(self.clock_freq, self.send, self.pins, self.wiring)
 
     # ------------------------------------------------------------------ output
 
-    def clock64(self) -> int:
-        return int((time.monotonic() - self.t0) * self.clock_freq)
+    def clock64(self, now: Optional[float] = None) -> int:
+        """The MCU clock at monotonic time ``now`` (default: now)."""
+        if now is None:
+            now = time.monotonic()
+        return int((now - self.t0) * self.clock_freq)
 
     def send(self, name: str, **values: Any) -> None:
         fmt = self.responses.get(name)
@@ -92,6 +109,7 @@ class KlipperApp:
     def _shutdown(self, reason: str) -> None:
         if self.shutdown_reason is None:
             self.shutdown_reason = self._string_id(reason)
+            self.motion.shutdown(self.clock64())
         self.send(
             "shutdown",
             clock=self.clock64() & 0xFFFFFFFF,
@@ -194,14 +212,67 @@ class KlipperApp:
         elif name == "clear_shutdown":
             self.shutdown_reason = None
         elif name in ("config_reset", "reset"):
-            if name == "config_reset" and self.shutdown_reason is None:
-                self._shutdown("config_reset only available when shutdown")
-                return False
-            self._write(proto.frame_block(self.next_seq))
-            if self._on_reset is not None:
-                self._on_reset()
-            else:
-                self.reset_state()
-                self.send_starting()
-            return True
+            return self._reset(name)
+        else:
+            try:
+                self.motion.run(name, v, self.clock64())
+            except McuShutdown as e:
+                self._shutdown(str(e))
         return False
+
+    def _reset(self, name: str) -> bool:
+        if name == "config_reset" and self.shutdown_reason is None:
+            self._shutdown("config_reset only available when shutdown")
+            return False
+        self._write(proto.frame_block(self.next_seq))
+        if self._on_reset is not None:
+            self._on_reset()
+        else:
+            self.reset_state()
+            self.send_starting()
+        return True
+
+    # ------------------------------------------------------------------ time
+
+    def tick(self, now: float) -> None:
+        """Carry out what the motion objects have due by ``now`` (monotonic seconds)."""
+        try:
+            self.motion.advance(self.clock64(now))
+        except McuShutdown as e:
+            self._shutdown(str(e))
+        self._write_state(now)
+
+    def next_deadline(self) -> float:
+        """When `tick` has something to do next (monotonic seconds; inf: nothing)."""
+        clock = self.motion.next_event()
+        if clock is None:
+            return float("inf")
+        return self.t0 + clock / self.clock_freq
+
+    def _write_state(self, now: float) -> None:
+        if self.state_path is None or not self.motion.steppers:
+            return
+        state = self.motion.state(self.clock64(now))
+        if state == self._state_written:
+            return
+        tmp = f"{self.state_path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(state, f)
+        os.replace(tmp, self.state_path)
+        self._state_written = json.loads(json.dumps(state))
+
+
+def pin_numbers(enumeration: dict[str, Any]) -> dict[str, int]:
+    """Pin names to numbers from a dictionary's ``pin`` enumeration (ranges expanded:
+    ``"PA0": [0, 16]`` is PA0..PA15)."""
+    pins: dict[str, int] = {}
+    for name, value in enumeration.items():
+        if isinstance(value, list):
+            start, count = value
+            root = name.rstrip("0123456789")
+            first = int(name[len(root) :] or 0)
+            for i in range(count):
+                pins[f"{root}{first + i}"] = start + i
+        else:
+            pins[name] = int(value)
+    return pins

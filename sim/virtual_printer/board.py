@@ -175,7 +175,13 @@ class Board:
         """Boot: the application if the stored image is valid, else Katapult."""
         d = self.image_dictionary()
         if d is not None:
-            self.app = KlipperApp(d, self._write, on_reset=self._app_reset)
+            self.app = KlipperApp(
+                d,
+                self._write,
+                on_reset=self._app_reset,
+                wiring=self.spec.get("wiring"),
+                state_path=os.path.join(self.state_dir, "motion.json"),
+            )
             self.katapult = None
             self._enumerate("app")
             self.log(f"application {self.app.version}")
@@ -387,6 +393,8 @@ class Board:
             self._fire(what)
         if self.katapult is not None:
             self.katapult.tick(now)
+        if self.app is not None:
+            self.app.tick(now)
         if self.mode == "app" and self.interface == "usb" and self.pty is not None:
             self._check_touch(now, faults)
 
@@ -417,6 +425,8 @@ class Board:
         t = self.timers[0][0] if self.timers else float("inf")
         if self.katapult is not None:
             t = min(t, self.katapult.next_deadline())
+        if self.app is not None:
+            t = min(t, self.app.next_deadline())
         return t
 
 

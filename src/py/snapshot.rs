@@ -1,19 +1,28 @@
 //! Python face of the status snapshot store: `SnapshotStore` and `SnapshotReader`.
 //!
-//! `SnapshotStore` keeps the latest published status dict of one printer object in a
-//! [`crate::snapshot::Store`] and serves `get_status(eventtime)` from it: a few atomic loads
-//! and one new reference to the published dict, without calling into the object. Published
-//! dicts are shallow copies taken at publish time and are never mutated afterwards: every
-//! reader gets the same dict and must treat it as read-only (Klipper's webhooks only reads and
-//! compares fields with `!=`). A store configured with a print-time clock returns instead a
-//! shallow copy with that one field recomputed for the caller's eventtime.
+//! `SnapshotStore` keeps the latest published status of one printer object in a
+//! [`crate::snapshot::Store`] and serves `get_status(eventtime)` from it without calling into
+//! the object: a few atomic loads and one shallow copy of the published top-level dict.
+//!
+//! Nobody can change what another reader sees:
+//! - `publish` copies the status, and replaces nested dicts and lists (at any depth) by
+//!   `kflash.snapshot.ReadOnlyDict` / `ReadOnlyList`: dict and list subclasses that read like
+//!   their base (json, `==`, iteration, `copy.deepcopy`, Jinja) and raise `TypeError` on any
+//!   change. Tuples holding such values are rebuilt (namedtuples keep their type).
+//! - `get_status` returns a fresh top-level dict per call (what the stock method returns;
+//!   klippy's own readers, such as `PrinterExtruder.get_status`, add keys to it): changing
+//!   it touches only the caller's copy, and its nested values refuse changes.
+//!   A store configured with a print-time clock recomputes that field in the copy for the
+//!   caller's eventtime.
 //!
 //! Optional: a `fallback` callable consulted when the snapshot is missing, invalidated or older
 //! than `max_age` (by eventtime); and a shared-memory mirror (`shm_path`) written on every
-//! publish as JSON, read by `SnapshotReader` in any process.
+//! publish as JSON, read by `SnapshotReader` in any process. A mirror write that fails (a full
+//! tmpfs, the file taken over by another process) turns the mirror off: that publish raises
+//! the error once, later ones no longer touch the file, and `mirror_error` says why.
 //!
 //! Thread-safety: the class is frozen; readers never take a lock. Publishers serialise on the
-//! mirror's mutex (held only while the JSON bytes are copied into the mapping).
+//! mirror's mutex (held while the JSON bytes are written to the file).
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -22,11 +31,17 @@ use std::sync::{Mutex, PoisonError};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::intern;
 use pyo3::prelude::*;
-use pyo3::sync::MutexExt;
-use pyo3::types::{PyBool, PyBytes, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
+use pyo3::sync::{MutexExt, PyOnceLock};
+use pyo3::types::{PyBool, PyBytes, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple, PyType};
 
 use crate::snapshot::shm::{ShmReader, ShmWriter};
 use crate::snapshot::{Snapshot, Store};
+
+/// The shared-memory mirror of a store: its writer while on, why it went off.
+struct Mirror {
+    writer: Option<ShmWriter>,
+    error: Option<String>,
+}
 
 /// What a snapshot holds: the published dict and whether it carries the print-time field.
 struct Entry {
@@ -57,15 +72,86 @@ impl PrintClock {
     }
 }
 
+/// The read-only container types (`kflash.snapshot`), imported on first use.
+static READ_ONLY_DICT: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+static READ_ONLY_LIST: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+
+struct ReadOnlyTypes<'py> {
+    dict: &'py Bound<'py, PyType>,
+    list: &'py Bound<'py, PyType>,
+}
+
+impl<'py> ReadOnlyTypes<'py> {
+    fn get(py: Python<'py>) -> PyResult<Self> {
+        Ok(ReadOnlyTypes {
+            dict: READ_ONLY_DICT.import(py, "kflash.snapshot", "ReadOnlyDict")?,
+            list: READ_ONLY_LIST.import(py, "kflash.snapshot", "ReadOnlyList")?,
+        })
+    }
+
+    /// `value` with every dict and list in it (at any depth up to [`MAX_DEPTH`]) replaced by
+    /// its read-only kind; the same object when nothing in it can change.
+    fn freeze(&self, value: &Bound<'py, PyAny>, depth: usize) -> PyResult<Bound<'py, PyAny>> {
+        let py = value.py();
+        if depth >= MAX_DEPTH || value.is_instance(self.dict)? || value.is_instance(self.list)? {
+            return Ok(value.clone());
+        }
+        if let Ok(dict) = value.cast::<PyDict>() {
+            let out = PyDict::new(py);
+            for (k, v) in dict.iter() {
+                out.set_item(k, self.freeze(&v, depth + 1)?)?;
+            }
+            return self.dict.call1((out,));
+        }
+        if let Ok(list) = value.cast::<PyList>() {
+            let items = list
+                .iter()
+                .map(|v| self.freeze(&v, depth + 1))
+                .collect::<PyResult<Vec<_>>>()?;
+            return self.list.call1((PyList::new(py, items)?,));
+        }
+        if let Ok(tuple) = value.cast::<PyTuple>() {
+            let items = tuple
+                .iter()
+                .map(|v| self.freeze(&v, depth + 1))
+                .collect::<PyResult<Vec<_>>>()?;
+            if items.iter().zip(tuple.iter()).all(|(a, b)| a.is(&b)) {
+                return Ok(value.clone());
+            }
+            let rebuilt = PyTuple::new(py, items)?;
+            let kind = value.get_type();
+            if kind.is(py.get_type::<PyTuple>()) {
+                return Ok(rebuilt.into_any());
+            }
+            // A namedtuple (Klipper's Coord) keeps its type.
+            return match kind.getattr(intern!(py, "_make")) {
+                Ok(make) => make.call1((rebuilt,)),
+                Err(_) => Ok(rebuilt.into_any()),
+            };
+        }
+        Ok(value.clone())
+    }
+
+    /// A published top-level dict: a plain dict (copied per read) whose values are frozen.
+    fn publishable(&self, status: &Bound<'py, PyDict>) -> PyResult<Bound<'py, PyDict>> {
+        let out = PyDict::new(status.py());
+        for (k, v) in status.iter() {
+            out.set_item(k, self.freeze(&v, 1)?)?;
+        }
+        Ok(out)
+    }
+}
+
 /// The latest status of one printer object, published by a reactor timer and read in O(1).
 ///
 /// `SnapshotStore(shm_path=None, *, fallback=None, max_age=None, print_time_clock=None,
 /// print_time_field="estimated_print_time")`
 ///
-/// - `publish(status, eventtime)` stores a shallow copy of `status` as the new snapshot
-///   (version + 1) and, with `shm_path`, mirrors it as JSON into that shared-memory file.
-/// - `get_status(eventtime)` returns the snapshot's dict. The dict is SHARED by every caller
-///   and must not be mutated. With `print_time_clock` the result is a shallow copy whose
+/// - `publish(status, eventtime)` stores a copy of `status` as the new snapshot (version + 1;
+///   nested dicts and lists become read-only) and, with `shm_path`, mirrors it as JSON into
+///   that shared-memory file (see `mirror_error`).
+/// - `get_status(eventtime)` returns a fresh dict of the snapshot's fields (the caller's own;
+///   nested dicts and lists in it are shared and read-only). With `print_time_clock` its
 ///   `print_time_field` is recomputed for `eventtime` from the clock object (Klipper's
 ///   `ClockSync`: `clock_est`, `mcu_freq`).
 /// - With `fallback`, `get_status` calls `fallback(eventtime)` instead when nothing was
@@ -75,7 +161,7 @@ impl PrintClock {
 #[pyclass(frozen, module = "kflash._core")]
 pub struct SnapshotStore {
     store: Store<Entry>,
-    mirror: Mutex<Option<ShmWriter>>,
+    mirror: Mutex<Mirror>,
     shm_path: Option<PathBuf>,
     fallback: Option<Py<PyAny>>,
     max_age: f64,
@@ -94,15 +180,14 @@ impl SnapshotStore {
         snap: &Snapshot<Entry>,
         eventtime: f64,
     ) -> PyResult<Bound<'py, PyDict>> {
-        match &self.clock {
-            Some(clock) if snap.payload.has_clock_field => {
+        let dict = snap.payload.dict.bind(py).copy()?;
+        if let Some(clock) = &self.clock {
+            if snap.payload.has_clock_field {
                 let value = clock.value(py, eventtime)?;
-                let dict = snap.payload.dict.bind(py).copy()?;
                 dict.set_item(clock.field.bind(py), PyFloat::new(py, value))?;
-                Ok(dict)
             }
-            _ => Ok(snap.payload.dict.bind(py).clone()),
         }
+        Ok(dict)
     }
 
     fn publish_dict(
@@ -112,7 +197,7 @@ impl SnapshotStore {
         eventtime: f64,
         generation: u64,
     ) -> PyResult<u64> {
-        let dict = status.copy()?;
+        let dict = ReadOnlyTypes::get(py)?.publishable(status)?;
         let has_clock_field = match &self.clock {
             Some(clock) => dict.contains(clock.field.bind(py))?,
             None => false,
@@ -122,13 +207,18 @@ impl SnapshotStore {
             has_clock_field,
         };
         // Serialise before taking the lock: str() of a value may run Python code.
-        let json = match &self.shm_path {
-            Some(_) => {
-                let mut out = String::with_capacity(1024);
-                write_json(&mut out, status.as_any(), 0)?;
-                Some(out)
-            }
-            None => None,
+        let mirror_on = self
+            .mirror
+            .lock_py_attached(py)
+            .unwrap_or_else(PoisonError::into_inner)
+            .writer
+            .is_some();
+        let json = if mirror_on {
+            let mut out = String::with_capacity(1024);
+            write_json(&mut out, status.as_any(), 0)?;
+            Some(out)
+        } else {
+            None
         };
         // The mirror lock also orders publishes, so the file never goes back a version. It
         // is waited for with the GIL released (no deadlock with a holder that needs it), and
@@ -140,10 +230,16 @@ impl SnapshotStore {
             .unwrap_or_else(PoisonError::into_inner);
         let previous = self.store.latest();
         let snap = self.store.publish_as_of(entry, eventtime, generation);
-        let written = match (mirror.as_mut(), json) {
+        let written = match (mirror.writer.as_mut(), json) {
             (Some(writer), Some(json)) => writer.publish(snap.version, eventtime, json.as_bytes()),
             _ => Ok(()),
         };
+        if let Err(e) = &written {
+            // The mirror turns itself off: the in-process store goes on, the file is no
+            // longer touched, and this publish tells the caller (once).
+            mirror.writer = None;
+            mirror.error = Some(e.to_string());
+        }
         drop(mirror);
         drop(previous);
         written?;
@@ -158,7 +254,7 @@ impl SnapshotStore {
             }
         }
         Ok(match self.store.latest() {
-            Some(snap) => snap.payload.dict.bind(py).clone().into_any(),
+            Some(snap) => snap.payload.dict.bind(py).copy()?.into_any(),
             None => PyDict::new(py).into_any(),
         })
     }
@@ -212,13 +308,17 @@ impl SnapshotStore {
             None => f64::INFINITY,
         };
         let writer = shm_path.as_ref().map(ShmWriter::create).transpose()?;
+        let mirror = Mirror {
+            writer,
+            error: None,
+        };
         let clock = print_time_clock.map(|source| PrintClock {
             field: PyString::intern(py, print_time_field).unbind(),
             source,
         });
         Ok(SnapshotStore {
             store: Store::new(),
-            mirror: Mutex::new(writer),
+            mirror: Mutex::new(mirror),
             shm_path,
             fallback,
             max_age,
@@ -226,8 +326,9 @@ impl SnapshotStore {
         })
     }
 
-    /// Publishes a shallow copy of `status` (taken at `eventtime`) as the new snapshot and
-    /// returns its version. The caller may keep using `status`; the store never mutates it.
+    /// Publishes a copy of `status` (taken at `eventtime`) as the new snapshot and returns its
+    /// version. The caller may keep using `status`; the store never mutates it. Raises
+    /// `KflashError` (once) when the mirror cannot be written; the mirror is then off.
     fn publish(&self, py: Python<'_>, status: &Bound<'_, PyDict>, eventtime: f64) -> PyResult<u64> {
         if !eventtime.is_finite() {
             return Err(PyValueError::new_err(format!(
@@ -238,8 +339,8 @@ impl SnapshotStore {
         self.publish_dict(py, status, eventtime, generation)
     }
 
-    /// The latest status for `eventtime`: the shared, read-only published dict (or, with a
-    /// print-time clock, a copy with that field recomputed). See the class doc for `fallback`.
+    /// The latest status for `eventtime`: a fresh dict of the published fields (with a
+    /// print-time clock, that field recomputed). See the class doc for `fallback`.
     ///
     /// `get_status()` / `get_status(None)` (Klipper modules call some objects' method that
     /// way for their own logic) asks `fallback(None)` and returns its answer unpublished;
@@ -297,6 +398,16 @@ impl SnapshotStore {
     #[getter]
     fn shm_path(&self) -> Option<PathBuf> {
         self.shm_path.clone()
+    }
+
+    /// Why the mirror turned itself off (None while it works, or without a mirror).
+    #[getter]
+    fn mirror_error(&self, py: Python<'_>) -> Option<String> {
+        self.mirror
+            .lock_py_attached(py)
+            .unwrap_or_else(PoisonError::into_inner)
+            .error
+            .clone()
     }
 
     fn __repr__(&self) -> String {

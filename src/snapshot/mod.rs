@@ -15,8 +15,8 @@
 //! a lock: [`Store::latest`] and [`Store::peek`] are a few atomic operations. Publishers wait
 //! only for each other.
 //!
-//! [`shm`] mirrors the latest snapshot into a shared-memory file (seqlock) for other
-//! processes.
+//! [`shm`] mirrors the latest snapshot into a shared-memory file (seqlock, read and written
+//! with `pread`/`pwrite`, checksummed) for other processes.
 
 pub mod shm;
 
@@ -40,9 +40,28 @@ pub enum Error {
     #[error("{path} is not a kflash status snapshot file ({reason})")]
     NotASnapshot { path: PathBuf, reason: String },
     /// A reader kept losing the race against the writer (the writer publishes faster than a
-    /// copy of the payload takes, for the whole retry budget).
-    #[error("status snapshot file {path}: writer kept overwriting the payload ({attempts} tries)")]
+    /// copy of the payload takes, for the whole retry budget; or a writer stopped halfway
+    /// through a publish, or the file was altered behind its back).
+    #[error(
+        "status snapshot file {path}: no consistent copy after {attempts} tries (a writer \
+         overwriting it faster than it can be read, or stopped halfway through a publish)"
+    )]
     Contended { path: PathBuf, attempts: u32 },
+    /// The file is shorter than its header says (truncated by someone else). Readers report
+    /// it; the writer sizes the file again on its next publish.
+    #[error("status snapshot file {path} was truncated: {size} bytes, expected {expected}")]
+    Truncated {
+        path: PathBuf,
+        size: u64,
+        expected: u64,
+    },
+    /// The path now names a file this writer did not make (another process writes the same
+    /// mirror path): the writer stops rather than fight over it.
+    #[error(
+        "status snapshot file {path} was replaced by another process; this writer stopped \
+         writing it (is a second klippy using the same shm_path?)"
+    )]
+    Replaced { path: PathBuf },
 }
 
 /// One published state: immutable once published.

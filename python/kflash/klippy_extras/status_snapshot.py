@@ -17,8 +17,13 @@ attribute; no klippy file is edited) by the get_status of a kflash
 SnapshotStore. A reactor timer calls the object's real get_status every
 `interval` seconds and publishes the result. Readers (webhooks, Moonraker
 queries and subscriptions, macros, other extras) get the latest published
-dict: shared and read-only; a fresh dict is published each time, never
-mutated, so webhooks' field-by-field `!=` diff keeps working.
+status as a fresh dict of its fields, like the stock method returns; nested
+dicts and lists in it are shared and read-only, so no reader can change what
+another sees, and webhooks' field-by-field `!=` diff keeps working.
+
+The optional shared-memory mirror (shm_path) never stops klippy once it is
+configured: a failure to create or write it (a full tmpfs, the file taken
+over) is logged, the mirror turns itself off and klippy keeps running.
 
 Freshness rules:
 - While the toolhead is in the "Drip" state (homing, probing) the timer
@@ -30,8 +35,10 @@ Freshness rules:
 - Toolhead moves (toolhead.move, set_extruder) and the events that change
   position or homing state (toolhead:set_position, toolhead:manual_move,
   homing:home_rails_end, stepper_enable:motor_off,
-  toolhead:update_extra_axes) mark the snapshots outdated: the next read
-  refreshes them (again: not during Drip). So `position` and `homed_axes`
+  toolhead:update_extra_axes) mark the snapshots of the objects they change
+  (toolhead, gcode_move, motion_report, stepper_enable) outdated: the next
+  read refreshes them (again: not during Drip). Other objects (a system
+  monitor, heaters) are never refreshed by a read for these events. So `position` and `homed_axes`
   are exact for every reader outside homing; other fields (max_velocity after
   SET_VELOCITY_LIMIT, print_time, stalls, fields of other objects) lag by at
   most `interval`.
@@ -42,6 +49,7 @@ Freshness rules:
 """
 
 import logging
+import os
 
 import kflash
 
@@ -53,6 +61,8 @@ CHANGE_EVENTS = (
     "homing:home_rails_end",
     "stepper_enable:motor_off",
 )
+# Objects whose status those events change (others lag by `interval`).
+MOTION_OBJECTS = ("toolhead", "gcode_move", "motion_report", "stepper_enable")
 # Toolhead methods that change what its get_status reports.
 TOOLHEAD_MUTATORS = ("move", "set_extruder")
 PRINT_TIME_FIELD = "estimated_print_time"
@@ -97,8 +107,16 @@ class StatusSnapshot:
             "max_age", 1.0, minval=self.interval
         )
         self.shm_path = config.get("shm_path", None)
+        if self.shm_path:
+            where = os.path.dirname(os.path.abspath(self.shm_path))
+            if not os.path.isdir(where):
+                raise config.error(
+                    f"status_snapshot: shm_path {self.shm_path}: no directory"
+                    f" {where}"
+                )
         self.served = {}
         self.mirror = None
+        self.mirror_error = None
         self.toolhead = None
         self.timer = None
         self.held = False
@@ -141,10 +159,9 @@ class StatusSnapshot:
         if self.shm_path:
             try:
                 self.mirror = kflash.SnapshotStore(self.shm_path)
+                self.mirror_error = None
             except kflash.KflashError as e:
-                raise self.printer.config_error(
-                    f"status_snapshot: shm_path: {e}"
-                ) from e
+                self._mirror_off(e)
         for served in self.served.values():
             served.obj.get_status = self._reader_for(served)
         if self.toolhead is not None and "toolhead" in self.served:
@@ -201,11 +218,9 @@ class StatusSnapshot:
         mcu_ept = self.printer.lookup_object("mcu").estimated_print_time
 
         def get_status(eventtime):
-            status = store_get(eventtime)
-            if PRINT_TIME_FIELD not in status:
-                return status
-            status = dict(status)
-            status[PRINT_TIME_FIELD] = mcu_ept(eventtime)
+            status = store_get(eventtime)  # a fresh dict: ours to change
+            if PRINT_TIME_FIELD in status:
+                status[PRINT_TIME_FIELD] = mcu_ept(eventtime)
             return status
 
         return get_status
@@ -247,8 +262,10 @@ class StatusSnapshot:
         )
 
     def _note_change(self, *args):
-        for served in self.served.values():
-            served.store.invalidate()
+        for name in MOTION_OBJECTS:
+            served = self.served.get(name)
+            if served is not None:
+                served.store.invalidate()
 
     def _tick(self, eventtime):
         if self.in_drip():
@@ -273,11 +290,18 @@ class StatusSnapshot:
         if combined is not None:
             try:
                 self.mirror.publish(combined, eventtime)
+            except kflash.KflashError as e:
+                self._mirror_off(e)
             except Exception:
                 self.failures += 1
                 if self.failures <= 3:
                     logging.exception("status_snapshot: mirror failed")
         return eventtime + self.interval
+
+    def _mirror_off(self, error):
+        logging.error("status_snapshot: mirror off: %s", error)
+        self.mirror = None
+        self.mirror_error = str(error)
 
     cmd_STATUS_SNAPSHOT_help = "Report what [status_snapshot] serves"
 
@@ -296,7 +320,9 @@ class StatusSnapshot:
             f"interval {self.interval:.3f}s, max_age {self.max_age:.3f}s,"
             f" {mode}, estimated_print_time {ept}"
         )
-        if self.shm_path:
+        if self.mirror_error:
+            lines.append(f"mirror: off ({self.mirror_error})")
+        elif self.shm_path:
             lines.append(f"mirror: {self.shm_path}")
         gcmd.respond_info("\n".join(lines))
 
@@ -307,7 +333,7 @@ class StatusSnapshot:
         return served.store if served is not None else None
 
     def get_object_status(self, name, eventtime):
-        """Latest status of a served object, O(1); read-only dict."""
+        """Latest status of a served object, O(1): a fresh dict."""
         return self.served[name].store.get_status(eventtime)
 
     def get_status(self, eventtime):
@@ -317,6 +343,7 @@ class StatusSnapshot:
             "held": self.held,
             "version": first.store.version if first is not None else 0,
             "shm_path": self.shm_path,
+            "mirror_error": self.mirror_error,
         }
 
 

@@ -199,3 +199,24 @@ fn usage_errors_exit_2() {
         );
     });
 }
+
+#[test]
+fn a_damaged_mirror_is_a_kflash_error_naming_the_file() {
+    Python::initialize();
+    Python::attach(|py| {
+        for err in [
+            snapshot::Error::Truncated {
+                path: "/dev/shm/x".into(),
+                size: 3,
+                expected: 64,
+            },
+            snapshot::Error::Replaced {
+                path: "/dev/shm/x".into(),
+            },
+        ] {
+            let err: PyErr = err.into();
+            assert!(err.is_instance_of::<KflashError>(py));
+            assert!(err.to_string().contains("/dev/shm/x"));
+        }
+    });
+}

@@ -115,6 +115,9 @@ def main():
         elif kind == "_DECL_ENUMERATION":
             enum, name, value = rest.split(" ", 2)
             enums.setdefault(enum, {})[name] = parse_value(value)
+        elif kind == "_DECL_ENUMERATION_RANGE":
+            enum, name, value, count = rest.split(" ", 3)
+            enums.setdefault(enum, {})[name] = [parse_value(value), parse_value(count)]
         elif kind == "_DECL_STATIC_STR":
             strings.add(rest)
         else:

@@ -23,6 +23,9 @@
     DECL_CTR("_DECL_CONSTANT " NAME " \"" VALUE "\"")
 #define DECL_ENUMERATION(ENUM, NAME, VALUE) \
     DECL_CTR("_DECL_ENUMERATION " ENUM " " NAME " " __stringify(VALUE))
+#define DECL_ENUMERATION_RANGE(ENUM, NAME, VALUE, COUNT)              \
+    DECL_CTR("_DECL_ENUMERATION_RANGE " ENUM " " NAME " "               \
+             __stringify(VALUE) " " __stringify(COUNT))
 #define DECL_STATIC_STR(TEXT) DECL_CTR("_DECL_STATIC_STR " TEXT)
 
 // Generated at link time (compile_time_request.c)

@@ -20,3 +20,5 @@ DECL_RESPONSE("uptime high=%u clock=%u");
 DECL_COMMAND(command_get_clock, "get_clock");
 DECL_RESPONSE("clock clock=%u");
 DECL_CONSTANT("CLOCK_FREQ", CONFIG_CLOCK_FREQ);
+DECL_STATIC_STR("Timer too close");
+DECL_STATIC_STR("Invalid oid type");

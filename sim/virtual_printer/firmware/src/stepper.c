@@ -1,5 +1,18 @@
 // Step timing (the bench's arithmetic stand-in for Klipper's stepper code).
+// The commands are Klipper's: the virtual MCU (virtual_printer/motion.py) runs them.
 #include "command.h"
+
+DECL_COMMAND(command_config_stepper, "config_stepper oid=%c step_pin=%c"
+             " dir_pin=%c invert_step=%c step_pulse_ticks=%u");
+DECL_COMMAND(command_queue_step, "queue_step oid=%c interval=%u count=%hu add=%hi");
+DECL_COMMAND(command_set_next_step_dir, "set_next_step_dir oid=%c dir=%c");
+DECL_COMMAND(command_reset_step_clock, "reset_step_clock oid=%c clock=%u");
+DECL_COMMAND(command_stepper_get_position, "stepper_get_position oid=%c");
+DECL_RESPONSE("stepper_position oid=%c pos=%i");
+DECL_COMMAND(command_stepper_stop_on_trigger,
+             "stepper_stop_on_trigger oid=%c trsync_oid=%c");
+DECL_STATIC_STR("Invalid count parameter");
+DECL_STATIC_STR("Can't reset time when stepper active");
 
 #define STEP_STEP(N)                                                    \
     static uint32_t step_##N(uint32_t interval)                         \

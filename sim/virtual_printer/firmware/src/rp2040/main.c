@@ -7,5 +7,6 @@ DECL_CONSTANT_STR("MCU", CONFIG_FIXTURE_DICT_MCU); // a test knob: the wrong MCU
 DECL_CONSTANT_STR("MCU", CONFIG_MCU);
 #endif
 DECL_CONSTANT("FLASH_APPLICATION_ADDRESS", CONFIG_FLASH_APPLICATION_ADDRESS);
+DECL_ENUMERATION_RANGE("pin", "gpio0", 0, 30);
 
 int main(int argc, char **argv) { return main_common(argc, argv); }
