@@ -39,7 +39,7 @@ UNIT_DIR="/etc/systemd/system"
 SYSTEMD_DIR="${KFLASH_SYSTEMD_DIR:-/run/systemd/system}"
 RUN_USER="$(id -un)"
 UNINSTALL=0
-# The installed unit; python/kflash/launcher.py's INSTALLED_UNIT names it too.
+# The installed unit; the core's INSTALLED_UNIT (src/flash_run/place.rs) too.
 UNIT=kflash-run
 MOONRAKER_UNIT=moonraker
 

@@ -10,11 +10,13 @@
 //! - `versions`: Klipper/Kalico version strings and firmware dictionary comparison.
 //! - `firmware`: out-of-tree parallel firmware builds with a content-hash cache.
 //! - `moonraker`: Moonraker's HTTP API.
-//! - `service`: stopping and starting klipper, the stop guard, the watchdog.
+//! - `service`: stopping and starting klipper, the stop guard.
 //! - `katapult`: Katapult's protocol and the native serial flasher.
 //! - `flash`: flash methods (Katapult, make flash, linux MCU) and the fallback chain.
 //! - `pipeline`: plan -> pre-flight -> build -> one stop window -> restart -> verify -> report,
 //!   against ports (traits) so it runs on fakes in tests.
+//! - `flash_run`: the run on a real host: where it runs, how its helper and watchdog leave
+//!   klipper's cgroup, the run lock, the run record and progress.
 //! - `commands`: what each front-end command does over one state dir, its one error type,
 //!   the one `ExitStatus`, and the pipeline's ports on a real printer.
 //! - `snapshot`: the lock-free status snapshot store and its shared-memory mirror.
@@ -30,6 +32,7 @@ pub mod discovery;
 pub mod events;
 pub mod firmware;
 pub mod flash;
+pub mod flash_run;
 pub mod katapult;
 pub mod kconfig;
 pub mod moonraker;
@@ -57,6 +60,8 @@ mod _core {
     };
     #[pymodule_export]
     use crate::py::exit_status::ExitStatus;
+    #[pymodule_export]
+    use crate::py::flash_run::Runs;
     #[pymodule_export]
     use crate::py::katapult::{katapult_decode, katapult_encode, katapult_flash, katapult_status};
     #[pymodule_export]

@@ -280,6 +280,22 @@ impl Client {
         Ok(())
     }
 
+    /// Moonraker's own warnings (`/server/info` `warnings`), e.g. that PolicyKit does not
+    /// let it manage units.
+    pub fn warnings(&self) -> Result<Vec<String>, Error> {
+        let info = self.get("/server/info")?;
+        Ok(info
+            .get("warnings")
+            .and_then(Value::as_array)
+            .map(|all| {
+                all.iter()
+                    .filter_map(Value::as_str)
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
     /// `(active_state, sub_state)` of `unit` from `system_info.service_state`; `None` when
     /// Moonraker does not track that unit.
     pub fn service_state(&self, unit: &str) -> Result<Option<(String, String)>, Error> {

@@ -35,9 +35,10 @@ const POLL: Duration = Duration::from_millis(10);
 /// Time between SIGTERM and SIGKILL of the group.
 const GRACE: Duration = Duration::from_secs(3);
 
-/// A shared "please stop" flag: set by the front end (Ctrl+C), checked by long work.
+/// A shared "please stop" flag: set by the front end (Ctrl+C), checked by long work. It
+/// may carry why (`stopped by SIGTERM`), which a run's record keeps.
 #[derive(Clone, Default, Debug)]
-pub struct Cancel(Arc<AtomicBool>);
+pub struct Cancel(Arc<AtomicBool>, Arc<Mutex<Option<String>>>);
 
 impl Cancel {
     pub fn new() -> Self {
@@ -46,8 +47,19 @@ impl Cancel {
     pub fn cancel(&self) {
         self.0.store(true, Ordering::SeqCst);
     }
+    /// Cancel and say why (the first reason given is kept).
+    pub fn cancel_because(&self, reason: &str) {
+        if let Ok(mut why) = self.1.lock() {
+            why.get_or_insert_with(|| reason.to_owned());
+        }
+        self.cancel();
+    }
     pub fn is_cancelled(&self) -> bool {
         self.0.load(Ordering::SeqCst)
+    }
+    /// Why it was cancelled, when the canceller said.
+    pub fn reason(&self) -> Option<String> {
+        self.1.lock().ok().and_then(|why| why.clone())
     }
 }
 

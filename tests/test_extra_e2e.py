@@ -9,7 +9,6 @@ The bench's default printer: an STM32 mainboard and an RP2040 toolhead over
 USB with Katapult, and the linux-process MCU.
 """
 
-import json
 import os
 import shutil
 import signal
@@ -153,8 +152,9 @@ def test_kflash_all_through_moonraker(bench):
     st = kflash_status(p)
     assert st["state"] == "done" and st["progress"] == 1.0
     assert st["last_result"]["ok"] is True
-    rep = json.loads((Path(state) / "helper" / "report.json").read_text())
-    assert rep["result"]["service"]["restarted"] is True
+    rec = kflash.Runs(state).get(st["run_id"])
+    assert rec["report"]["service"]["restarted"] is True
+    assert rec["announced"] is True
 
 
 def test_one_device_from_its_dialog_button(bench):
@@ -168,10 +168,11 @@ def test_one_device_from_its_dialog_button(bench):
         lambda: [m for m in console(p)[start:] if "flash run" in m],
         90, "the summary in the console")
     assert "all good" in lines[0], console(p)[start:]
-    rep = json.loads((Path(state) / "helper" / "report.json").read_text())
-    assert rep["options"] == {"only_outdated": False, "device": key}
-    assert [d["key"] for d in rep["result"]["devices"]] == [key]
-    assert rep["result"]["devices"][0]["flash"] == "pass"
+    rec = kflash.Runs(state).get(kflash_status(p)["run_id"])
+    assert rec["options"] == {"keys": [key], "only_outdated": False,
+                              "yes": True}
+    assert [d["key"] for d in rec["report"]["devices"]] == [key]
+    assert rec["report"]["devices"][0]["flash"] == "pass"
     p.wait_ready(60)
 
 
@@ -182,7 +183,7 @@ def test_killed_helper_restarts_klipper_and_is_reported(bench, sig):
     the helper unwinds through the engine, which starts klipper and leaves
     a report saying so."""
     p, eng, state = bench
-    files = Path(state) / "helper"
+    runs = kflash.Runs(state)
     # USB boards ignore the bootloader request: the flash stage waits for
     # them with their firmware intact, so klippy can come back after the kill
     for b in p.boards:
@@ -192,8 +193,14 @@ def test_killed_helper_restarts_klipper_and_is_reported(bench, sig):
     try:
         assert gcode(p, "KFLASH_ALL") == "ok"
         run_id = kflash_status(p)["run_id"]
-        pid = signal_mid_flash(p, files, run_id, sig)
+        pid = signal_mid_flash(p, runs, run_id, sig)
         p.wait_ready(60)  # klipper started again
+        if sig == signal.SIGKILL:
+            # by the watchdog, which says so once Moonraker sees klipper up
+            log = Path(state) / "watchdog.log"
+            wait_for(lambda: f"runner pid {pid})" in log.read_text()
+                     and "started again" in log.read_text().split(
+                         f"runner pid {pid})")[1], 30, "the watchdog's log")
     finally:
         p.clear_faults()
     line = wait_for(
@@ -204,27 +211,23 @@ def test_killed_helper_restarts_klipper_and_is_reported(bench, sig):
         assert f"pid {pid}" in line[0] and "during flash" in line[0]
     else:
         assert "SIGTERM" in line[0] and "klipper was started again" in line[0]
-        rep = json.loads((files / "report.json").read_text())
-        assert rep["result"]["service"]["restarted"] is True
+        rec = runs.get(run_id)
+        assert rec["report"]["service"]["restarted"] is True
     st = kflash_status(p)
     assert st["state"] == "failed"
     assert st["last_result"]["interrupted"] is True
     assert st["last_result"]["run_id"] == run_id
 
 
-def signal_mid_flash(p, files, run_id, sig):
+def signal_mid_flash(p, runs, run_id, sig):
     def flashing():
-        try:
-            lines = (files / "progress.jsonl").read_text().splitlines()
-        except OSError:
-            return False
-        return any(ev.get("stage") == "flash" and ev["run_id"] == run_id
-                   for ev in map(json.loads, lines))
+        events, _ = runs.events(run_id)
+        return any(ev.get("stage") == "flash" for ev in events)
 
     wait_for(flashing, 60, "the flash stage")
-    status = json.loads((files / "status.json").read_text())
-    assert status["run_id"] == run_id
+    rec = runs.get(run_id)
+    assert rec["state"] == "running"
     time.sleep(0.3)  # waiting for the first board
     assert kflash_status(p) is None, "klippy should be stopped"
-    os.kill(status["pid"], sig)
-    return status["pid"]
+    os.kill(rec["pid"], sig)
+    return rec["pid"]

@@ -34,7 +34,7 @@ def test_stops_once_flashes_all_restarts_once_and_verifies(sandbox):
     assert sandbox.flashed_version(sandbox.boards["octopus"]) == target
     with open(report["record"]) as f:
         record = json.load(f)
-    assert record["ok"] is True and len(record["devices"]) == 2
+    assert record["ok"] is True and len(record["report"]["devices"]) == 2
 
 
 def test_json_stdout_is_one_document_and_progress_goes_to_stderr(sandbox):

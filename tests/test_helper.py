@@ -1,154 +1,163 @@
-"""The detached helper: its files, its exit codes, its signal handling."""
+"""The detached helper (`python -m kflash.helper`) with the real engine on the
+CLI sandbox (tests/sandbox.py: real builds, command-backed service control,
+fake boards): its run record and progress, its exit codes, signals, one run
+at a time, the pending request of the installed unit."""
 
 import json
 import os
 import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 
-from kflash import helper
-
-HERE = Path(__file__).resolve().parent
+from kflash import Runs, render
 
 
-def wait_file(path, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert time.monotonic() < deadline, f"{path} never appeared"
-        time.sleep(0.02)
+def two_boards(sandbox):
+    sandbox.add_board("octopus")
+    sandbox.add_board("ebb", mcu="rp2040")
+    return sandbox.start_moonraker()
 
 
-@pytest.fixture
-def run(tmp_path):
-    home = tmp_path / "state"
-    marks = tmp_path / "marks"
-    marks.mkdir()
-    procs = []
-
-    def start(*extra):
-        p = subprocess.Popen(
-            [sys.executable, str(HERE / "fake_engine_run.py"), str(home),
-             str(marks), *extra], stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE)
-        procs.append(p)
-        return p
-
-    yield home, marks, start
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-        p.wait()
-        p.stderr.close()
+def helper(sandbox, *args):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kflash.helper", "--home", str(sandbox.home),
+         *args], env=sandbox.env, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    sandbox.procs.append(proc)
+    return proc
 
 
-def events(home):
-    path = home / "helper" / "progress.jsonl"
-    return [json.loads(x) for x in path.read_text().splitlines()]
+def blocked(sandbox, run_id):
+    """A helper run stuck flashing octopus (klipper stopped)."""
+    two_boards(sandbox)
+    sandbox.set_behaviour("octopus", "hang")
+    proc = helper(sandbox, "--run-id", run_id)
+    sandbox.wait_for(lambda: (sandbox.root / "hanging").exists(), timeout=60,
+                     what="the flash to block")
+    assert sandbox.service_events() == ["stop"]
+    return proc
 
 
-def test_a_run_leaves_progress_status_and_report(run):
-    home, marks, start = run
-    p = start("--device", "EBB36")
-    wait_file(marks / "stopped")
-    st = json.loads((home / "helper" / "status.json").read_text())
-    assert st["state"] == "running" and st["pid"] == p.pid
-    assert st["run_id"] == "RUN1"
-    (marks / "go").touch()
-    assert p.wait(10) == 0
-    rep = json.loads((home / "helper" / "report.json").read_text())
-    assert rep["ok"] is True and rep["exit_code"] == 0
-    assert rep["interrupted"] is False and rep["run_id"] == "RUN1"
-    assert rep["result"]["keys"] == ["EBB36"] and rep["result"]["yes"]
-    assert rep["options"] == {"only_outdated": False, "device": "EBB36"}
-    stages = [e["stage"] for e in events(home)]
-    assert stages == ["helper", "build", "stop", "helper"]
-    assert all(e["run_id"] == "RUN1" for e in events(home))
-    st = json.loads((home / "helper" / "status.json").read_text())
-    assert st["state"] == "finished" and st["exit_code"] == 0
-    # readers see the same through RunFiles
-    files = helper.RunFiles(home)
-    evs, cur = files.read_events(None)
-    assert len(evs) == 4 and cur == files.end_cursor()
-    assert files.read_events(cur) == ([], cur)
-    assert files.busy() is None and files.interrupted_run() is None
-    # the next run's file is a new one: a reader's cursor starts over
-    p = start()
-    (marks / "go").touch()
-    assert p.wait(10) == 0
-    evs2, _ = files.read_events(cur)
-    assert [e["stage"] for e in evs2] == ["helper", "build", "stop", "helper"]
+def test_a_run_leaves_its_record_and_progress(sandbox):
+    two_boards(sandbox)
+    proc = helper(sandbox, "--run-id", "20260101T000000Z-1", "--device",
+                  "ebb")
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    runs = Runs(sandbox.home)
+    rec = runs.get("20260101T000000Z-1")
+    assert rec["state"] == "finished" and rec["ok"] is True
+    assert rec["exit_code"] == 0 and rec["interrupted"] is None
+    assert rec["pid"] == proc.pid
+    assert rec["options"] == {"keys": ["ebb"], "only_outdated": False,
+                              "yes": True}
+    assert rec["watchdog"] == "disarmed"
+    assert rec["service"]["backend"] == "command"
+    assert [d["key"] for d in rec["report"]["devices"]] == ["ebb"]
+    assert rec["report"]["devices"][0]["flash"] == "pass"
+    assert rec["report"]["record"].endswith("runs/20260101T000000Z-1.json")
+    assert sandbox.service_events() == ["stop", "start"]
+    events, offset = runs.events(rec["run_id"])
+    stages = [e["stage"] for e in events]
+    for stage in ("plan", "preflight", "build", "stop", "flash", "restart",
+                  "verify"):
+        assert stage in stages, stages
+    assert all(e["run_id"] == rec["run_id"] for e in events)
+    assert runs.events(rec["run_id"], offset) == ([], offset)
+    assert runs.latest()["run_id"] == rec["run_id"] and runs.busy() is None
+    # the watchdog stood down when the run ended
+    sandbox.wait_for(lambda: "standing down" in (sandbox.home /
+                                                "watchdog.log").read_text(),
+                     what="the watchdog to stand down")
+    # the next run is the newest
+    proc = helper(sandbox, "--run-id", "20260101T000001Z-1", "--device",
+                  "ebb")
+    assert proc.wait(120) == 0
+    assert runs.latest()["run_id"] == "20260101T000001Z-1"
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
-def test_signal_unwinds_through_the_engine_restart(run, sig):
-    home, marks, start = run
-    p = start()
-    wait_file(marks / "stopped")
-    assert not (marks / "restarted").exists()
-    p.send_signal(sig)
-    assert p.wait(10) == 1
-    assert (marks / "restarted").exists()
-    rep = json.loads((home / "helper" / "report.json").read_text())
-    assert rep["interrupted"] is True and rep["ok"] is False
-    assert sig.name in rep["error"]
-    assert "klipper was started again" in rep["hint"]
-    assert rep["result"]["service"]["restarted"] is True
-    assert events(home)[-1]["level"] == "error"
+def test_a_signal_unwinds_through_the_restart_and_the_record_says_so(
+        sandbox, sig):
+    proc = blocked(sandbox, "R-SIG")
+    rec = Runs(sandbox.home).get("R-SIG")
+    assert rec["state"] == "running" and rec["watchdog"] == "armed"
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 1, err
+    assert sandbox.service_events() == ["stop", "start"]
+    rec = Runs(sandbox.home).get("R-SIG")
+    assert rec["state"] == "finished" and rec["ok"] is False
+    assert rec["interrupted"] == f"stopped by {sig.name}"
+    assert rec["report"]["cancelled"] is True
+    assert rec["report"]["service"]["restarted"] is True
+    _, errors = render.summary(rec)
+    assert f"interrupted (stopped by {sig.name})" in errors[-1]
+    assert "klipper was started again" in errors[-1]
 
 
-def test_one_helper_at_a_time(run):
-    home, marks, start = run
-    first = start()
-    wait_file(marks / "stopped")
-    files = helper.RunFiles(home)
-    assert "helper is running" in files.busy()
-    before = (home / "helper" / "progress.jsonl").read_bytes()
-    second = start()
-    assert second.wait(10) == 3
-    assert b"another helper is running" in second.stderr.read()
-    assert (home / "helper" / "progress.jsonl").read_bytes() == before
-    (marks / "go").touch()
-    assert first.wait(10) == 0
+def test_one_run_at_a_time(sandbox):
+    proc = blocked(sandbox, "R-FIRST")
+    runs = Runs(sandbox.home)
+    assert "another kflash run is in progress" in runs.busy()
+    second = helper(sandbox, "--run-id", "R-SECOND")
+    out, err = second.communicate(timeout=60)
+    assert second.returncode == 3, err
+    assert "another kflash run" in err
+    assert runs.get("R-SECOND") is None
+    assert runs.latest()["run_id"] == "R-FIRST"
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=30)
+    assert sandbox.service_events() == ["stop", "start"]
 
 
-def test_killed_helper_is_seen_as_interrupted(run):
-    home, marks, start = run
-    p = start()
-    wait_file(marks / "stopped")
-    files = helper.RunFiles(home)
-    assert files.interrupted_run() is None
-    p.kill()
-    p.wait()
-    st = files.interrupted_run()
-    assert st is not None and st["run_id"] == "RUN1"
-    assert files.busy() is None
+def test_a_killed_helper_reads_as_interrupted_and_its_watchdog_starts_klipper(
+        sandbox):
+    proc = blocked(sandbox, "R-KILL")
+    proc.kill()
+    proc.communicate()
+    sandbox.wait_for(lambda: sandbox.service_events() == ["stop", "start"],
+                     timeout=10, what="the watchdog to start klipper")
+    rec = Runs(sandbox.home).get("R-KILL")
+    assert rec["state"] == "interrupted"
+    assert f"pid {proc.pid}" in rec["interrupted"]
+    assert "during flash of octopus" in rec["interrupted"]
+    log = (sandbox.home / "watchdog.log").read_text()
+    assert "the runner went away without finishing" in log
+    assert "started again" in log
+    status = sandbox.json("status")
+    assert status["last_run"]["state"] == "interrupted"
 
 
-def test_pending_request_and_missing_engine(tmp_path):
-    """The unit path: options come from request.json. Without a working
-    engine the run fails with a report (no traceback lost)."""
-    home = tmp_path / "state"
-    (home / "helper").mkdir(parents=True)
-    (home / "helper" / "request.json").write_text(json.dumps(
-        {"version": 1, "only_outdated": True, "device": None,
-         "run_id": "REQ1"}))
-    env = dict(os.environ, KFLASH_HOME=str(tmp_path / "elsewhere"))
-    r = subprocess.run([sys.executable, "-m", "kflash.helper", "--home",
-                        str(home), "--pending"], env=env,
-                       capture_output=True, timeout=60)
-    assert not (home / "helper" / "request.json").exists()
-    rep = json.loads((home / "helper" / "report.json").read_text())
-    assert rep["run_id"] == "REQ1"
-    assert rep["options"] == {"only_outdated": True, "device": None}
-    assert rep["exit_code"] == r.returncode
-    if not rep["ok"]:
-        assert rep["error"]
-    # no request: a usage error, nothing written
-    r = subprocess.run([sys.executable, "-m", "kflash.helper", "--home",
-                        str(tmp_path / "empty"), "--pending"],
-                       capture_output=True, timeout=60)
-    assert r.returncode == 2 and b"no request" in r.stderr
+def test_the_installed_units_pending_request(sandbox):
+    two_boards(sandbox)
+    pending = sandbox.home / "runs" / "pending.json"
+    pending.parent.mkdir(parents=True)
+    pending.write_text(json.dumps({"version": 1, "run_id": "R-UNIT",
+                                   "only_outdated": True, "device": None}))
+    proc = helper(sandbox, "--pending")
+    assert proc.wait(120) == 0, proc.stderr.read()
+    assert not pending.exists()
+    rec = Runs(sandbox.home).get("R-UNIT")
+    assert rec["options"]["only_outdated"] is True and rec["ok"] is True
+    # no request: a usage error, no run
+    proc = helper(sandbox, "--pending")
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and "no pending run" in err
+    assert Runs(sandbox.home).latest()["run_id"] == "R-UNIT"
+
+
+def test_a_run_that_cannot_start_still_leaves_its_record(sandbox):
+    """A registry the engine cannot read: the run is recorded as failed
+    (the extra reports that), nothing is stopped."""
+    (sandbox.home / "devices.json").write_text('{"version": 1, "devices": [')
+    proc = helper(sandbox, "--run-id", "R-BAD")
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2, err
+    rec = Runs(sandbox.home).get("R-BAD")
+    assert rec["state"] == "finished" and rec["ok"] is False
+    assert "devices.json" in rec["error"]
+    assert sandbox.service_events() == []
+    assert os.path.exists(sandbox.home / "runs" / "R-BAD.jsonl")

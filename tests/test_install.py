@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from kflash import launcher
+from kflash import Runs
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "install.sh"
@@ -146,7 +146,7 @@ def test_install_twice_is_idempotent_and_uninstall_restores(tmp_path):
     assert "User=pi\n" in unit and "KillMode=process\n" in unit
     # not the launcher's transient unit name (systemd refuses a transient
     # unit named like a unit file); no [Install]: nothing starts it at boot
-    assert launcher.INSTALLED_UNIT == "kflash-run" != launcher.HELPER_UNIT
+    assert Runs.INSTALLED_UNIT == "kflash-run" != Runs.HELPER_UNIT
     assert "[Install]" not in unit
     # Moonraker lists only loaded units: its unit refers to ours, so systemd
     # loads it at every boot; an ordering reference starts nothing

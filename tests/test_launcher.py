@@ -1,9 +1,17 @@
-"""Where the detached helper is started, and that it survives its parent.
+"""Where the core starts the detached helper (`kflash.Runs.start_helper`), and
+that it survives its parent.
 
-The systemd branch is exercised with fakes (a fake cgroup file and systemd
-dir through KFLASH_CGROUP_FILE / KFLASH_SYSTEMD_DIR, a fake sudo and
-systemd-run on PATH recording their arguments, a fake Moonraker); the
-session branch for real.
+The helper is the real one and runs a real flash run on the CLI sandbox. The
+systemd host is imitated: klippy's cgroup (``KFLASH_CGROUP_FILE``) and
+systemd's runtime dir (``KFLASH_SYSTEMD_DIR``), a ``sudo`` and a
+``systemd-run`` on PATH (systemd-run records its arguments and starts the
+unit's command in a new session with only the ``--setenv`` environment, as
+systemd does, in a cgroup of its own), a Moonraker that starts
+``kflash-run.service``'s command (``--pending``) or answers as Moonraker does
+without its PolicyKit rule. A user that may not make units: sudo wants a
+password, and systemd-run itself (run directly by root, as these tests are)
+answers as systemd does without polkit's consent. The host bed
+(test_host_bed.py) does the same as user pi on a real systemd.
 """
 
 import json
@@ -12,205 +20,282 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 
-from fake_moonraker import FakeMoonraker
-from kflash import launcher
-from kflash.helper import pid_alive
+from fake_moonraker import Answer
+from kflash import PreflightRefused, Runs
+from sandbox import SandboxMoonraker
+
+HELPER = [sys.executable, "-m", "kflash.helper"]
+
+SYSTEMD_RUN = '''#!{python}
+"""systemd-run as kflash uses it: a transient unit runs the command."""
+import os, subprocess, sys
+args = sys.argv[1:]
+if os.path.exists({denied!r}):
+    sys.exit("Failed to start transient service unit: Interactive "
+             "authentication required.")
+open({record!r}, "w").write("\\n".join(args))
+cut = args.index("--")
+env = dict(a[len("--setenv="):].split("=", 1) for a in args[:cut]
+           if a.startswith("--setenv="))
+cwd = [a.split("=", 1)[1] for a in args[:cut]
+       if a.startswith("--working-directory=")][0]
+unit = [a.split("=", 1)[1] for a in args[:cut] if a.startswith("--unit=")][0]
+cgroup = os.path.join({root!r}, unit + ".cgroup")
+open(cgroup, "w").write("0::/system.slice/%s.service\\n" % unit)
+env["KFLASH_CGROUP_FILE"] = cgroup
+subprocess.Popen(args[cut + 1:], env=env, cwd=cwd, start_new_session=True,
+                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                 stderr=subprocess.DEVNULL)
+'''
 
 
 def write_exe(path, body):
-    path.write_text("#!/bin/sh\n" + textwrap.dedent(body))
+    path.write_text(body)
     path.chmod(0o755)
     return path
 
 
-@pytest.fixture
-def systemd_env(tmp_path):
-    """klippy inside klipper.service on a systemd host (faked)."""
-    sd = tmp_path / "run-systemd-system"
-    sd.mkdir()
-    cg = tmp_path / "cgroup"
-    cg.write_text("0::/system.slice/klipper.service\n")
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path),
-           "KFLASH_SYSTEMD_DIR": str(sd), "KFLASH_CGROUP_FILE": str(cg)}
-    return env, bin_dir
+class Host:
+    """klippy inside klipper.service on a systemd host (imitated)."""
+
+    def __init__(self, sandbox, monkeypatch):
+        self.sandbox = sandbox
+        root = sandbox.root / "host"
+        self.bin = root / "bin"
+        self.bin.mkdir(parents=True)
+        (root / "run-systemd-system").mkdir()
+        self.cgroup = root / "klippy.cgroup"
+        self.cgroup.write_text("0::/system.slice/klipper.service\n")
+        self.systemd_run_args = root / "systemd-run.args"
+        self.denied = root / "denied"
+        write_exe(self.bin / "systemd-run", SYSTEMD_RUN.format(
+            python=sys.executable, record=str(self.systemd_run_args),
+            root=str(root), denied=str(self.denied)))
+        self.sudo(allowed=True)
+        env = dict(sandbox.env, PATH=f"{self.bin}:{os.environ['PATH']}",
+                   KFLASH_SYSTEMD_DIR=str(root / "run-systemd-system"),
+                   KFLASH_CGROUP_FILE=str(self.cgroup))
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        self.runs = Runs(sandbox.home)
+
+    def sudo(self, allowed):
+        """Whether this user may make units (sudo, or as root systemd-run)."""
+        if allowed:
+            write_exe(self.bin / "sudo", '#!/bin/sh\n[ "$1" = "-n" ] || exit 99\n'
+                      'shift\nexec "$@"\n')
+            if self.denied.exists():
+                self.denied.unlink()
+        else:
+            write_exe(self.bin / "sudo", "#!/bin/sh\necho 'sudo: a password "
+                      "is required' >&2\nexit 1\n")
+            self.denied.write_text("")
+
+    def start(self, run_id, **kw):
+        kw.setdefault("moonraker_url", self.sandbox.moonraker.url)
+        return self.runs.start_helper(run_id, **kw)
+
+    def wait_finished(self, run_id):
+        self.sandbox.wait_for(
+            lambda: (self.runs.get(run_id) or {}).get("state") == "finished",
+            timeout=120, what=f"run {run_id} to finish")
+        return self.runs.get(run_id)
 
 
-def test_detect_reads_the_cgroup_of_klipper(systemd_env, tmp_path):
-    env, _ = systemd_env
-    ctx = launcher.detect(env)
-    assert ctx.systemd and ctx.unit == "klipper" and ctx.in_service
-    assert launcher.choose("auto", env) == ["systemd-run", "moonraker"]
-    # a login session or the user manager is not a service we die with
-    cg = tmp_path / "cgroup"
-    cg.write_text("0::/user.slice/user-1000.slice/session-3.scope\n")
-    assert not launcher.detect(env).in_service
-    assert launcher.choose("auto", env) == ["session"]
-    cg.write_text("0::/user.slice/user-1000.slice/user@1000.service/app\n")
-    assert launcher.choose("auto", env) == ["session"]
-    # cgroup v1 layout, multi-instance unit name
-    cg.write_text("12:cpu:/\n1:name=systemd:/system.slice/klipper-1.service\n")
-    assert launcher.detect(env).unit == "klipper-1"
-    # no systemd at all (supervisord, containers)
-    env = dict(env, KFLASH_SYSTEMD_DIR=str(tmp_path / "absent"))
-    assert launcher.choose("auto", env) == ["session"]
-    with pytest.raises(ValueError):
-        launcher.choose("nohup", env)
+class UnitMoonraker(SandboxMoonraker):
+    """Moonraker with kflash-run in available_services (or not); starting it
+    runs the unit's command, or fails as without Moonraker's polkit rule."""
 
-
-def test_systemd_branch_uses_sudo_systemd_run(systemd_env, tmp_path):
-    env, bin_dir = systemd_env
-    rec = tmp_path / "systemd-run.args"
-    write_exe(bin_dir / "sudo", """\
-        [ "$1" = "-n" ] || exit 99
-        shift
-        exec "$@"
-        """)
-    write_exe(bin_dir / "systemd-run", f"""\
-        for a in "$@"; do echo "$a"; done > {rec}
-        """)
-    home = tmp_path / "state"
-    got = launcher.launch("/usr/bin/python3", home, only_outdated=True,
-                          env=env, run_id="R1")
-    assert got.method == "systemd-run"
-    args = rec.read_text().splitlines()
-    assert "--unit=kflash-helper" in args and "--collect" in args
-    assert "--property=KillMode=process" in args
-    assert f"--uid={os.getuid()}" in args
-    assert f"--setenv=KFLASH_HOME={home}" in args
-    tail = args[args.index("--") + 1:]
-    assert tail == ["/usr/bin/python3", "-m", "kflash.helper", "--home",
-                    str(home), "--only-outdated", "--run-id", "R1"]
-
-
-class LauncherMoonraker(FakeMoonraker):
-    """Lists `services` as available; records the units started."""
-
-    def __init__(self):
-        self.services = ["klipper", "moonraker"]
+    def __init__(self, sandbox, services=("klipper", "kflash-run"),
+                 polkit=True):
+        self.services = list(services)
+        self.polkit = polkit
         self.started = []
-        super().__init__()
+        self.units = []
+        super().__init__(sandbox)
+
+    def answer(self, method, target, raw):
+        result = super().answer(method, target, raw)
+        if target == "/server/info" and not self.polkit:
+            result["warnings"] = [
+                "Moonraker not authorized for PolicyKit action: "
+                "[org.freedesktop.systemd1.manage-units]"]
+        return result
 
     def route(self, method, path, args, body):
         if (method, path) == ("GET", "/machine/system_info"):
-            return {"system_info": {"available_services": list(self.services)}}
+            return {"system_info": {"available_services": self.services}}
         if (method, path) == ("POST", "/machine/services/start"):
             self.started.append(body.get("service"))
+            if not self.polkit:
+                raise Answer(500, "DBusError: Interactive authentication "
+                             "required.")
+            env = dict(self.sandbox.env, KFLASH_HOME=str(self.sandbox.home))
+            self.units.append(subprocess.Popen(
+                [*HELPER, "--home", str(self.sandbox.home), "--pending"],
+                env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL))
             return "ok"
         return super().route(method, path, args, body)
 
-
-@pytest.fixture
-def moonraker():
-    srv = LauncherMoonraker()
-    yield srv, srv.url
-    srv.close()
+    def close(self):
+        for unit in self.units:
+            unit.wait(120)
+        super().close()
 
 
-def no_sudo(bin_dir):
-    write_exe(bin_dir / "sudo", """\
-        echo "sudo: a password is required" >&2
-        exit 1
-        """)
-    write_exe(bin_dir / "systemd-run", "exit 0\n")
+def printer(sandbox, **kw):
+    sandbox.add_board("octopus")
+    sandbox.moonraker = UnitMoonraker(sandbox, **kw)
+    sandbox.settings(moonraker_url=sandbox.moonraker.url)
+    return sandbox.moonraker
 
 
-def test_systemd_without_sudo_uses_the_unit_through_moonraker(
-        systemd_env, tmp_path, moonraker):
-    env, bin_dir = systemd_env
-    no_sudo(bin_dir)
-    srv, url = moonraker
-    srv.services = ["klipper", "kflash-run"]
-    home = tmp_path / "state"
-    got = launcher.launch("/usr/bin/python3", home, device="EBB36",
-                          moonraker_url=url, env=env, run_id="R2")
-    assert got.method == "moonraker"
-    assert srv.started == ["kflash-run"]
-    req = json.loads((home / "helper" / "request.json").read_text())
-    assert req == {"version": 1, "only_outdated": False, "device": "EBB36",
-                   "run_id": "R2"}
+def test_sudo_systemd_run_makes_a_unit_of_its_own(sandbox, monkeypatch):
+    printer(sandbox)
+    host = Host(sandbox, monkeypatch)
+    got = host.start("R-SD", only_outdated=True, python=sys.executable)
+    assert got["method"] == "systemd-run" and got["unit"] == "kflash-helper"
+    args = host.systemd_run_args.read_text().splitlines()
+    assert "--unit=kflash-helper" in args and "--collect" in args
+    assert "--property=KillMode=process" in args
+    assert f"--uid={os.getuid()}" in args
+    assert f"--setenv=KFLASH_HOME={sandbox.home}" in args
+    assert args[args.index("--") + 1:] == [
+        *HELPER, "--home", str(sandbox.home), "--run-id", "R-SD",
+        "--only-outdated"]
+    rec = host.wait_finished("R-SD")
+    assert rec["pid"] == got["pid"] and rec["ok"] is True, rec
+    assert rec["options"]["only_outdated"] is True
+    assert sandbox.service_events() == ["stop", "start"]
+    # inside its own unit the helper's watchdog needs no second unit
+    log = (sandbox.home / "watchdog.log").read_text()
+    assert "armed for" in log and "standing down" in log
+    assert sandbox.moonraker.started == []
 
 
-def test_inside_klipper_cgroup_with_no_way_out_refuses(
-        systemd_env, tmp_path, moonraker):
-    env, bin_dir = systemd_env
-    no_sudo(bin_dir)
-    srv, url = moonraker
-    srv.services = ["klipper"]  # unit not in moonraker.asvc
-    home = tmp_path / "state"
-    with pytest.raises(launcher.LaunchRefused) as e:
-        launcher.launch("/usr/bin/python3", home, moonraker_url=url,
-                        env=env)
-    msg = str(e.value)
+def test_without_sudo_moonraker_starts_the_installed_unit(sandbox, monkeypatch):
+    moonraker = printer(sandbox)
+    host = Host(sandbox, monkeypatch)
+    host.sudo(allowed=False)
+    got = host.start("R-MR", device="octopus")
+    assert got["method"] == "moonraker" and got["unit"] == "kflash-run"
+    assert moonraker.started == ["kflash-run"]
+    rec = host.wait_finished("R-MR")
+    assert rec["options"]["keys"] == ["octopus"] and rec["ok"] is True, rec
+    assert not (sandbox.home / "runs" / "pending.json").exists()
+    assert not host.systemd_run_args.exists()  # sudo refused before it ran
+
+
+def refused(host, run_id, **kw):
+    with pytest.raises(PreflightRefused) as e:
+        host.start(run_id, **kw)
+    assert e.value.exit_code == 3
+    return str(e.value)
+
+
+def assert_nothing_started(sandbox, run_id):
+    assert sandbox.service_events() == []
+    assert not (sandbox.home / "runs" / f"{run_id}.json").exists()
+    assert not (sandbox.home / "runs" / f"{run_id}.log").exists()
+    assert not (sandbox.home / "runs" / "pending.json").exists()
+
+
+def test_no_way_out_of_klipper_names_each_missing_piece(sandbox, monkeypatch):
+    moonraker = printer(sandbox, services=("klipper",))
+    host = Host(sandbox, monkeypatch)
+    host.sudo(allowed=False)
+    msg = refused(host, "R-NO")
+    assert msg.splitlines()[0].startswith("kflash cannot start a flash run")
     assert "klipper.service" in msg
-    assert "password is required" in msg
+    said = ("a password is required" if os.geteuid() else
+            "Interactive authentication required")
+    assert said in msg and "sudoers" in msg and "systemd-run" in msg
+    # kflash's unit is not installed on this machine: install.sh adds both
     assert "moonraker.asvc" in msg and "install.sh" in msg
+    assert msg.endswith("Nothing was stopped.")
+    assert moonraker.started == []
+    assert_nothing_started(sandbox, "R-NO")
+    # Moonraker away altogether: said so
+    msg = refused(host, "R-NO", moonraker_url="http://127.0.0.1:9")
+    assert "Moonraker is unreachable at http://127.0.0.1:9" in msg
+
+
+def test_moonraker_without_its_polkit_rule_is_named(sandbox, monkeypatch):
+    moonraker = printer(sandbox, polkit=False)
+    host = Host(sandbox, monkeypatch)
+    host.sudo(allowed=False)
+    msg = refused(host, "R-PK")
+    assert moonraker.started == ["kflash-run"]
+    assert "Interactive authentication required" in msg
+    assert "PolicyKit rule is missing" in msg
+    assert "org.freedesktop.systemd1.manage-units" in msg
+    assert "set-policykit-rules.sh" in msg
+    assert "install.sh" not in msg
+    assert_nothing_started(sandbox, "R-PK")
+
+
+def test_an_explicit_session_inside_klipper_is_refused_untried(
+        sandbox, monkeypatch):
+    moonraker = printer(sandbox)
+    host = Host(sandbox, monkeypatch)
+    msg = refused(host, "R-SS", launcher="session")
+    assert "`launcher: session`" in msg and "klipper.service" in msg
     assert "Nothing was stopped" in msg
-    assert srv.started == []
-    assert not (home / "helper" / "request.json").exists()
-    # Moonraker down altogether: same refusal, naming why
-    with pytest.raises(launcher.LaunchRefused) as e:
-        launcher.launch("/usr/bin/python3", home,
-                        moonraker_url="http://127.0.0.1:9", env=env)
-    assert "Moonraker at http://127.0.0.1:9" in str(e.value)
+    assert not host.systemd_run_args.exists() and moonraker.started == []
+    assert_nothing_started(sandbox, "R-SS")
+    with pytest.raises(ValueError):
+        host.start("R-SS", launcher="nohup")
 
 
-def test_session_helper_survives_its_parent_group_and_keeps_no_fds(
-        tmp_path):
-    """Outside systemd: a new session; killing klippy's process group (what
+def test_a_session_helper_survives_its_parent_and_keeps_no_fds(sandbox):
+    """Outside systemd: a new session. Killing klippy's process group (what
     supervisord's stopasgroup does) leaves the helper running, and a caller
-    capturing the parent's output is not held up by the helper."""
-    marks = tmp_path / "marks"
-    marks.mkdir()
-    # stands in for the interpreter: records its fds, waits for "go"
-    fake_python = tmp_path / "fake-python"
-    fake_python.write_text(f"""#!{sys.executable}
-import os, time
-fds = sorted(int(f) for f in os.listdir("/proc/self/fd"))
-open("{marks}/fds", "w").write(" ".join(map(str, fds)))
-open("{marks}/pid.tmp", "w").write(str(os.getpid()))
-os.rename("{marks}/pid.tmp", "{marks}/pid")
-while not os.path.exists("{marks}/go"):
-    time.sleep(0.05)
-open("{marks}/done", "w").write("survived")
-""")
-    fake_python.chmod(0o755)
+    capturing the parent's output is not held up by the helper or its
+    watchdog."""
+    sandbox.add_board("octopus")
+    sandbox.start_moonraker()
+    sandbox.set_behaviour("octopus", "hang")
+    fds = sandbox.root / "fds"
+    # the interpreter the helper is started with: notes its fds, then is
+    # the real one
+    python = write_exe(sandbox.root / "python", textwrap.dedent(f"""\
+        #!{sys.executable}
+        import os, sys
+        seen = sorted(os.listdir("/proc/self/fd"), key=int)
+        open({str(fds)!r}, "w").write(" ".join(seen))
+        os.execv({sys.executable!r}, [{sys.executable!r}] + sys.argv[1:])
+        """))
     code = textwrap.dedent(f"""\
-        import sys, time
-        from kflash import launcher
-        env = {{"PATH": "/usr/bin:/bin",
-               "KFLASH_SYSTEMD_DIR": "{tmp_path}/no-systemd"}}
-        got = launcher.launch("{fake_python}", "{tmp_path}/state", env=env,
-                              log_path="{tmp_path}/helper.log")
-        print(got.method, got.pid, flush=True)
-        time.sleep(60)
+        import json, sys, time
+        from kflash import Runs
+        got = Runs({str(sandbox.home)!r}).start_helper(
+            "R-SESSION", python={str(python)!r})
+        print(json.dumps(got), flush=True)
+        time.sleep(120)
         """)
-    parent = subprocess.Popen([sys.executable, "-c", code],
+    env = dict(sandbox.env, KFLASH_SYSTEMD_DIR=str(sandbox.root / "none"))
+    parent = subprocess.Popen([sys.executable, "-c", code], env=env,
                               stdout=subprocess.PIPE, start_new_session=True)
-    method, pid = parent.stdout.readline().decode().split()
-    assert method == "session"
-    deadline = time.monotonic() + 10
-    while not (marks / "pid").exists():
-        assert time.monotonic() < deadline, "helper never started"
-        time.sleep(0.02)
-    assert int((marks / "pid").read_text()) == int(pid)
+    got = json.loads(parent.stdout.readline())
+    assert got["method"] == "session" and got["unit"] is None
+    sandbox.wait_for(lambda: (sandbox.root / "hanging").exists(), timeout=60,
+                     what="the flash to block")
     os.killpg(parent.pid, signal.SIGKILL)
     parent.wait()
-    # the parent's stdout pipe reaches EOF: the helper did not inherit it
+    # the parent's stdout reaches EOF: neither helper nor watchdog holds it
     assert parent.stdout.read() == b""
     parent.stdout.close()
-    assert pid_alive(int(pid))
-    assert os.getpgid(int(pid)) != parent.pid
-    # only stdin, stdout, stderr (+ the one listdir itself opens)
-    fds = [int(f) for f in (marks / "fds").read_text().split()]
-    assert fds[:3] == [0, 1, 2] and len(fds) <= 4, fds
-    (marks / "go").write_text("")
-    deadline = time.monotonic() + 10
-    while not (marks / "done").exists():
-        assert time.monotonic() < deadline, "helper died with its parent"
-        time.sleep(0.02)
+    rec = Runs(sandbox.home).get("R-SESSION")
+    assert rec["state"] == "running" and rec["pid"] == got["pid"]
+    assert os.getpgid(got["pid"]) != parent.pid
+    # stdin, stdout, stderr (+ the one listdir opens)
+    seen = [int(f) for f in fds.read_text().split()]
+    assert seen[:3] == [0, 1, 2] and len(seen) <= 4, seen
+    os.kill(got["pid"], signal.SIGTERM)
+    sandbox.wait_for(lambda: Runs(sandbox.home).get("R-SESSION")["state"]
+                     == "finished", timeout=30, what="the helper to unwind")
+    assert sandbox.service_events() == ["stop", "start"]

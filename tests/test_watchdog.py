@@ -1,157 +1,105 @@
-"""The SIGKILL watchdog as a process: EOF without `done` starts the service."""
+"""The watchdog (`python -m kflash.watchdog`, the core's `Runs.watch`) guarding
+real runs of `kflash flash-all` on the CLI sandbox (command-backed service
+control): it starts klipper again when the run ends with klipper stopped, and
+only then, and says what it did in watchdog.log."""
 
-import json
-import os
+import re
 import subprocess
 import sys
-import time
-from pathlib import Path
 
-import pytest
-
-from fake_moonraker import FakeMoonraker
-
-WATCHDOG = Path(__file__).resolve().parent.parent / "python" / "kflash" / "watchdog.py"
+from kflash import Runs
 
 
-def settings(marker, start_command=None):
-    if start_command is None:
-        start_command = f"sh -c 'echo started >> \"$0\"' '{marker}'"
-    return {
-        "version": 1,
-        "runner_pid": 1,
-        "service": {
-            "backend": "command",
-            "unit": "klipper",
-            "moonraker_url": "http://127.0.0.1:7125",
-            "stop_command": "true",
-            "start_command": start_command,
-        },
-    }
+def two_boards(sandbox):
+    sandbox.add_board("octopus")
+    sandbox.add_board("ebb", mcu="rp2040")
+    return sandbox.start_moonraker()
 
 
-def run_watchdog(tmp_path, lines, timeout=20):
-    """Run the watchdog by file path (no native module needed), feed it lines."""
-    log = tmp_path / "watchdog.log"
-    with open(log, "ab") as out:
-        proc = subprocess.run(
-            [sys.executable, str(WATCHDOG)],
-            input="".join(lines).encode(),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            timeout=timeout,
-            check=False,
-        )
-    return proc.returncode, log.read_text()
+def log_of(sandbox):
+    path = sandbox.home / "watchdog.log"
+    return path.read_text() if path.exists() else ""
 
 
-def test_eof_without_done_starts_the_service(tmp_path):
-    marker = tmp_path / "started"
-    started = time.monotonic()
-    code, log = run_watchdog(tmp_path, [json.dumps(settings(marker)) + "\n"])
-    assert code == 0, log
-    assert marker.read_text() == "started\n"
-    assert time.monotonic() - started < 10
-    assert "armed for" in log
-    assert "started again" in log
+def test_a_killed_run_gets_klipper_started_and_is_marked_interrupted(sandbox):
+    two_boards(sandbox)
+    sandbox.set_behaviour("octopus", "hang")
+    proc = sandbox.spawn("flash-all", "--json")
+    sandbox.wait_for(lambda: (sandbox.root / "hanging").exists(), timeout=60,
+                     what="the flash to block")
+    run = Runs(sandbox.home).latest()
+    assert run["state"] == "running" and run["watchdog"] == "armed"
+    armed = re.findall(r"kflash watchdog (\d+): armed for klipper \(via .*\) "
+                       rf"\(run {run['run_id']}, runner pid {proc.pid}\)",
+                       log_of(sandbox))
+    assert len(armed) == 1, log_of(sandbox)
+    proc.kill()
+    proc.communicate()
+    sandbox.wait_for(lambda: sandbox.service_events() == ["stop", "start"],
+                     timeout=10, what="the watchdog to start klipper")
+    sandbox.wait_for(lambda: "started again" in log_of(sandbox), timeout=10,
+                     what="the watchdog's log")
+    dog = armed[0]
+    log = log_of(sandbox)
+    assert (f"kflash watchdog {dog}: the runner went away without finishing: "
+            "starting klipper") in log
+    assert f"kflash watchdog {dog}: klipper (via " in log
+    run = Runs(sandbox.home).get(run["run_id"])
+    assert run["state"] == "interrupted"
+    assert "during flash of octopus" in run["interrupted"]
+    last = sandbox.json("status")["last_run"]
+    assert last["state"] == "interrupted" and last["run_id"] == run["run_id"]
 
 
-def test_done_starts_nothing(tmp_path):
-    marker = tmp_path / "started"
-    code, log = run_watchdog(tmp_path, [json.dumps(settings(marker)) + "\n", "done\n"])
-    assert code == 0, log
-    assert not marker.exists()
-    assert "disarmed" in log
+def test_a_run_that_could_not_restart_klipper_leaves_it_to_the_watchdog(
+        sandbox):
+    """The run's own three attempts fail (exit 4); the watchdog's next one
+    works."""
+    two_boards(sandbox)
+    count = sandbox.root / "starts"
+    svc = sandbox.root / "svc.sh"
+    sandbox.settings(start_command=(
+        f"sh -c 'n=$(cat {count} 2>/dev/null || echo 0); n=$((n+1)); "
+        f"echo $n > {count}; [ $n -gt 3 ] && exec {svc} start; exit 1'"))
+    r = sandbox.run("flash-all", timeout=180)
+    assert r.returncode == 4, r.stderr
+    assert "KLIPPER IS NOT RUNNING" in r.stderr
+    sandbox.wait_for(lambda: sandbox.service_events() == ["stop", "start"],
+                     timeout=30, what="the watchdog to start klipper")
+    sandbox.wait_for(lambda: "started again" in log_of(sandbox), timeout=10,
+                     what="the watchdog's log")
+    assert count.read_text().strip() == "4"
+    assert "the run ended with klipper still stopped" in log_of(sandbox)
 
 
-def test_failing_start_is_retried_and_logged(tmp_path):
-    marker = tmp_path / "attempts"
-    command = f"sh -c 'echo x >> \"$0\"; exit 1' '{marker}'"
-    code, log = run_watchdog(
-        tmp_path, [json.dumps(settings(marker, command)) + "\n"], timeout=30
-    )
-    assert code == 1
-    assert marker.read_text().count("x") == 3
-    assert "IS STILL STOPPED" in log
+def test_a_run_killed_before_the_stop_starts_nothing(sandbox):
+    two_boards(sandbox)
+    cfg = sandbox.root / "octopus.config"
+    cfg.write_text(cfg.read_text() + "CONFIG_FIXTURE_SLEEP=60\n")
+    proc = sandbox.spawn("flash-all")
+    sandbox.wait_for(lambda: "armed for" in log_of(sandbox), timeout=60,
+                     what="the watchdog")
+    proc.kill()
+    proc.communicate()
+    sandbox.wait_for(lambda: "nothing to start" in log_of(sandbox),
+                     timeout=10, what="the watchdog to stand down")
+    assert sandbox.service_events() == []
+    assert Runs(sandbox.home).latest()["state"] == "interrupted"
 
 
-@pytest.mark.parametrize("first", ["", "not json\n", '{"no": "service"}\n'])
-def test_bad_settings_are_reported(tmp_path, first):
-    code, log = run_watchdog(tmp_path, [first])
-    assert code == 2
-    assert "settings" in log
+def test_a_finished_run_stands_its_watchdog_down(sandbox):
+    two_boards(sandbox)
+    report = sandbox.json("flash-all")
+    assert report["ok"] is True
+    sandbox.wait_for(lambda: "standing down" in log_of(sandbox), timeout=10,
+                     what="the watchdog to stand down")
+    assert sandbox.service_events() == ["stop", "start"]
+    assert "disarmed" in log_of(sandbox)
 
 
-def test_systemd_backend_runs_sudo_systemctl_start(tmp_path):
-    bindir = tmp_path / "bin"
-    bindir.mkdir()
-    calls = tmp_path / "calls"
-    for name in ("sudo", "systemctl"):
-        fake = bindir / name
-        fake.write_text(
-            '#!/bin/sh\necho "{} $*" >> "{}"\n{}\n'.format(
-                name, calls, 'exec "$@"' if name == "sudo" else "exit 0"
-            )
-        )
-        fake.chmod(0o755)
-    message = settings(tmp_path / "unused")
-    message["service"]["backend"] = "systemd"
-    message["service"]["unit"] = "klipper-1"
-    env = dict(os.environ, PATH="{}:{}".format(bindir, os.environ["PATH"]))
-    proc = subprocess.run(
-        [sys.executable, str(WATCHDOG)],
-        input=(json.dumps(message) + "\n").encode(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        env=env,
-        timeout=20,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stdout
-    lines = calls.read_text().splitlines()
-    assert lines[-1] == "systemctl start klipper-1"
-    if os.geteuid() != 0:
-        assert lines[0] == "sudo -n %s start klipper-1" % (bindir / "systemctl")
-
-
-class WatchdogMoonraker(FakeMoonraker):
-    """klipper-2 is the klipper unit; a start POST makes it active."""
-
-    def __init__(self):
-        self.active = False
-        self.posted = []
-        super().__init__()
-
-    def route(self, method, path, args, body):
-        if method == "POST":
-            self.posted.append((path, body))
-            self.active = True
-            return "ok"
-        if path == "/machine/system_info":
-            state = "active" if self.active else "inactive"
-            return {
-                "system_info": {
-                    "instance_ids": {"klipper": "klipper-2"},
-                    "service_state": {
-                        "klipper-2": {"active_state": state, "sub_state": "x"}
-                    },
-                }
-            }
-        return super().route(method, path, args, body)
-
-
-def test_moonraker_backend_posts_start_for_the_resolved_unit(tmp_path):
-    server = WatchdogMoonraker()
-    try:
-        message = settings(tmp_path / "unused")
-        message["service"]["backend"] = "moonraker"
-        message["service"]["unit"] = ""
-        message["service"]["moonraker_url"] = server.url + "/"
-        code, log = run_watchdog(tmp_path, [json.dumps(message) + "\n"])
-    finally:
-        server.close()
-    assert code == 0, log
-    assert server.posted == [
-        ("/machine/services/start", {"service": "klipper-2"})
-    ]
-    assert "started again" in log
+def test_nothing_to_guard(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "kflash.watchdog", "--home",
+                        str(tmp_path), "--run-id", "NOPE"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert "no run record NOPE" in (tmp_path / "watchdog.log").read_text()

@@ -10,12 +10,16 @@ from kflash.results import (
     DeviceReport,
     DeviceRow,
     ErrorDetails,
+    HelperStarted,
     Imported,
     KatapultFlash,
     KatapultStatus,
     OnEvent,
+    Pending,
     Plan,
+    ProgressLine,
     Report,
+    RunRecord,
     Status,
     VersionState,
 )
@@ -35,6 +39,7 @@ __all__ = [
     "MoonrakerUnavailable",
     "PreflightRefused",
     "RegistryError",
+    "Runs",
     "ServiceError",
     "ServiceUnavailable",
     "SnapshotReader",
@@ -160,8 +165,42 @@ class Engine:
         only_outdated: bool = False,
         yes: bool = False,
         on_event: Optional[OnEvent] = None,
+        run_id: Optional[str] = None,
     ) -> Report: ...
     def status(self) -> Status: ...
+
+@final
+class Runs:
+    """The flash runs of a kflash state directory (``runs/``)."""
+
+    HELPER_UNIT: ClassVar[str]
+    INSTALLED_UNIT: ClassVar[str]
+    WATCHDOG_UNIT: ClassVar[str]
+
+    def __new__(cls, home: str | os.PathLike[str] | None = None) -> Runs: ...
+    @property
+    def state_dir(self) -> str: ...
+    @staticmethod
+    def new_id() -> str: ...
+    def latest(self) -> Optional[RunRecord]: ...
+    def get(self, run_id: str) -> Optional[RunRecord]: ...
+    def events(
+        self, run_id: str, offset: int = 0
+    ) -> tuple[list[ProgressLine], int]: ...
+    def busy(self) -> Optional[str]: ...
+    def announce(self, run_id: str) -> None: ...
+    def start_helper(
+        self,
+        run_id: str,
+        *,
+        only_outdated: bool = False,
+        device: Optional[str] = None,
+        launcher: str = "auto",
+        python: str | os.PathLike[str] | None = None,
+        moonraker_url: str = "http://127.0.0.1:7125",
+    ) -> HelperStarted: ...
+    def take_pending(self) -> Optional[Pending]: ...
+    def watch(self, run_id: str) -> int: ...
 
 def katapult_flash(
     device: str | os.PathLike[str],

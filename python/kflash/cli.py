@@ -25,6 +25,7 @@ import sys
 
 from kflash import __version__, katapult_cli, status_watch
 from kflash._core import ExitStatus, KflashError
+from kflash.render import plan_table, report_table, table
 
 DEFAULT_PRINTER_CFG = "~/printer_data/config/printer.cfg"
 
@@ -82,19 +83,6 @@ class UsageError(Exception):
     """A command line that cannot work (e.g. no Klipper tree for ``config``)."""
 
     details = None
-
-
-def table(rows, headers):
-    """A plain text table (list of lists of str)."""
-    cells = [[str(c) if c is not None else "-" for c in row] for row in rows]
-    widths = [len(h) for h in headers]
-    for row in cells:
-        for i, c in enumerate(row):
-            widths[i] = max(widths[i], len(c))
-    lines = ["  ".join(h.ljust(widths[i]) for i, h in enumerate(headers)).rstrip()]
-    for row in cells:
-        lines.append("  ".join(c.ljust(widths[i]) for i, c in enumerate(row)).rstrip())
-    return "\n".join(lines)
 
 
 class Progress:
@@ -169,59 +157,6 @@ class Progress:
             sys.stderr.write("\r\033[K")
             sys.stderr.flush()
             self.transient = False
-
-
-def version_arrow(before, after):
-    before = before or "?"
-    return f"{before} -> {after}" if after else before
-
-
-def print_report(report, settings):
-    rows = []
-    for d in report.get("devices", []):
-        rows.append(
-            [
-                d["key"],
-                d.get("method"),
-                d.get("action"),
-                d.get("build"),
-                d.get("flash"),
-                d.get("verify"),
-                version_arrow(
-                    d.get("version_before"),
-                    d.get("version_after") or d.get("version_target"),
-                ),
-            ]
-        )
-    print(
-        table(
-            rows,
-            ["DEVICE", "METHOD", "ACTION", "BUILD", "FLASH", "VERIFY", "VERSION"],
-        )
-    )
-    for d in report.get("devices", []):
-        if d.get("error"):
-            print(f"\n{d['key']}: {d['error']}")
-            if d.get("hint"):
-                print(f"  what to do: {d['hint']}")
-        elif d.get("reason") and d.get("action") == "skip":
-            print(f"{d['key']}: skipped ({d['reason']})")
-    svc = report.get("service", {})
-    if svc.get("stopped"):
-        state = "restarted" if svc.get("restarted") else "NOT RESTARTED"
-        flashing = sum(d.get("flash_s") or 0 for d in report.get("devices", []))
-        print(
-            f"\nklipper was stopped for {svc.get('downtime_s', 0):.1f} s "
-            f"(flashing {flashing:.1f} s, stop {svc.get('stop_s', 0):.1f} s, "
-            f"start {svc.get('start_s', 0):.1f} s); {state}"
-        )
-    elif svc.get("error"):
-        print(f"\n{svc['error']}")
-    else:
-        print("\nklipper was not stopped")
-    if report.get("record"):
-        print(f"run record: {report['record']}")
-    print("OK" if report.get("ok") else "FAILED")
 
 
 def start_hint(settings):
@@ -410,43 +345,7 @@ def cmd_plan(engine, args):
     if args.json:
         emit_json(plan)
         return ExitStatus.SUCCESS
-    if not plan["moonraker"]:
-        print(
-            f"Moonraker unreachable ({plan['moonraker_error']}): current versions "
-            "unknown, every device would be flashed."
-        )
-    elif plan.get("print_state"):
-        print(f"printer: {plan['print_state']}")
-    rows = [
-        [
-            d["key"],
-            d.get("mcu"),
-            d.get("method"),
-            d.get("resolved") or d.get("endpoint"),
-            d.get("version_before"),
-            d.get("version_target"),
-            d.get("state"),
-            d.get("action"),
-            d.get("reason"),
-        ]
-        for d in plan["devices"]
-    ]
-    print(
-        table(
-            rows,
-            [
-                "DEVICE",
-                "MCU",
-                "METHOD",
-                "ENDPOINT",
-                "CURRENT",
-                "TARGET",
-                "STATE",
-                "ACTION",
-                "WHY",
-            ],
-        )
-    )
+    print("\n".join(plan_table(plan)))
     return ExitStatus.SUCCESS
 
 
@@ -480,7 +379,7 @@ def finish_run(engine, args, report):
     if args.json:
         emit_json(report)
     else:
-        print_report(report, settings)
+        print("\n".join(report_table(report)))
     status = ExitStatus.of(report)
     if status == ExitStatus.NOT_RESTARTED:
         shout_not_restarted(report, settings)
@@ -573,8 +472,12 @@ def cmd_status(engine, args):
     print(table(rows, ["DEVICE", "SECTION", "MCU VERSION", "TARGET", "STATE"]))
     last = status.get("last_run")
     if last:
-        result = "ok" if last.get("ok") else "failed"
-        print(f"last run: {last.get('started')} ({result})")
+        result = last.get("state")
+        if result == "finished":
+            result = "ok" if last.get("ok") else "failed"
+        elif result == "interrupted":
+            result = f"interrupted: {last.get('interrupted')}"
+        print(f"last run: {last.get('run_id')}, {last.get('started')} ({result})")
     return ExitStatus.SUCCESS
 
 

@@ -139,11 +139,19 @@ class DeviceStatus(TypedDict):
     problem: Optional[str]
 
 
+RunState = Literal["running", "finished", "interrupted"]
+
+
 class LastRun(TypedDict):
+    """The newest run record, in ``kflash status --json``."""
+
+    run_id: str
+    state: RunState
     ok: Optional[bool]
     started: Optional[str]
     finished: Optional[str]
     cancelled: Optional[bool]
+    interrupted: Optional[str]
 
 
 class Status(TypedDict):
@@ -155,6 +163,71 @@ class Status(TypedDict):
     print_state: Optional[str]
     devices: List[DeviceStatus]
     last_run: Optional[LastRun]
+
+
+class RunOptions(TypedDict):
+    keys: Optional[List[str]]
+    only_outdated: bool
+    yes: bool
+
+
+class ServiceSettings(TypedDict):
+    """The service settings a run (and its watchdog) control klipper with."""
+
+    backend: Literal["moonraker", "systemd", "command"]
+    unit: str
+    moonraker_url: str
+    stop_command: Optional[str]
+    start_command: Optional[str]
+
+
+class RunRecord(TypedDict):
+    """A run's record (``<state>/runs/<run id>.json``) as ``Runs`` reads it:
+    ``state`` is ``interrupted`` when its process went away without finishing
+    (``interrupted`` then says where); ``announced`` once klippy's ``[kflash]``
+    posted its summary."""
+
+    version: int
+    run_id: str
+    state: RunState
+    pid: int
+    pid_start: Optional[int]
+    started: str
+    finished: Optional[str]
+    options: RunOptions
+    service: Optional[ServiceSettings]
+    watchdog: Literal["none", "launched", "armed", "disarmed"]
+    exit_code: Optional[int]
+    ok: Optional[bool]
+    error: Optional[str]
+    interrupted: Optional[str]
+    report: Optional[Report]
+    announced: bool
+
+
+class ProgressLine(Event):
+    """One line of a run's progress (``<state>/runs/<run id>.jsonl``)."""
+
+    t: float
+    run_id: str
+
+
+class HelperStarted(TypedDict):
+    """``Runs.start_helper``: the helper began the run."""
+
+    run_id: str
+    method: Literal["systemd-run", "moonraker", "session"]
+    pid: int
+    unit: Optional[str]
+
+
+class Pending(TypedDict):
+    """The run the installed ``kflash-run`` unit is to run."""
+
+    version: int
+    run_id: str
+    only_outdated: bool
+    device: Optional[str]
 
 
 class ErrorDetails(TypedDict):

@@ -99,7 +99,9 @@ impl ExitStatus {
                 | pipeline::Error::Build { .. }
                 | pipeline::Error::Cancelled { report: None } => ExitStatus::Failure,
             },
-            Error::Katapult(_) | Error::WriteConfig { .. } => ExitStatus::Failure,
+            Error::Katapult(_) | Error::WriteConfig { .. } | Error::WriteRecord { .. } => {
+                ExitStatus::Failure
+            }
         }
     }
 }

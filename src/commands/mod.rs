@@ -10,6 +10,9 @@
 //! `configs/<key>.config` atomically and never modified afterwards except by the user
 //! (`kflash config KEY`).
 //!
+//! Every flash run (`flash_all`, for the CLI and the helper alike) holds the run lock and
+//! is recorded with its progress in `runs/` (`crate::flash_run`); `build` holds the lock.
+//!
 //! Thread-safety: `Context` is an immutable value; concurrent runs are serialised by the
 //! run lock, concurrent edits are last-writer-wins on an atomic file.
 
@@ -20,6 +23,7 @@ mod settings;
 mod status;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 pub use devices::{DeviceRow, Imported, NewDevice, Skipped};
 pub use exit_status::ExitStatus;
@@ -27,6 +31,7 @@ pub use status::{DeviceStatus, LastRun, Status};
 
 use crate::events::Sink;
 use crate::flash::NativeKatapult;
+use crate::flash_run::{LockError, Outcome, RecordError, Run, RunLock, RunOptions};
 use crate::katapult::{self, BootloaderInfo, FlashReport, SerialFlashOptions, SerialStatusOptions};
 use crate::pipeline::{self, DeviceReport, Options, Plan, Report};
 use crate::process::Cancel;
@@ -61,11 +66,38 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The run record could not be written (nothing was stopped).
+    #[error("cannot write the run record {}: {source}", path.display())]
+    WriteRecord {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl From<pipeline::Error> for Error {
     fn from(err: pipeline::Error) -> Error {
         Error::Run(Box::new(err))
+    }
+}
+
+/// Another run holding the lock is a pre-flight refusal.
+impl From<LockError> for Error {
+    fn from(err: LockError) -> Error {
+        match err {
+            LockError::Held { .. } => pipeline::Error::Refused(pipeline::Refusal::LockHeld(err)),
+            LockError::Io { .. } => pipeline::Error::Lock(err),
+        }
+        .into()
+    }
+}
+
+impl From<RecordError> for Error {
+    fn from(err: RecordError) -> Error {
+        match err {
+            RecordError::Lock(e) => e.into(),
+            RecordError::Write { path, source } => Error::WriteRecord { path, source },
+        }
     }
 }
 
@@ -121,14 +153,69 @@ impl Context {
         cancel: &Cancel,
         sink: &Sink,
     ) -> Result<Vec<DeviceReport>, Error> {
+        let _lock = RunLock::acquire(&self.state.lock_path())?;
         let deps = self.deps()?;
         Ok(pipeline::build(&deps, keys, cancel, sink)?)
     }
 
     /// `kflash flash KEY` and `kflash flash-all`: build, one stop window, restart, verify.
-    pub fn flash_all(&self, opts: &Options, cancel: &Cancel, sink: &Sink) -> Result<Report, Error> {
-        let deps = self.deps()?;
-        Ok(pipeline::flash_all(&deps, opts, cancel, sink)?)
+    /// The run holds the lock and is recorded, progress included, in `runs/<run id>.json`
+    /// (`run_id`: the helper's, else a new one); `report.record` names the record.
+    pub fn flash_all(
+        &self,
+        opts: &Options,
+        run_id: Option<&str>,
+        cancel: &Cancel,
+        sink: &Sink,
+    ) -> Result<Report, Error> {
+        let options = RunOptions {
+            keys: opts.keys.clone(),
+            only_outdated: opts.only_outdated,
+            yes: opts.yes,
+        };
+        let run = Arc::new(Run::begin(&self.state, run_id, options, None)?);
+        let sink = run.sink(sink.clone());
+        let mut outcome = self
+            .deps_for(&run)
+            .map_err(Error::from)
+            .and_then(|deps| Ok(pipeline::flash_all(&deps, opts, cancel, &sink)?));
+        let record = Some(run.path().to_path_buf());
+        let report = match &mut outcome {
+            Ok(report) => Some(report),
+            Err(Error::Run(e)) => match &mut **e {
+                pipeline::Error::Cancelled {
+                    report: Some(report),
+                } => Some(&mut **report),
+                _ => None,
+            },
+            Err(_) => None,
+        };
+        let report = report.map(|r| {
+            r.record.clone_from(&record);
+            serde_json::to_value(&*r).ok()
+        });
+        let (status, ok, error) = match &outcome {
+            Ok(r) => (ExitStatus::of_report(r), r.ok, None),
+            Err(e) => (ExitStatus::of_error(e), false, Some(e.to_string())),
+        };
+        let finished = run.finish(Outcome {
+            exit_code: status.code(),
+            ok,
+            error,
+            interrupted: cancel.reason().filter(|_| cancel.is_cancelled()),
+            report: report.flatten(),
+        });
+        if let Err(e) = finished {
+            sink(
+                &crate::events::Event::info(
+                    crate::events::Stage::Report,
+                    None,
+                    format!("could not write the run record: {e}"),
+                )
+                .with_level(crate::events::Level::Warning),
+            );
+        }
+        outcome
     }
 }
 

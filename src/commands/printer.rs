@@ -1,17 +1,15 @@
 //! The pipeline's ports on a real printer: the registry and discovery (devices), the
-//! firmware builder, Moonraker (klippy), the configured service backend, the watchdog
-//! process and the flasher.
+//! firmware builder, Moonraker (klippy), the configured service backend, the flasher, and
+//! for a flash run the watchdog process (`crate::flash_run::LiveWatchdog`).
 //!
 //! Owns only adapters: no policy lives here. `Context::deps` reads the settings once per
 //! run and builds every adapter from them. Each adapter passes its domain's error on
 //! unchanged.
 //!
 //! Thread-safety: every adapter is `Send + Sync`; the device adapter keeps the stable
-//! identity of each device (learnt when it was resolved) behind a mutex, the watchdog
-//! adapter keeps the armed watchdog behind a mutex.
+//! identity of each device (learnt when it was resolved) behind a mutex.
 
 use std::collections::{BTreeMap, HashMap};
-use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -23,6 +21,7 @@ use crate::discovery::{self, Discovery, RomBoard, StableId, UsbMode};
 use crate::events::Sink;
 use crate::firmware::{self, BuildRequest};
 use crate::flash::{self, Comeback, Endpoint, Tools};
+use crate::flash_run::{LiveWatchdog, Run};
 use crate::moonraker::{self, Client, ServiceAction};
 use crate::pipeline::{
     Built, Deps, DeviceInfo, Firmware, Flash, Inventory, Klippy, Service, Stopped, Watchdog,
@@ -277,29 +276,22 @@ impl Service for LiveService {
     }
 }
 
-/// The watchdog process (`python -m kflash.watchdog`).
-pub struct LiveWatchdog {
-    /// The command that starts it; empty when no Python interpreter is known.
-    launch: Vec<OsString>,
-    cfg: ServiceConfig,
-    state_dir: PathBuf,
-    armed: Mutex<Option<service::Watchdog>>,
-}
+/// No watchdog: what `plan`, `build` and `status` get (they never stop klipper).
+struct NoWatchdog;
 
-impl Watchdog for LiveWatchdog {
+impl Watchdog for NoWatchdog {
+    fn launch(&self) -> Result<(), service::Error> {
+        Err(service::Error::Watchdog {
+            reason: "only a flash run has a watchdog".into(),
+            log: String::new(),
+        })
+    }
+
     fn arm(&self) -> Result<(), service::Error> {
-        let dog = service::Watchdog::arm(&self.launch, &self.cfg, &self.state_dir)?;
-        *lock(&self.armed) = Some(dog);
-        Ok(())
+        self.launch()
     }
 
-    fn disarm(&self) {
-        if let Some(dog) = lock(&self.armed).take() {
-            if let Err(e) = dog.disarm() {
-                eprintln!("kflash: {e}");
-            }
-        }
-    }
+    fn disarm(&self) {}
 }
 
 /// The real flasher behind the pipeline's `Flash` port.
@@ -395,7 +387,19 @@ pub fn native_katapult() -> flash::NativeKatapult {
 }
 
 impl Context {
-    /// The real dependencies of a run, from the current settings.
+    /// The real dependencies of flash run `run`, its watchdog included.
+    pub fn deps_for(&self, run: &Arc<Run>) -> Result<Deps, registry::Error> {
+        let mut deps = self.deps()?;
+        deps.watchdog = Arc::new(LiveWatchdog {
+            run: Arc::clone(run),
+            state: self.state.clone(),
+            python: self.python.clone(),
+            service: service_config(&self.registry()?.settings),
+        });
+        Ok(deps)
+    }
+
+    /// The real dependencies of a run (no watchdog), from the current settings.
     pub fn deps(&self) -> Result<Deps, registry::Error> {
         let reg = self.registry()?;
         let s = &reg.settings;
@@ -432,23 +436,10 @@ impl Context {
                 url: s.moonraker_url.clone(),
                 sections: reg.devices.iter().map(|d| d.mcu_section.clone()).collect(),
             }),
-            service: Arc::new(LiveService { cfg: cfg.clone() }),
+            service: Arc::new(LiveService { cfg }),
             flasher: Arc::new(flash::Flasher::new(tools, devices)),
-            watchdog: Arc::new(LiveWatchdog {
-                launch: self.python.as_ref().map_or_else(Vec::new, |py| {
-                    vec![
-                        py.clone().into_os_string(),
-                        "-m".into(),
-                        "kflash.watchdog".into(),
-                    ]
-                }),
-                cfg,
-                state_dir: self.state.root().to_path_buf(),
-                armed: Mutex::new(None),
-            }),
+            watchdog: Arc::new(NoWatchdog),
             compare: versions::compare,
-            lock_path: self.state.lock_path(),
-            runs_dir: self.state.runs_dir(),
             flashed_dir: self.state.root().join("flashed"),
             stagger: Duration::from_millis(200),
             ready_timeout,

@@ -1,11 +1,10 @@
 //! `kflash status`: klippy's print state, each device's current and target version, and
-//! the last run. Reads only.
+//! the last run (its record, `crate::flash_run::record`). Reads only.
 
-use std::path::{Path, PathBuf};
-
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use super::{Context, Error};
+use crate::flash_run::{record, RunState};
 use crate::versions::VersionState;
 
 /// One device in `kflash status`.
@@ -23,13 +22,17 @@ pub struct DeviceStatus {
     pub problem: Option<String>,
 }
 
-/// The last run record's outcome (`<state>/runs/*.json`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// The newest run record (`<state>/runs/<run id>.json`): running, finished, or
+/// interrupted (its process went away) and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct LastRun {
+    pub run_id: String,
+    pub state: RunState,
     pub ok: Option<bool>,
     pub started: Option<String>,
     pub finished: Option<String>,
     pub cancelled: Option<bool>,
+    pub interrupted: Option<String>,
 }
 
 /// `kflash status --json`.
@@ -80,19 +83,19 @@ impl Context {
             moonraker_error: state.as_ref().err().map(ToString::to_string),
             print_state: state.ok(),
             devices,
-            last_run: last_run(&self.state.runs_dir()),
+            last_run: record::latest(&self.state.runs_dir()).map(|r| LastRun {
+                cancelled: r
+                    .report
+                    .as_ref()
+                    .and_then(|rep| rep.get("cancelled"))
+                    .and_then(serde_json::Value::as_bool),
+                run_id: r.run_id,
+                state: r.state,
+                ok: r.ok,
+                started: Some(r.started),
+                finished: r.finished,
+                interrupted: r.interrupted,
+            }),
         })
     }
-}
-
-fn last_run(dir: &Path) -> Option<LastRun> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .ok()?
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|e| e == "json"))
-        .collect();
-    files.sort();
-    let bytes = std::fs::read(files.last()?).ok()?;
-    serde_json::from_slice(&bytes).ok()
 }

@@ -4,8 +4,8 @@
 //! Owns the order of a run and its invariants (DESIGN.md "Flash-all"):
 //! - `plan` has no side effects: it reads the registry, configs, the device tree and
 //!   Moonraker, and writes nothing.
-//! - Nothing is stopped when pre-flight refuses (printing/paused, lock held, no service
-//!   control, Moonraker unreachable without `yes`) or when every build fails; devices whose
+//! - Nothing is stopped when pre-flight refuses (printing/paused, no service control,
+//!   Moonraker unreachable without `yes`, no watchdog) or when every build fails; devices whose
 //!   build failed are reported failed and the ones that built are still flashed.
 //! - The service is stopped at most once and restarted exactly once on every path out of
 //!   the stop window (the `Stopped` guard restarts on drop: errors, panics, cancel).
@@ -16,10 +16,10 @@
 //!
 //! Everything outside is reached through the traits in `Deps` (dependency injection), so
 //! the whole run is unit-testable with recording fakes; `crate::commands::printer` builds
-//! the real ones.
+//! the real ones. The run lock and the run record belong to the caller
+//! (`crate::flash_run`): a run is locked and recorded around the pipeline.
 //! Thread-safety: a run blocks its thread; `Deps` members are `Send + Sync`.
 
-pub mod lock;
 mod plan;
 mod ports;
 pub mod report;
@@ -30,7 +30,7 @@ mod verify;
 use crate::events::{Event, Level, Sink, Stage};
 use crate::{firmware, flash, moonraker, registry, service};
 
-pub use lock::{LockError, RunLock};
+pub use crate::flash_run::{LockError, RunLock};
 pub use plan::{plan, select, Planned};
 pub use ports::{
     Built, ConfigError, Deps, DeviceInfo, Firmware, Flash, Inventory, Klippy, Link, Service,
@@ -110,6 +110,9 @@ pub enum Refusal {
     LockHeld(LockError),
     #[error("cannot control the klipper service: {0}")]
     NoServiceControl(service::Error),
+    /// The watchdog that starts klipper again if kflash is killed could not be launched.
+    #[error("no watchdog to start klipper again if kflash is killed: {0}")]
+    NoWatchdog(service::Error),
 }
 
 fn list(items: &[String]) -> String {

@@ -199,7 +199,13 @@ pub trait Service: Send + Sync {
 
 /// The watchdog outside the runner that restarts the service if the runner dies.
 pub trait Watchdog: Send + Sync {
+    /// Pre-flight: start the watchdog where neither the runner's death nor the stop can
+    /// reach it; an error refuses the run (nothing is stopped).
+    fn launch(&self) -> Result<(), service::Error>;
+    /// Right before the stop: from now on, if the run ends, the watchdog starts klipper.
+    /// An error means klipper must not be stopped.
     fn arm(&self) -> Result<(), service::Error>;
+    /// The service runs again: the watchdog stands down.
     fn disarm(&self);
 }
 
@@ -227,10 +233,6 @@ pub struct Deps {
     pub watchdog: Arc<dyn Watchdog>,
     /// `compare(mcu_version, target_version)`.
     pub compare: fn(&str, &str) -> VersionState,
-    /// `<state>/lock`.
-    pub lock_path: PathBuf,
-    /// `<state>/runs`.
-    pub runs_dir: PathBuf,
     /// `<state>/flashed`: the dictionary of the firmware last flashed to each device
     /// (`<key>.dict`), to tell a protocol change from a version-string-only one.
     pub flashed_dir: PathBuf,

@@ -1,10 +1,10 @@
 //! The plan and the report: what a run will do and what it did, as the contract's JSON.
 //!
-//! Owns the serialisable shapes (`Plan`, `Report`), what `ok` means, the run record
-//! written atomically to `<state>/runs/<timestamp>.json`, and UTC timestamps.
+//! Owns the serialisable shapes (`Plan`, `Report`), what `ok` means, and UTC timestamps.
+//! (The run record that holds a report is `crate::flash_run::record`'s.)
 //! Plain data: `Send + Sync`, no interior mutability.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
@@ -138,27 +138,6 @@ impl Report {
             && self.service.error.is_none();
         self.finished = utc_now();
     }
-}
-
-/// Write the run record atomically; returns its path.
-pub(super) fn write_record(runs_dir: &Path, report: &Report) -> std::io::Result<PathBuf> {
-    std::fs::create_dir_all(runs_dir)?;
-    let stamp = report
-        .started
-        .replace([':', '-'], "")
-        .replace('T', "-")
-        .trim_end_matches('Z')
-        .to_owned();
-    let mut path = runs_dir.join(format!("{stamp}.json"));
-    let mut n = 1;
-    while path.exists() {
-        path = runs_dir.join(format!("{stamp}-{n}.json"));
-        n += 1;
-    }
-    let mut bytes = serde_json::to_vec_pretty(report).map_err(std::io::Error::other)?;
-    bytes.push(b'\n');
-    crate::registry::write_atomic(&path, &bytes)?;
-    Ok(path)
 }
 
 /// Now as `YYYY-MM-DDTHH:MM:SSZ`.

@@ -2,17 +2,15 @@
 //! and `build` (no stop window).
 //!
 //! Nothing is stopped when pre-flight refuses or when every build fails; a cancelled run
-//! is recorded and returned as `Error::Cancelled` carrying its report.
+//! is returned as `Error::Cancelled` carrying its report. The caller holds the run lock and
+//! records the run (`crate::flash_run`).
 
 use std::time::Duration;
 
 use super::report::{self, DeviceReport, Report, ServiceReport};
 use super::stop_window::stop_window;
 use super::verify::verify;
-use super::{
-    emit, plan, select, warn, Built, Deps, DeviceInfo, Error, LockError, Options, Planned, Refusal,
-    RunLock,
-};
+use super::{emit, plan, select, warn, Built, Deps, DeviceInfo, Error, Options, Planned, Refusal};
 use crate::events::{Sink, Stage};
 use crate::moonraker;
 use crate::process::Cancel;
@@ -27,7 +25,6 @@ pub fn build(
 ) -> Result<Vec<DeviceReport>, Error> {
     let devices = select(deps.inventory.devices()?, keys)?;
     check_configs(&devices)?;
-    let _lock = take_lock(deps)?;
     let results = deps.firmware.build(&devices, cancel, sink);
     if cancel.is_cancelled() {
         return Err(Error::Cancelled { report: None });
@@ -74,14 +71,6 @@ fn check_configs(devices: &[DeviceInfo]) -> Result<(), Error> {
     Ok(())
 }
 
-/// One run at a time: another run holding the lock is a refusal.
-fn take_lock(deps: &Deps) -> Result<RunLock, Error> {
-    RunLock::acquire(&deps.lock_path).map_err(|e| match e {
-        LockError::Held { .. } => Error::Refused(Refusal::LockHeld(e)),
-        LockError::Io { .. } => Error::Lock(e),
-    })
-}
-
 /// The whole run. Returns the report (also when devices failed or the restart failed:
 /// see `commands::ExitStatus`); errors only when nothing was stopped, or when cancelled.
 pub fn flash_all(
@@ -119,11 +108,11 @@ pub fn flash_all(
         .collect();
     if selected.is_empty() {
         emit(sink, Stage::Report, None, "nothing to do");
-        return Ok(finish(deps, report, sink));
+        return Ok(finish(report));
     }
 
     // Pre-flight: nothing is stopped if any of this refuses.
-    let _lock = preflight(deps, opts, print_state, &devices, &selected, sink)?;
+    preflight(deps, opts, print_state, &devices, &selected, sink)?;
     if cancel.is_cancelled() {
         return Err(Error::Cancelled { report: None });
     }
@@ -138,7 +127,7 @@ pub fn flash_all(
     );
     let results = deps.firmware.build(&to_build, cancel, sink);
     if cancel.is_cancelled() {
-        return Err(cancelled(deps, report, sink));
+        return Err(cancelled(report));
     }
     let mut built: Vec<(usize, Built)> = Vec::new();
     for (&i, result) in selected.iter().zip(results) {
@@ -166,16 +155,16 @@ pub fn flash_all(
             None,
             "no firmware built: klipper was not stopped",
         );
-        return Ok(finish(deps, report, sink));
+        return Ok(finish(report));
     }
     if cancel.is_cancelled() {
-        return Err(cancelled(deps, report, sink));
+        return Err(cancelled(report));
     }
 
     // The stop window.
     stop_window(deps, &devices, &built, &mut report, cancel, sink);
     if report.cancelled {
-        return Err(cancelled(deps, report, sink));
+        return Err(cancelled(report));
     }
     if report.service.restarted {
         // Moonraker was unreachable before the run: do not wait long for it now.
@@ -194,14 +183,14 @@ pub fn flash_all(
             sink,
         );
     }
-    Ok(finish(deps, report, sink))
+    Ok(finish(report))
 }
 
-/// End a cancelled run: record it and return the error carrying its report.
-fn cancelled(deps: &Deps, mut report: Report, sink: &Sink) -> Error {
+/// End a cancelled run: the error carrying its report.
+fn cancelled(mut report: Report) -> Error {
     report.cancelled = true;
     Error::Cancelled {
-        report: Some(Box::new(finish(deps, report, sink))),
+        report: Some(Box::new(finish(report))),
     }
 }
 
@@ -212,9 +201,8 @@ fn preflight(
     devices: &[DeviceInfo],
     selected: &[usize],
     sink: &Sink,
-) -> Result<RunLock, Error> {
+) -> Result<(), Error> {
     emit(sink, Stage::Preflight, None, "pre-flight checks");
-    let lock = take_lock(deps)?;
     match print_state {
         Ok(state) if state == "printing" || state == "paused" => {
             return Err(Refusal::Printing { state }.into());
@@ -239,19 +227,12 @@ fn preflight(
     if !unflashable.is_empty() {
         return Err(Error::CannotFlash { unflashable });
     }
-    Ok(lock)
+    // Last: the most expensive check, and it leaves a process behind.
+    deps.watchdog.launch().map_err(Refusal::NoWatchdog)?;
+    Ok(())
 }
 
-fn finish(deps: &Deps, mut report: Report, sink: &Sink) -> Report {
+fn finish(mut report: Report) -> Report {
     report.finish();
-    match report::write_record(&deps.runs_dir, &report) {
-        Ok(path) => report.record = Some(path),
-        Err(e) => warn(
-            sink,
-            Stage::Report,
-            None,
-            format!("could not write the run record: {e}"),
-        ),
-    }
     report
 }

@@ -20,7 +20,13 @@ pub(super) fn stop_window(
     sink: &Sink,
 ) {
     if let Err(e) = deps.watchdog.arm() {
-        warn(sink, Stage::Stop, None, format!("watchdog not armed: {e}"));
+        // No watchdog, no stop: a killed runner would leave klipper down.
+        return not_stopped(
+            report,
+            built,
+            sink,
+            &format!("the watchdog could not be armed: {e}"),
+        );
     }
     emit(sink, Stage::Stop, None, "stopping klipper");
     let stopped_at = Instant::now();
@@ -116,6 +122,21 @@ pub(super) fn stop_window(
         }
     }
     report.service.downtime_s = tenths(stopped_at.elapsed());
+}
+
+/// klipper was not stopped because of `why`: the built devices are not flashed.
+fn not_stopped(report: &mut Report, built: &[(usize, Built)], sink: &Sink, why: &str) {
+    warn(
+        sink,
+        Stage::Stop,
+        None,
+        format!("klipper was not stopped: {why}"),
+    );
+    report.service.error = Some(format!("klipper was not stopped: {why}"));
+    for (i, _) in built {
+        report.devices[*i].flash = "fail".into();
+        report.devices[*i].error = Some(format!("not flashed: {why}"));
+    }
 }
 
 /// Seconds rounded to a tenth, as reports show them.

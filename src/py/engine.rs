@@ -45,11 +45,12 @@ impl Engine {
         py: Python<'py>,
         opts: Options,
         on_event: Option<Py<PyAny>>,
+        run_id: Option<String>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let context = self.context.clone();
         let on_event = on_event.map(|cb| cb.into_bound(py));
         let outcome = run_detached(py, on_event.as_ref(), move |cancel, sink| {
-            context.flash_all(&opts, cancel, sink)
+            context.flash_all(&opts, run_id.as_deref(), cancel, sink)
         });
         match outcome {
             Ok(Ok(report)) => to_py(py, &report),
@@ -210,11 +211,12 @@ impl Engine {
             only_outdated: false,
             yes,
         };
-        self.run_pipeline(py, opts, on_event)
+        self.run_pipeline(py, opts, on_event, None)
     }
 
     /// Build every selected device, stop klipper once, flash, restart, verify, report.
-    #[pyo3(signature = (keys=None, only_outdated=false, yes=false, on_event=None))]
+    /// The run is recorded in `runs/<run_id>.json` (a new id when `run_id` is None).
+    #[pyo3(signature = (keys=None, only_outdated=false, yes=false, on_event=None, run_id=None))]
     fn flash_all<'py>(
         &self,
         py: Python<'py>,
@@ -222,13 +224,14 @@ impl Engine {
         only_outdated: bool,
         yes: bool,
         on_event: Option<Py<PyAny>>,
+        run_id: Option<String>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let opts = Options {
             keys: keys_of(keys),
             only_outdated,
             yes,
         };
-        self.run_pipeline(py, opts, on_event)
+        self.run_pipeline(py, opts, on_event, run_id)
     }
 
     /// Klippy's state and each device's current vs target version; the last run.

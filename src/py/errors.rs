@@ -26,7 +26,9 @@ use pyo3::types::{PyDict, PyTuple, PyType};
 use serde::Serialize;
 
 use crate::commands::{self, ExitStatus};
-use crate::{firmware, katapult, moonraker, pipeline, process, registry, service, snapshot};
+use crate::{
+    firmware, flash_run, katapult, moonraker, pipeline, process, registry, service, snapshot,
+};
 
 create_exception!(
     kflash._core,
@@ -301,15 +303,17 @@ impl From<commands::Error> for PyErr {
                     )
                 })
             }
-            commands::Error::WriteConfig { .. } => Python::attach(|py| {
-                exception(
-                    py,
-                    &class_of::<KflashError>(py),
-                    &err,
-                    &Details::default(),
-                    None,
-                )
-            }),
+            commands::Error::WriteConfig { .. } | commands::Error::WriteRecord { .. } => {
+                Python::attach(|py| {
+                    exception(
+                        py,
+                        &class_of::<KflashError>(py),
+                        &err,
+                        &Details::default(),
+                        None,
+                    )
+                })
+            }
         };
         Python::attach(|py| {
             let _ = pyerr.value(py).setattr("exit_code", status.code());
@@ -488,6 +492,26 @@ impl From<moonraker::Error> for PyErr {
                 &Details::default(),
                 None,
             )
+        })
+    }
+}
+
+/// The helper could not be started out of klipper's reach: refused before anything was
+/// stopped.
+impl From<flash_run::StartError> for PyErr {
+    fn from(err: flash_run::StartError) -> PyErr {
+        Python::attach(|py| {
+            let pyerr = exception(
+                py,
+                &class_of::<PreflightRefused>(py),
+                &err,
+                &Details::at("preflight"),
+                None,
+            );
+            let _ = pyerr
+                .value(py)
+                .setattr("exit_code", ExitStatus::Refused.code());
+            pyerr
         })
     }
 }

@@ -9,6 +9,7 @@
 pub mod engine;
 pub mod errors;
 pub mod exit_status;
+pub mod flash_run;
 pub mod katapult;
 pub mod moonraker;
 pub mod snapshot;

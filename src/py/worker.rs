@@ -71,7 +71,7 @@ pub fn run_detached<T: Send + 'static>(
         if interrupted.is_none() && last_check.elapsed() >= TICK {
             last_check = Instant::now();
             if let Err(e) = py.check_signals() {
-                cancel.cancel();
+                cancel.cancel_because(&why(py, &e));
                 interrupted = Some(e);
             }
         }
@@ -104,6 +104,19 @@ pub fn run_detached<T: Send + 'static>(
     }
 }
 
+/// What interrupted the work, for its record: the exception's text (`stopped by
+/// SIGTERM`), else its class (`KeyboardInterrupt`).
+fn why(py: Python<'_>, err: &PyErr) -> String {
+    let text = err.value(py).to_string();
+    if text.trim().is_empty() {
+        err.get_type(py)
+            .name()
+            .map_or_else(|_| "interrupted".to_owned(), |n| n.to_string())
+    } else {
+        text
+    }
+}
+
 fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
     panic
         .downcast_ref::<&str>()
@@ -127,7 +140,7 @@ fn deliver(
         .and_then(|obj| callback.call1((obj,)));
     if let Err(e) = result {
         if interrupted.is_none() {
-            cancel.cancel();
+            cancel.cancel_because(&why(py, &e));
             *interrupted = Some(e);
         }
     }

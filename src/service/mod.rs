@@ -2,8 +2,9 @@
 //!
 //! Owns: the `ServiceControl` trait and its three backends (Moonraker's
 //! `/machine/services/*`, `sudo -n systemctl`, user-given commands), the service settings
-//! (`ServiceConfig`) and `from_config`, the stop guard (`stop` -> `StopGuard`), and the
-//! watchdog process that restarts the service if the runner is SIGKILLed.
+//! (`ServiceConfig`) and `from_config`, and the stop guard (`stop` -> `StopGuard`). The
+//! watchdog process that restarts the service if the runner is SIGKILLed is
+//! `crate::flash_run::watchdog`; it starts klipper through these backends.
 //!
 //! Invariants: once `stop` has been called the service is started again on every path —
 //! explicitly by `StopGuard::restart` (which reports failure so the caller can exit 4),
@@ -19,7 +20,6 @@
 mod command;
 mod moonraker;
 mod systemd;
-mod watchdog;
 
 use std::fmt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -32,7 +32,6 @@ use serde::{Deserialize, Serialize};
 pub use command::{split_command, CommandService};
 pub use moonraker::MoonrakerService;
 pub use systemd::SystemdService;
-pub use watchdog::Watchdog;
 
 /// Which way the service is controlled (the `service` setting).
 pub use crate::registry::Backend;
@@ -269,7 +268,7 @@ impl Drop for StopGuard {
 }
 
 /// Start `svc`, retrying a few times with a pause; the last error is kept.
-fn start_with_retries(svc: &dyn ServiceControl) -> Result<(), Error> {
+pub fn start_with_retries(svc: &dyn ServiceControl) -> Result<(), Error> {
     let mut last = None;
     for attempt in 1..=START_ATTEMPTS {
         match svc.start() {

@@ -7,7 +7,7 @@ login shell exactly as the README says, `register()` is the README's one-time se
 may do with sudo, `reboot()` reboots and waits until Moonraker reports klippy ready.
 The rest is what a user (or Mainsail) sees: G-code through Moonraker's HTTP API, the
 console, MCU versions, klipper's unit state and its stop/start jobs in the journal, the
-helper's files in the state dir.
+run records and progress in the state dir (``runs/``).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from host_bed.container import Container, Result, wait_for
 
 KFLASH = f"{bed.HOME}/klippy-env/bin/kflash"
 STATE = f"{bed.HOME}/printer_data/kflash"
-HELPER = f"{STATE}/helper"
+RUNS = f"{STATE}/runs"
 SAMPLE = {"mcu": "stm32f446", "mcu toolhead": "rp2040", "mcu host": "linux"}
 
 #: What pi may run with ``sudo -n``: the Raspberry Pi OS default (everything), the
@@ -139,8 +139,9 @@ class Host:
         text = self.c.run(["cat", f"/proc/{pid}/cgroup"]).out
         return next(line[3:] for line in text.splitlines() if line.startswith("0::"))
 
-    def helper_file(self, name: str) -> Optional[dict[str, Any]]:
-        path = f"{HELPER}/{name}"
+    def run_record(self, run_id: str) -> Optional[dict[str, Any]]:
+        """The run's record as its writers left it (``runs/<run id>.json``)."""
+        path = f"{RUNS}/{run_id}.json"
         if not self.c.exists(path):
             return None
         try:
@@ -149,7 +150,7 @@ class Host:
             return None
 
     def progress(self, run_id: str) -> list[dict[str, Any]]:
-        path = f"{HELPER}/progress.jsonl"
+        path = f"{RUNS}/{run_id}.jsonl"
         if not self.c.exists(path):
             return []
         out = []
@@ -163,9 +164,10 @@ class Host:
         return out
 
     def wait_report(self, run_id: str, timeout: float = 600) -> dict[str, Any]:
+        """The run's record once it has ended."""
         def done() -> Optional[dict[str, Any]]:
-            rep = self.helper_file("report.json")
-            return rep if rep and rep.get("run_id") == run_id else None
+            rec = self.run_record(run_id)
+            return rec if rec and rec.get("state") != "running" else None
 
         try:
             return wait_for(done, timeout, f"the report of run {run_id}", 0.5)
@@ -174,10 +176,10 @@ class Host:
 
     def diagnostics(self) -> str:
         out = [bed.diagnostics(self.c)]
-        for name in ("helper.log", "progress.jsonl"):
-            path = f"{HELPER}/{name}"
-            if self.c.exists(path):
-                out.append(f"--- {path}\n{self.c.read(path)[-3000:]}")
+        names = self.c.run(["ls", RUNS], check=False).out.split()
+        for name in sorted(names)[-4:]:
+            path = f"{RUNS}/{name}"
+            out.append(f"--- {path}\n{self.c.read(path)[-3000:]}")
         if self.c.exists(f"{STATE}/watchdog.log"):
             dog = self.c.read(f"{STATE}/watchdog.log")
             out.append(f"--- watchdog.log\n{dog[-2000:]}")
