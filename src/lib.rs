@@ -13,6 +13,7 @@
 //! - `service`: stopping and starting klipper, the stop guard, the watchdog.
 //! - `katapult`: Katapult's protocol and the native serial flasher.
 //! - `flash`: flash methods (Katapult, make flash, linux MCU) and the fallback chain.
+//! - `prewarm`: building what klippy would build at its next start, before the stop.
 //! - `pipeline`: plan -> pre-flight -> build -> one stop window -> restart -> verify -> report,
 //!   against ports (traits) so it runs on fakes in tests.
 //! - `commands`: what each front-end command does over one state dir, its one error type,
@@ -34,6 +35,7 @@ pub mod katapult;
 pub mod kconfig;
 pub mod moonraker;
 pub mod pipeline;
+pub mod prewarm;
 pub mod process;
 pub mod py;
 pub mod registry;

@@ -133,6 +133,7 @@ mod tests {
             },
             devices: Vec::new(),
             cancelled,
+            prewarm: None,
             started: String::new(),
             finished: String::new(),
             record: None,
