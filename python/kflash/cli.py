@@ -207,14 +207,8 @@ def print_report(report, settings):
         elif d.get("reason") and d.get("action") == "skip":
             print(f"{d['key']}: skipped ({d['reason']})")
     svc = report.get("service", {})
-    if svc.get("stopped"):
-        state = "restarted" if svc.get("restarted") else "NOT RESTARTED"
-        flashing = sum(d.get("flash_s") or 0 for d in report.get("devices", []))
-        print(
-            f"\nklipper was stopped for {svc.get('downtime_s', 0):.1f} s "
-            f"(flashing {flashing:.1f} s, stop {svc.get('stop_s', 0):.1f} s, "
-            f"start {svc.get('start_s', 0):.1f} s); {state}"
-        )
+    if svc.get("outage"):
+        print(f"\n{svc['outage']}")
     elif svc.get("error"):
         print(f"\n{svc['error']}")
     else:

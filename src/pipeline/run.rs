@@ -1,5 +1,5 @@
-//! The run: `flash_all` (plan -> pre-flight -> build -> stop window -> verify -> report)
-//! and `build` (no stop window).
+//! The run: `flash_all` (plan -> pre-flight -> build and pre-warm -> stop window ->
+//! verify -> report) and `build` (build and pre-warm, no stop window).
 //!
 //! Nothing is stopped when pre-flight refuses or when every build fails; a cancelled run
 //! is recorded and returned as `Error::Cancelled` carrying its report.
@@ -17,8 +17,9 @@ use crate::events::{Sink, Stage};
 use crate::moonraker;
 use crate::process::Cancel;
 
-/// Build the selected devices (no stop window). One report entry per device; when a
-/// build failed, `Error::Build` carries the first failure and every entry.
+/// Build the selected devices (no stop window) and pre-warm klippy. One report entry per
+/// device; when a build failed, `Error::Build` carries the first failure and every
+/// entry.
 pub fn build(
     deps: &Deps,
     keys: Option<&[String]>,
@@ -28,7 +29,8 @@ pub fn build(
     let devices = select(deps.inventory.devices()?, keys)?;
     check_configs(&devices)?;
     let _lock = take_lock(deps)?;
-    let results = deps.firmware.build(&devices, cancel, sink);
+    // klippy is prepared for the update too (nothing stops).
+    let (results, _prewarmed) = build_and_prewarm(deps, &devices, cancel, sink);
     if cancel.is_cancelled() {
         return Err(Error::Cancelled { report: None });
     }

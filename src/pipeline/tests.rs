@@ -1102,3 +1102,21 @@ fn flash_parallel_flashes_boards_that_share_nothing_at_once_and_keeps_the_can_or
         .iter()
         .all(|e| keys.contains(&e.device.as_deref().unwrap())));
 }
+
+#[test]
+fn kflash_build_prewarms_klippy_too_and_stops_nothing() {
+    let w = with_prewarm(
+        vec![device("main", Link::Serial)],
+        || {
+            Ok(crate::prewarm::Warmed {
+                c_helper: Some(Duration::from_secs(3)),
+                compiled: 1,
+            })
+        },
+        None,
+    );
+    build(&w.deps, None, &Cancel::new(), &crate::events::discard()).unwrap();
+    let log = log_of(&w.log);
+    assert_eq!(count(&log, "prewarm"), 1, "{log:?}");
+    assert_eq!(count(&log, "stop"), 0, "{log:?}");
+}
