@@ -13,7 +13,8 @@ unless kflash pre-warmed it. The ways, rotated each round:
 The outage is what each report's ``downtime_s`` gives: from asking klipper to stop until
 Moonraker reports klippy ``ready`` (for (a), the sum over its stop windows); builds
 precede every stop. "klippy start-up without a c_helper build" is measured in the same
-rounds: a plain stop/start (nothing changed) through Moonraker, start -> ready.
+rounds: a plain stop/start (nothing changed) through Moonraker, start -> ready (kflash's
+own ready-wait: Moonraker's klippy state, as the reports).
 Targets: (c) <= 0.5 x (b); (d) <= stop + longest flash + that start-up + 1 s.
 
 Start-up: ``kflash devices list`` with ten registered devices, against the bare
@@ -35,9 +36,10 @@ import sys
 import tempfile
 import time
 
+import kflash
 from virtual_printer import tree
 from virtual_printer.demo import kflash_command, register
-from virtual_printer.stack import Printer, wait_for
+from virtual_printer.stack import Printer
 
 BUILDING = "Building C code module"
 WAYS = {
@@ -85,11 +87,14 @@ class KlippyLog:
 
 
 def plain_restart(printer: Printer) -> float:
-    """Start -> ready of klipper with nothing changed (no c_helper build)."""
+    """Start -> ready of klipper with nothing changed (no c_helper build), with the
+    ready-wait kflash's reports use (Moonraker's klippy state)."""
     printer.stop_klipper()
     t0 = time.monotonic()
     printer.api("POST", "/machine/services/start?service=klipper")
-    wait_for(printer.is_ready, 60, "klippy ready", 0.05)
+    if not kflash.wait_klippy_ready(printer.url, 60):
+        why = printer.diagnostics()
+        raise SystemExit(f"klippy not ready after a plain restart\n{why}")
     return time.monotonic() - t0
 
 
@@ -121,6 +126,7 @@ def one_way(way: str, printer: Printer, env: dict, keys: list[str], day: int) ->
         "flash": sum(s["flash_s"] for s in svc),
         "start": sum(s["start_s"] for s in svc),
         "startup": sum(s["startup_s"] for s in svc),
+        "start_ready": sum(s["start_s"] + s["startup_s"] for s in svc),
         "longest_flash": max(flashes),
         "klippy_built": BUILDING in log.new(),
         "prewarm_helper": float(helper.group(1)) if helper else None,
@@ -165,9 +171,11 @@ def outage(rounds: int) -> dict:
         med[w]["klippy_built"] = sum(r["klippy_built"] for r in runs)
         helper = [r["prewarm_helper"] for r in runs if r["prewarm_helper"] is not None]
         med[w]["prewarm_helper"] = statistics.median(helper) if helper else None
+    stops = [r["stop"] for w in ("b", "c", "d") for r in got[w]]
     return {
         "devices": len(keys),
         "rounds": rounds,
+        "stop_spread": (min(stops), max(stops)),
         "ways": med,
         "restart": statistics.median(restarts),
     }
@@ -198,7 +206,7 @@ def startup(runs: int) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--runs", type=int, default=20)
     args = ap.parse_args()
     out = outage(args.rounds)
@@ -212,12 +220,13 @@ def main() -> int:
         rows.append(
             f"| ({key}) {label} | **{r['outage']:.1f}** | {r['stop']:.1f} "
             f"| {r['flash']:.1f} | {r['start']:.1f} | {r['startup']:.1f} "
-            f"| {r['klippy_built']}/{rounds} | {ratio:.2f}x |"
+            f"| {r['start_ready']:.1f} | {r['klippy_built']}/{rounds} | {ratio:.2f}x |"
         )
     c, d = w["c"], w["d"]
     c_ratio = c["outage"] / b
     c_met = c_ratio <= 0.5
     helper_cost = w["b"]["startup"] - c["startup"]
+    b_at_20 = b - helper_cost + 20  # the issue's helper build instead of this one
     d_budget = d["stop"] + d["longest_flash"] + out["restart"] + 1.0
     d_met = d["outage"] <= d_budget
     c_line = (
@@ -234,15 +243,30 @@ def main() -> int:
             "Klipper's chelper, compiled with its own command here, 2.5 s wall, 1.8 "
             "CPU-s), not the ~20 s the issue saw; what is left of (c) is flashing "
             f"{c['flash']:.1f} s and supervisord's start ({c['start']:.1f} s: klippy's "
-            "`startsecs=2`), which a pre-warm cannot shorten. (d) is "
-            f"{d['outage'] / b:.2f} x (b)"
+            "`startsecs=2`), which a pre-warm cannot shorten. Where the pre-warm acts, "
+            f"start -> ready is {w['b']['start_ready']:.1f} s in (b) and "
+            f"{c['start_ready']:.1f} s in (c); the stop alone varied from "
+            f"{out['stop_spread'][0]:.1f} to {out['stop_spread'][1]:.1f} s between "
+            "runs on this shared machine (Moonraker's supervisord_cli provider), as "
+            "much as the saving. Had klippy's own "
+            "build cost the issue's ~20 s, (b) would be about "
+            f"{b_at_20:.0f} s and (c) {c['outage'] / b_at_20:.2f} x (b) (arithmetic, "
+            f"not measured). (d) is {d['outage'] / b:.2f} x (b)"
         )
     d_line = (
         f"- (d) <= stop + longest flash + klippy start-up without a c_helper build + "
         f"1 s = {d['stop']:.1f} + {d['longest_flash']:.1f} + {out['restart']:.1f} + 1 "
         f"= {d_budget:.1f} s: (d) is {d['outage']:.1f} s: "
         f"**{'met' if d_met else 'missed'}**"
-        + ("" if d_met else f", by {d['outage'] - d_budget:.1f} s")
+        + (
+            ""
+            if d_met
+            else f", by {d['outage'] - d_budget:.2f} s: its flashing part was "
+            f"{d['flash']:.1f} s against its longest board's "
+            f"{d['longest_flash']:.1f} s; the excess is in start -> ready after "
+            f"flashing, {d['start_ready']:.1f} s against a plain restart's "
+            f"{out['restart']:.1f} s"
+        )
     )
     st_met = "met" if st["kflash"] <= 0.150 else "MISSED"
     print(f"""## bench_pipeline: the outage after a Klipper update, and CLI start-up
@@ -257,14 +281,14 @@ report's `downtime_s`: from asking klipper to stop until Moonraker reports klipp
 {rounds} rounds, ways rotated.
 
 | way | outage, stop -> ready (s) | stop | flashing | start | klippy start-up \
-| klippy built c_helper | vs (b) |
-|---|---:|---:|---:|---:|---:|---:|---:|
+| start -> ready | klippy built c_helper | vs (b) |
+|---|---:|---:|---:|---:|---:|---:|---:|---:|
 {chr(10).join(rows)}
 
 {c_line}.
 {d_line}; klippy start-up without a c_helper build = a plain restart through
-  Moonraker, start -> ready, median {out['restart']:.1f} s (supervisord's start with
-  `startsecs=2` is most of it).
+  Moonraker, start -> ready as kflash waits for it, median {out['restart']:.1f} s
+  (supervisord's start with `startsecs=2` is most of it).
 - (a) vs (b): the per-device loop is {w['a']['outage'] / b:.1f} x flash-all without
   pre-warm: {out['devices']} stops and starts instead of one.
 

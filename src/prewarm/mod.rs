@@ -3,8 +3,8 @@
 //!
 //! After a Klipper update that changes host code, klippy's first start rebuilds
 //! `klippy/chelper/c_helper.so` (its chelper compiles the C helper with gcc when a source
-//! is newer than the library: ~20 s of extra outage with upstream Klipper) and
-//! byte-compiles the changed Python. Pre-warming does both before klipper is stopped:
+//! is newer than the library: 2-3 s on a 2-core x86 build machine, more on a slower
+//! host) and byte-compiles the changed Python. Pre-warming does both before klipper is stopped:
 //! - c_helper.so: the klippy's OWN chelper is asked, under klippy's own Python (it imports
 //!   cffi), whether it would build and with which command (`chelper_build.py`: its
 //!   `do_build_code` is swapped for one that only reports the command). That command, with
