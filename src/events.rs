@@ -17,6 +17,8 @@ pub enum Stage {
     Plan,
     Preflight,
     Build,
+    /// Pre-warming klippy (its C helper, its byte-code) while klipper still runs.
+    Prewarm,
     Stop,
     Flash,
     Restart,

@@ -13,6 +13,7 @@
 //! - `service`: stopping and starting klipper, the stop guard.
 //! - `katapult`: Katapult's protocol and the native serial flasher.
 //! - `flash`: flash methods (Katapult, make flash, linux MCU) and the fallback chain.
+//! - `prewarm`: building what klippy would build at its next start, before the stop.
 //! - `pipeline`: plan -> pre-flight -> build -> one stop window -> restart -> verify -> report,
 //!   against ports (traits) so it runs on fakes in tests.
 //! - `flash_run`: the run on a real host: where it runs, how its helper and watchdog leave
@@ -37,6 +38,7 @@ pub mod katapult;
 pub mod kconfig;
 pub mod moonraker;
 pub mod pipeline;
+pub mod prewarm;
 pub mod process;
 pub mod py;
 pub mod registry;

@@ -303,6 +303,15 @@ impl Client {
         answer::service_state(&info, unit).map_err(|e| self.error("/machine/system_info", e))
     }
 
+    /// klippy's own `info` through Moonraker (`GET /printer/info`): `klipper_path` (the
+    /// directory holding `klippy/`), `python_path` (the interpreter running it), `state`,
+    /// `software_version`, ... (503 while klippy is disconnected).
+    pub fn klippy_info(&self) -> Result<Map<String, Value>, Error> {
+        let path = "/printer/info";
+        let result = self.get(path)?;
+        answer::object(result, "klippy's info object").map_err(|e| self.error(path, e))
+    }
+
     /// One look at klippy: Moonraker's view (`/server/info`), then klippy's own
     /// (`webhooks.state,state_message`). klippy stopped or not yet connected is an `Ok`
     /// state (`disconnected`, also when `/printer/*` answers 503), not an error.

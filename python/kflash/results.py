@@ -6,7 +6,8 @@ run time the results are ordinary dicts and lists."""
 from typing import Callable, List, Literal, Optional, TypedDict
 
 Stage = Literal[
-    "plan", "preflight", "build", "stop", "flash", "restart", "verify", "report"
+    "plan", "preflight", "build", "prewarm", "stop", "flash", "restart", "verify",
+    "report",
 ]
 Level = Literal["info", "warning", "error"]
 VersionState = Literal["current", "outdated", "newer", "unknown"]
@@ -49,12 +50,29 @@ class Plan(TypedDict):
 
 
 class ServiceReport(TypedDict):
+    """The outage the user lives: ``downtime_s`` from the stop until klippy is
+    ready (``ready``; when false, until kflash stopped waiting), its parts, and
+    ``outage``, the same in words for front ends to print as is."""
+
     stopped: bool
     restarted: bool
     downtime_s: float
     stop_s: float
+    flash_s: float
     start_s: float
+    startup_s: Optional[float]
+    ready: bool
+    outage: Optional[str]
     error: Optional[str]
+
+
+class PrewarmReport(TypedDict):
+    """klippy pre-warmed before the stop (its C helper, its byte-code)."""
+
+    state: Literal["warmed", "current", "skipped", "failed"]
+    klippy: Optional[str]
+    message: str
+    seconds: float
 
 
 class DeviceReport(TypedDict):
@@ -83,6 +101,7 @@ class Report(TypedDict):
     service: ServiceReport
     devices: List[DeviceReport]
     cancelled: bool
+    prewarm: Optional[PrewarmReport]
     started: str
     finished: str
     record: Optional[str]

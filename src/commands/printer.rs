@@ -1,6 +1,7 @@
 //! The pipeline's ports on a real printer: the registry and discovery (devices), the
-//! firmware builder, Moonraker (klippy), the configured service backend, the flasher, and
-//! for a flash run the watchdog process (`crate::flash_run::LiveWatchdog`).
+//! firmware builder, Moonraker (klippy), the configured service backend, the flasher,
+//! klippy's pre-warm, and for a flash run the watchdog process
+//! (`crate::flash_run::LiveWatchdog`).
 //!
 //! Owns only adapters: no policy lives here. `Context::deps` reads the settings once per
 //! run and builds every adapter from them. Each adapter passes its domain's error on
@@ -24,8 +25,10 @@ use crate::flash::{self, Comeback, Endpoint, Tools};
 use crate::flash_run::{LiveWatchdog, Run};
 use crate::moonraker::{self, Client, ServiceAction};
 use crate::pipeline::{
-    Built, Deps, DeviceInfo, Firmware, Flash, Inventory, Klippy, Service, Stopped, Watchdog,
+    Built, Deps, DeviceInfo, Firmware, Flash, Inventory, Klippy, Prewarm, Service, Stopped,
+    Watchdog,
 };
+use crate::prewarm;
 use crate::process::{Cancel, Cmd};
 use crate::registry::{self, Backend, KatapultFlasher, Settings};
 use crate::service::{self, ServiceConfig, StopGuard};
@@ -276,6 +279,51 @@ impl Service for LiveService {
     }
 }
 
+/// Pre-warming klippy: which klippy from the settings and klippy's own word (Moonraker's
+/// `/printer/info`), then `crate::prewarm`.
+pub struct LivePrewarm {
+    url: String,
+    klipper_dir: PathBuf,
+    klippy_dir: Option<PathBuf>,
+    klippy_python: Option<PathBuf>,
+    timeout: Duration,
+}
+
+impl LivePrewarm {
+    /// The klippy the service runs, as klippy reports it (`None` when Moonraker or
+    /// klippy cannot say).
+    fn running(&self) -> Option<prewarm::Running> {
+        let info = Client::new(&self.url, MOONRAKER_TIMEOUT)
+            .and_then(|c| c.klippy_info())
+            .ok()?;
+        let path = |key: &str| info.get(key)?.as_str().map(PathBuf::from);
+        Some(prewarm::Running {
+            klipper_path: path("klipper_path")?,
+            python: path("python_path")?,
+        })
+    }
+}
+
+impl Prewarm for LivePrewarm {
+    fn locate(&self) -> Result<prewarm::Klippy, prewarm::Skip> {
+        prewarm::locate(&prewarm::Lookup {
+            klipper_dir: self.klipper_dir.clone(),
+            klippy_dir: self.klippy_dir.clone(),
+            klippy_python: self.klippy_python.clone(),
+            running: self.running(),
+        })
+    }
+
+    fn warm(
+        &self,
+        klippy: &prewarm::Klippy,
+        cancel: &Cancel,
+        sink: &Sink,
+    ) -> Result<prewarm::Warmed, prewarm::Error> {
+        prewarm::warm(klippy, self.timeout, cancel, sink)
+    }
+}
+
 /// No watchdog: what `plan`, `build` and `status` get (they never stop klipper).
 struct NoWatchdog;
 
@@ -439,6 +487,16 @@ impl Context {
             service: Arc::new(LiveService { cfg }),
             flasher: Arc::new(flash::Flasher::new(tools, devices)),
             watchdog: Arc::new(NoWatchdog),
+            prewarm: s.prewarm.then(|| {
+                Arc::new(LivePrewarm {
+                    url: s.moonraker_url.clone(),
+                    klipper_dir: s.klipper_dir.clone(),
+                    klippy_dir: s.klippy_dir.clone(),
+                    klippy_python: s.klippy_python.clone(),
+                    timeout: Duration::from_secs(s.build_timeout_s),
+                }) as Arc<dyn Prewarm>
+            }),
+            flash_parallel: s.flash_parallel,
             compare: versions::compare,
             flashed_dir: self.state.root().join("flashed"),
             stagger: Duration::from_millis(200),

@@ -10,7 +10,13 @@
 //! - The service is stopped at most once and restarted exactly once on every path out of
 //!   the stop window (the `Stopped` guard restarts on drop: errors, panics, cancel).
 //! - Devices are flashed in safe order: CAN nodes, USB/UART boards, USB-CAN bridges, the
-//!   linux-process MCU. A failing device never stops the others.
+//!   linux-process MCU; with `flash_parallel`, groups that share nothing flash at the
+//!   same time and keep that order inside (`flash_order`). A failing device never stops
+//!   the others.
+//! - klippy is pre-warmed (`crate::prewarm`) next to the build, before the stop; a
+//!   failed pre-warm is one warning, never the end of a run.
+//! - Downtime is the outage the user lives: from the stop until klippy is `ready` again
+//!   (or until kflash stopped waiting, and the report says so), with its parts.
 //! - Cancellation is checked between steps and passed into every command; cancelled inside
 //!   the stop window => restart, report, `Error::Cancelled` carrying the report.
 //!
@@ -20,6 +26,7 @@
 //! (`crate::flash_run`): a run is locked and recorded around the pipeline.
 //! Thread-safety: a run blocks its thread; `Deps` members are `Send + Sync`.
 
+mod flash_order;
 mod plan;
 mod ports;
 pub mod report;
@@ -33,10 +40,10 @@ use crate::{firmware, flash, moonraker, registry, service};
 pub use crate::flash_run::{LockError, RunLock};
 pub use plan::{plan, select, Planned};
 pub use ports::{
-    Built, ConfigError, Deps, DeviceInfo, Firmware, Flash, Inventory, Klippy, Link, Service,
-    Stopped, Target, Watchdog,
+    Built, ConfigError, Deps, DeviceInfo, Firmware, Flash, Inventory, Klippy, Link, Prewarm,
+    Service, Stopped, Target, Watchdog,
 };
-pub use report::{DeviceReport, Plan, PlanEntry, Report, ServiceReport};
+pub use report::{DeviceReport, Plan, PlanEntry, PrewarmReport, Report, ServiceReport};
 pub use run::{build, flash_all};
 
 /// What to run.

@@ -18,7 +18,7 @@ use crate::flash::{self, Endpoint, Method};
 use crate::kconfig::{self, Interface, KConfig};
 use crate::process::Cancel;
 use crate::versions::VersionState;
-use crate::{discovery, firmware, moonraker, registry, service};
+use crate::{discovery, firmware, moonraker, prewarm, registry, service};
 
 /// How a device talks to the host: decides the flash order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -222,6 +222,20 @@ pub trait Flash: Send + Sync {
     ) -> Result<flash::Flashed, flash::Failure>;
 }
 
+/// Pre-warming klippy before the stop (the real one is `crate::prewarm` with the settings
+/// and Moonraker's word on which klippy the service runs).
+pub trait Prewarm: Send + Sync {
+    /// The klippy the service runs, or why none is pre-warmed (one line).
+    fn locate(&self) -> Result<prewarm::Klippy, prewarm::Skip>;
+    /// Build what klippy would build at its next start, while klipper keeps running.
+    fn warm(
+        &self,
+        klippy: &prewarm::Klippy,
+        cancel: &Cancel,
+        sink: &Sink,
+    ) -> Result<prewarm::Warmed, prewarm::Error>;
+}
+
 /// Everything a run talks to.
 #[derive(Clone)]
 pub struct Deps {
@@ -231,6 +245,10 @@ pub struct Deps {
     pub service: Arc<dyn Service>,
     pub flasher: Arc<dyn Flash>,
     pub watchdog: Arc<dyn Watchdog>,
+    /// Pre-warming klippy during the build (`None`: the setting `prewarm` is off).
+    pub prewarm: Option<Arc<dyn Prewarm>>,
+    /// Flash boards that share nothing at the same time (setting `flash_parallel`).
+    pub flash_parallel: bool,
     /// `compare(mcu_version, target_version)`.
     pub compare: fn(&str, &str) -> VersionState,
     /// `<state>/flashed`: the dictionary of the firmware last flashed to each device

@@ -42,19 +42,79 @@ pub struct Plan {
     pub print_state: Option<String>,
 }
 
-/// The service part of the report.
+/// The service part of the report: the outage the user lives through, and its parts.
 #[derive(Debug, Clone, Serialize, PartialEq, Default)]
 pub struct ServiceReport {
     pub stopped: bool,
     pub restarted: bool,
-    /// From asking klipper to stop until it runs again (what the user lives through).
+    /// The outage: from asking klipper to stop until klippy is `ready` again; when
+    /// `ready` is false, until kflash stopped waiting (so at least this long).
     pub downtime_s: f64,
-    /// How long the service manager took to confirm the stop, and the start: part of the
-    /// downtime, but the service manager's own latency (the same for any tool).
+    /// The parts of the outage, in order. `stop_s` and `start_s` are the service
+    /// manager's stop and start commands (the same for any tool).
     pub stop_s: f64,
+    /// Flashing: from the confirmed stop until the start command (every device,
+    /// re-scans, pauses between boards; devices flashed at once count once).
+    pub flash_s: f64,
     pub start_s: f64,
+    /// klippy start-up: from the start command's return until klippy is `ready`, or
+    /// until kflash stopped waiting; `None` when kflash did not wait (not restarted,
+    /// cancelled).
+    pub startup_s: Option<f64>,
+    /// klippy reported `ready` after the restart.
+    pub ready: bool,
+    /// The outage in words, for every front end to print as is (`None` when klipper
+    /// was not stopped): "the printer was unavailable for 27.4 s (stop 1.8, flashing
+    /// 1.9, start 0.4, klippy start-up 23.3)".
+    pub outage: Option<String>,
     /// Set when stopping or restarting failed.
     pub error: Option<String>,
+}
+
+impl ServiceReport {
+    /// The outage in words, from the numbers (`None` when klipper was not stopped).
+    fn describe_outage(&self) -> Option<String> {
+        if !self.stopped {
+            return None;
+        }
+        let total = self.downtime_s;
+        let parts = format!(
+            "stop {:.1}, flashing {:.1}, start {:.1}",
+            self.stop_s, self.flash_s, self.start_s
+        );
+        Some(match (self.restarted, self.ready, self.startup_s) {
+            (false, _, _) => format!(
+                "KLIPPER IS NOT RUNNING: kflash stopped it and could not start it again \
+                 ({total:.1} s after the stop: {parts})"
+            ),
+            (true, true, Some(up)) => format!(
+                "the printer was unavailable for {total:.1} s ({parts}, klippy start-up \
+                 {up:.1})"
+            ),
+            (true, _, Some(up)) => format!(
+                "the printer was unavailable for at least {total:.1} s ({parts}; klippy was \
+                 still not ready {up:.1} s after the start, when kflash stopped waiting)"
+            ),
+            (true, _, None) => format!(
+                "the printer was unavailable for at least {total:.1} s ({parts}; kflash did \
+                 not wait for klippy to be ready)"
+            ),
+        })
+    }
+}
+
+/// Pre-warming klippy before the stop window (what klippy would otherwise do at its
+/// next start because the host code changed).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct PrewarmReport {
+    /// `warmed` (something was built), `current` (nothing needed), `skipped` (not the
+    /// klippy the service runs, or none found), `failed` (klippy will do it itself).
+    pub state: String,
+    /// The klippy directory that was pre-warmed (when one was found).
+    pub klippy: Option<String>,
+    /// What happened, in one line.
+    pub message: String,
+    pub seconds: f64,
 }
 
 /// One device in the report.
@@ -124,6 +184,9 @@ pub struct Report {
     pub service: ServiceReport,
     pub devices: Vec<DeviceReport>,
     pub cancelled: bool,
+    /// Pre-warming klippy while klipper kept running (`None`: not attempted, the
+    /// setting `prewarm` is off or nothing was flashed).
+    pub prewarm: Option<PrewarmReport>,
     pub started: String,
     pub finished: String,
     /// Where the run record was written.
@@ -136,6 +199,7 @@ impl Report {
             && !self.devices.iter().any(DeviceReport::failed)
             && (!self.service.stopped || self.service.restarted)
             && self.service.error.is_none();
+        self.service.outage = self.service.describe_outage();
         self.finished = utc_now();
     }
 }
@@ -172,6 +236,40 @@ fn utc(secs: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn service(restarted: bool, ready: bool, startup_s: Option<f64>) -> ServiceReport {
+        ServiceReport {
+            stopped: true,
+            restarted,
+            downtime_s: 27.4,
+            stop_s: 1.8,
+            flash_s: 1.9,
+            start_s: 0.4,
+            startup_s,
+            ready,
+            ..ServiceReport::default()
+        }
+    }
+
+    #[test]
+    fn the_outage_in_words_names_its_parts_and_says_when_kflash_gave_up() {
+        assert_eq!(ServiceReport::default().describe_outage(), None);
+        assert_eq!(
+            service(true, true, Some(23.3)).describe_outage().unwrap(),
+            "the printer was unavailable for 27.4 s (stop 1.8, flashing 1.9, start 0.4, \
+             klippy start-up 23.3)"
+        );
+        let gave_up = service(true, false, Some(23.3)).describe_outage().unwrap();
+        assert!(gave_up.contains("at least 27.4 s"), "{gave_up}");
+        assert!(
+            gave_up.contains("still not ready 23.3 s after the start"),
+            "{gave_up}"
+        );
+        let not_waited = service(true, false, None).describe_outage().unwrap();
+        assert!(not_waited.contains("did not wait"), "{not_waited}");
+        let down = service(false, false, None).describe_outage().unwrap();
+        assert!(down.starts_with("KLIPPER IS NOT RUNNING"), "{down}");
+    }
 
     #[test]
     fn utc_formats_known_instants() {

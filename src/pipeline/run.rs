@@ -1,22 +1,25 @@
-//! The run: `flash_all` (plan -> pre-flight -> build -> stop window -> verify -> report)
-//! and `build` (no stop window).
+//! The run: `flash_all` (plan -> pre-flight -> build and pre-warm -> stop window ->
+//! verify -> report) and `build` (build and pre-warm, no stop window).
 //!
 //! Nothing is stopped when pre-flight refuses or when every build fails; a cancelled run
 //! is returned as `Error::Cancelled` carrying its report. The caller holds the run lock and
 //! records the run (`crate::flash_run`).
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use super::report::{self, DeviceReport, Report, ServiceReport};
-use super::stop_window::stop_window;
-use super::verify::verify;
-use super::{emit, plan, select, warn, Built, Deps, DeviceInfo, Error, Options, Planned, Refusal};
+use super::report::{self, DeviceReport, PrewarmReport, Report, ServiceReport};
+use super::stop_window::{stop_window, tenths};
+use super::verify::{verify, ReadyWait};
+use super::{
+    emit, plan, select, warn, Built, Deps, DeviceInfo, Error, Options, Planned, Prewarm, Refusal,
+};
 use crate::events::{Sink, Stage};
 use crate::moonraker;
 use crate::process::Cancel;
 
-/// Build the selected devices (no stop window). One report entry per device; when a
-/// build failed, `Error::Build` carries the first failure and every entry.
+/// Build the selected devices (no stop window) and pre-warm klippy. One report entry per
+/// device; when a build failed, `Error::Build` carries the first failure and every
+/// entry.
 pub fn build(
     deps: &Deps,
     keys: Option<&[String]>,
@@ -25,7 +28,8 @@ pub fn build(
 ) -> Result<Vec<DeviceReport>, Error> {
     let devices = select(deps.inventory.devices()?, keys)?;
     check_configs(&devices)?;
-    let results = deps.firmware.build(&devices, cancel, sink);
+    // klippy is prepared for the update too (nothing stops).
+    let (results, _prewarmed) = build_and_prewarm(deps, &devices, cancel, sink);
     if cancel.is_cancelled() {
         return Err(Error::Cancelled { report: None });
     }
@@ -92,6 +96,7 @@ pub fn flash_all(
         service: ServiceReport::default(),
         devices: plan.devices.iter().map(DeviceReport::from_plan).collect(),
         cancelled: false,
+        prewarm: None,
         started,
         finished: String::new(),
         record: None,
@@ -117,15 +122,10 @@ pub fn flash_all(
         return Err(Error::Cancelled { report: None });
     }
 
-    // Build everything selected.
+    // Build everything selected, and pre-warm klippy next to it.
     let to_build: Vec<DeviceInfo> = selected.iter().map(|&i| devices[i].clone()).collect();
-    emit(
-        sink,
-        Stage::Build,
-        None,
-        format!("building {} firmware(s)", to_build.len()),
-    );
-    let results = deps.firmware.build(&to_build, cancel, sink);
+    let (results, prewarmed) = build_and_prewarm(deps, &to_build, cancel, sink);
+    report.prewarm = prewarmed;
     if cancel.is_cancelled() {
         return Err(cancelled(report));
     }
@@ -162,28 +162,104 @@ pub fn flash_all(
     }
 
     // The stop window.
-    stop_window(deps, &devices, &built, &mut report, cancel, sink);
+    let stopped_at = stop_window(deps, &devices, &built, &mut report, cancel, sink);
+    let start_returned = Instant::now();
     if report.cancelled {
         return Err(cancelled(report));
     }
-    if report.service.restarted {
+    if let (true, Some(stopped_at)) = (report.service.restarted, stopped_at) {
         // Moonraker was unreachable before the run: do not wait long for it now.
-        let ready_timeout = if plan.moonraker {
+        let timeout = if plan.moonraker {
             deps.ready_timeout
         } else {
             deps.ready_timeout.min(Duration::from_secs(2))
         };
-        verify(
-            deps,
-            &devices,
-            &built,
-            &mut report,
-            ready_timeout,
-            cancel,
-            sink,
-        );
+        let wait = ReadyWait {
+            stopped_at,
+            start_returned,
+            timeout,
+        };
+        verify(deps, &devices, &built, &mut report, wait, cancel, sink);
     }
     Ok(finish(report))
+}
+
+/// Build the devices and, at the same time, pre-warm klippy (when the setting is on).
+fn build_and_prewarm(
+    deps: &Deps,
+    to_build: &[DeviceInfo],
+    cancel: &Cancel,
+    sink: &Sink,
+) -> (
+    Vec<Result<Built, crate::firmware::Error>>,
+    Option<PrewarmReport>,
+) {
+    std::thread::scope(|scope| {
+        let prewarmed = deps
+            .prewarm
+            .as_ref()
+            .map(|p| scope.spawn(|| prewarm(p.as_ref(), cancel, sink)));
+        emit(
+            sink,
+            Stage::Build,
+            None,
+            format!("building {} firmware(s)", to_build.len()),
+        );
+        let results = deps.firmware.build(to_build, cancel, sink);
+        let prewarmed = prewarmed.map(|handle| match handle.join() {
+            Ok(report) => report,
+            Err(payload) => std::panic::resume_unwind(payload),
+        });
+        (results, prewarmed)
+    })
+}
+
+/// Pre-warm klippy (next to the build, klipper still running): its report, with one
+/// line of progress for the outcome.
+fn prewarm(port: &dyn Prewarm, cancel: &Cancel, sink: &Sink) -> PrewarmReport {
+    let started = Instant::now();
+    let located = port.locate();
+    let (state, klippy, message) = match &located {
+        Err(skip) => ("skipped", None, skip.to_string()),
+        Ok(klippy) => {
+            emit(
+                sink,
+                Stage::Prewarm,
+                None,
+                format!(
+                    "pre-warming klippy at {} while klipper runs",
+                    klippy.dir.display()
+                ),
+            );
+            let dir = Some(klippy.dir.display().to_string());
+            match port.warm(klippy, cancel, sink) {
+                Ok(warmed) if warmed.built_anything() => ("warmed", dir, warmed.describe()),
+                Ok(warmed) => ("current", dir, warmed.describe()),
+                Err(e) => (
+                    "failed",
+                    dir,
+                    format!("{e} (klippy will do it at its start)"),
+                ),
+            }
+        }
+    };
+    let done = matches!(state, "warmed" | "current");
+    let report = PrewarmReport {
+        state: state.into(),
+        klippy,
+        message: if done {
+            format!("klippy pre-warmed: {message}")
+        } else {
+            format!("klippy not pre-warmed: {message}")
+        },
+        seconds: tenths(started.elapsed()),
+    };
+    if done {
+        emit(sink, Stage::Prewarm, None, report.message.clone());
+    } else {
+        warn(sink, Stage::Prewarm, None, report.message.clone());
+    }
+    report
 }
 
 /// End a cancelled run: the error carrying its report.

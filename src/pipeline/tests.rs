@@ -124,6 +124,7 @@ impl Klippy for FakeKlippy {
         })
     }
     fn wait_ready(&self, t: Duration, _c: &Cancel) -> Result<(), moonraker::Error> {
+        self.log.lock().unwrap().push("wait ready".into());
         if let Some(state) = self.not_ready.lock().unwrap().clone() {
             return Err(moonraker::Error::NotReady {
                 url: "http://127.0.0.1:7125/server/info".into(),
@@ -223,6 +224,9 @@ struct FakeFlash {
     fail: Vec<String>,
     cancel_on: Option<(String, Cancel)>,
     panic_on: Option<String>,
+    /// These devices each wait (up to 20 s) until all of them are being flashed.
+    meet: Vec<String>,
+    met: Arc<(Mutex<usize>, std::sync::Condvar)>,
 }
 
 impl Flash for FakeFlash {
@@ -237,6 +241,21 @@ impl Flash for FakeFlash {
         _s: &Sink,
     ) -> Result<flash::Flashed, flash::Failure> {
         self.log.lock().unwrap().push(format!("flash {}", dev.key));
+        if self.meet.contains(&dev.key) {
+            let (count, cv) = &*self.met;
+            let mut n = count.lock().unwrap();
+            *n += 1;
+            cv.notify_all();
+            let (_n, waited) = cv
+                .wait_timeout_while(n, Duration::from_secs(20), |n| *n < self.meet.len())
+                .unwrap();
+            if waited.timed_out() {
+                self.log
+                    .lock()
+                    .unwrap()
+                    .push(format!("{} flashed alone", dev.key));
+            }
+        }
         assert!(
             self.panic_on.as_deref() != Some(dev.key.as_str()),
             "flasher bug"
@@ -319,6 +338,9 @@ struct Setup {
     before: Vec<(&'static str, &'static str)>,
     target_dict: Option<serde_json::Value>,
     watchdog_fails: Option<&'static str>,
+    prewarm: Option<Arc<dyn Prewarm>>,
+    flash_parallel: bool,
+    meet: Vec<String>,
 }
 
 const V: &str = "v0.13.0-740-gabc";
@@ -364,11 +386,15 @@ fn world(devices: Vec<DeviceInfo>, s: Setup) -> World {
             fail: s.flash_fail,
             cancel_on: s.cancel_on,
             panic_on: s.panic_on,
+            meet: s.meet,
+            met: Arc::default(),
         }),
         watchdog: Arc::new(FakeWatchdog {
             log: log.clone(),
             fails: s.watchdog_fails,
         }),
+        prewarm: s.prewarm,
+        flash_parallel: s.flash_parallel,
         compare: |a, b| {
             if a == b {
                 VersionState::Current
@@ -894,4 +920,252 @@ fn build_returns_every_entry_with_the_first_failure() {
         .collect();
     assert_eq!(builds, [("a", "pass"), ("b", "fail")]);
     assert_eq!(count(&log_of(&w.log), "stop"), 0);
+}
+
+/// A sink that keeps every event.
+fn recording_sink() -> (Sink, Arc<Mutex<Vec<crate::events::Event>>>) {
+    let events: Arc<Mutex<Vec<crate::events::Event>>> = Arc::default();
+    let keep = events.clone();
+    (
+        Arc::new(move |e| keep.lock().unwrap().push(e.clone())),
+        events,
+    )
+}
+
+#[test]
+fn the_outage_runs_from_the_stop_until_klippy_is_ready_and_names_its_parts() {
+    let w = world(vec![device("main", Link::Serial)], Setup::default());
+    let report = run(&w, &Options::default()).unwrap();
+    let log = log_of(&w.log);
+    let start = log.iter().position(|l| l == "start").unwrap();
+    let ready = log.iter().position(|l| l == "wait ready").unwrap();
+    assert!(start < ready, "{log:?}");
+    let svc = &report.service;
+    assert!(svc.ready && svc.startup_s.is_some(), "{svc:?}");
+    let parts = svc.stop_s + svc.flash_s + svc.start_s + svc.startup_s.unwrap();
+    assert!(svc.downtime_s + 0.15 >= parts, "{svc:?}");
+    let words = svc.outage.as_deref().unwrap();
+    assert!(
+        words.starts_with("the printer was unavailable for ") && words.contains("klippy start-up"),
+        "{words}"
+    );
+}
+
+#[test]
+fn klippy_is_waited_for_even_when_every_flash_failed_and_the_outage_says_it_gave_up() {
+    let w = world(
+        vec![device("main", Link::Serial)],
+        Setup {
+            flash_fail: vec!["main".into()],
+            ..Setup::default()
+        },
+    );
+    *w.printer.not_ready.lock().unwrap() = Some("startup".into());
+    let report = run(&w, &Options::default()).unwrap();
+    assert_eq!(count(&log_of(&w.log), "wait ready"), 1);
+    let svc = &report.service;
+    assert!(!svc.ready && svc.startup_s.is_some(), "{svc:?}");
+    let words = svc.outage.as_deref().unwrap();
+    assert!(
+        words.contains("at least") && words.contains("still not ready"),
+        "{words}"
+    );
+}
+
+#[test]
+fn a_cancelled_run_does_not_wait_for_klippy_and_says_so() {
+    let cancel = Cancel::new();
+    let w = world(
+        vec![device("a", Link::Serial), device("b", Link::Serial)],
+        Setup {
+            cancel_on: Some(("a".into(), cancel.clone())),
+            ..Setup::default()
+        },
+    );
+    let err = flash_all(&w.deps, &yes(), &cancel, &crate::events::discard()).unwrap_err();
+    let Error::Cancelled {
+        report: Some(report),
+    } = err
+    else {
+        panic!("expected a cancelled report, got {err}");
+    };
+    assert_eq!(count(&log_of(&w.log), "wait ready"), 0);
+    assert!(report.service.outage.unwrap().contains("did not wait"));
+}
+
+struct FakePrewarm {
+    log: Log,
+    outcome: fn() -> Result<crate::prewarm::Warmed, crate::prewarm::Error>,
+    skip: Option<&'static str>,
+}
+
+impl Prewarm for FakePrewarm {
+    fn locate(&self) -> Result<crate::prewarm::Klippy, crate::prewarm::Skip> {
+        if let Some(why) = self.skip {
+            return Err(crate::prewarm::Skip(why.into()));
+        }
+        Ok(crate::prewarm::Klippy {
+            dir: "/home/pi/klipper/klippy".into(),
+            python: "/home/pi/klippy-env/bin/python".into(),
+        })
+    }
+    fn warm(
+        &self,
+        _k: &crate::prewarm::Klippy,
+        _c: &Cancel,
+        _s: &Sink,
+    ) -> Result<crate::prewarm::Warmed, crate::prewarm::Error> {
+        self.log.lock().unwrap().push("prewarm".into());
+        (self.outcome)()
+    }
+}
+
+fn with_prewarm(
+    devices: Vec<DeviceInfo>,
+    outcome: fn() -> Result<crate::prewarm::Warmed, crate::prewarm::Error>,
+    skip: Option<&'static str>,
+) -> World {
+    let mut w = world(devices, Setup::default());
+    w.deps.prewarm = Some(Arc::new(FakePrewarm {
+        log: w.log.clone(),
+        outcome,
+        skip,
+    }));
+    w
+}
+
+#[test]
+fn klippy_is_prewarmed_during_the_build_before_anything_stops() {
+    let w = with_prewarm(
+        vec![device("main", Link::Serial)],
+        || {
+            Ok(crate::prewarm::Warmed {
+                c_helper: Some(Duration::from_secs(20)),
+                compiled: 3,
+            })
+        },
+        None,
+    );
+    let (sink, events) = recording_sink();
+    let report = flash_all(&w.deps, &Options::default(), &Cancel::new(), &sink).unwrap();
+    let log = log_of(&w.log);
+    let warm = log.iter().position(|l| l == "prewarm").unwrap();
+    let stop = log.iter().position(|l| l == "stop").unwrap();
+    assert!(warm < stop, "{log:?}");
+    let pre = report.prewarm.unwrap();
+    assert_eq!(pre.state, "warmed");
+    assert_eq!(pre.klippy.as_deref(), Some("/home/pi/klipper/klippy"));
+    assert!(
+        pre.message.contains("c_helper.so built (20.0 s)"),
+        "{pre:?}"
+    );
+    assert!(events
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|e| e.stage == crate::events::Stage::Prewarm && e.message == pre.message));
+}
+
+#[test]
+fn a_failed_prewarm_is_one_warning_and_the_run_goes_on() {
+    let w = with_prewarm(
+        vec![device("main", Link::Serial)],
+        || {
+            Err(crate::prewarm::Error::Build(process::Error::Failed {
+                cmd: "sh -c 'gcc ...'".into(),
+                status: process::Status::Exited(1),
+                tail: "cc1: out of memory".into(),
+            }))
+        },
+        None,
+    );
+    let (sink, events) = recording_sink();
+    let report = flash_all(&w.deps, &Options::default(), &Cancel::new(), &sink).unwrap();
+    assert!(report.ok, "{report:?}");
+    assert_eq!(report.prewarm.as_ref().unwrap().state, "failed");
+    let warnings: Vec<String> = events
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|e| {
+            e.stage == crate::events::Stage::Prewarm && e.level == crate::events::Level::Warning
+        })
+        .map(|e| e.message.clone())
+        .collect();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0].contains("out of memory") && warnings[0].contains("klippy will do it"),
+        "{warnings:?}"
+    );
+}
+
+#[test]
+fn a_klippy_that_is_not_the_services_is_not_prewarmed_and_one_line_says_why() {
+    let w = with_prewarm(
+        vec![device("main", Link::Serial)],
+        || unreachable!("nothing is warmed when the klippy was not found"),
+        Some("klipper runs klippy from /opt/klippy, not from the Klipper tree"),
+    );
+    let report = run(&w, &Options::default()).unwrap();
+    let pre = report.prewarm.unwrap();
+    assert_eq!(pre.state, "skipped");
+    assert!(pre.message.contains("/opt/klippy"), "{pre:?}");
+    assert!(report.ok);
+    assert_eq!(count(&log_of(&w.log), "prewarm"), 0);
+}
+
+#[test]
+fn flash_parallel_flashes_boards_that_share_nothing_at_once_and_keeps_the_can_order() {
+    let w = world(
+        vec![
+            device("main", Link::Serial),
+            device("host", Link::Linux),
+            device("bridge", Link::UsbCanBridge),
+            device("ebb", Link::Can),
+        ],
+        Setup {
+            flash_parallel: true,
+            // The first of each group: each waits until the three are flashing.
+            meet: vec!["main".into(), "host".into(), "ebb".into()],
+            ..Setup::default()
+        },
+    );
+    let (sink, events) = recording_sink();
+    let report = flash_all(&w.deps, &Options::default(), &Cancel::new(), &sink).unwrap();
+    let log = log_of(&w.log);
+    assert!(!log.iter().any(|l| l.ends_with("alone")), "{log:?}");
+    let at = |what: &str| log.iter().position(|l| l == what).unwrap();
+    assert!(at("flash ebb") < at("flash bridge"), "{log:?}");
+    assert_eq!(count(&log, "stop"), 1);
+    assert_eq!(count(&log, "start"), 1);
+    assert!(report.ok, "{report:?}");
+    // Every flashing event names its board.
+    let keys = ["main", "host", "bridge", "ebb"];
+    let events = events.lock().unwrap();
+    let per_board: Vec<&crate::events::Event> = events
+        .iter()
+        .filter(|e| e.stage == crate::events::Stage::Flash && e.device.is_some())
+        .collect();
+    assert!(per_board.len() >= 8, "{per_board:?}");
+    assert!(per_board
+        .iter()
+        .all(|e| keys.contains(&e.device.as_deref().unwrap())));
+}
+
+#[test]
+fn kflash_build_prewarms_klippy_too_and_stops_nothing() {
+    let w = with_prewarm(
+        vec![device("main", Link::Serial)],
+        || {
+            Ok(crate::prewarm::Warmed {
+                c_helper: Some(Duration::from_secs(3)),
+                compiled: 1,
+            })
+        },
+        None,
+    );
+    build(&w.deps, None, &Cancel::new(), &crate::events::discard()).unwrap();
+    let log = log_of(&w.log);
+    assert_eq!(count(&log, "prewarm"), 1, "{log:?}");
+    assert_eq!(count(&log, "stop"), 0, "{log:?}");
 }

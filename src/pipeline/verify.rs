@@ -1,18 +1,32 @@
-//! Verify: after the restart, each flashed MCU must report the version that was built.
+//! Verify: after the restart, wait until klippy is `ready` (the end of the outage: the
+//! report's `downtime_s` and `startup_s`), then each flashed MCU must report the version
+//! that was built.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use super::stop_window::tenths;
 use super::{emit, warn, Built, Deps, DeviceInfo, Report};
 use crate::events::{Sink, Stage};
 use crate::process::Cancel;
 use crate::versions::VersionState;
+
+/// The wait for klippy after the restart.
+#[derive(Clone, Copy)]
+pub(super) struct ReadyWait {
+    /// When the stop was asked for: the outage's start.
+    pub stopped_at: Instant,
+    /// When the start command returned: klippy's start-up from there.
+    pub start_returned: Instant,
+    /// How long to wait for `ready`.
+    pub timeout: Duration,
+}
 
 pub(super) fn verify(
     deps: &Deps,
     devices: &[DeviceInfo],
     built: &[(usize, Built)],
     report: &mut Report,
-    ready_timeout: Duration,
+    wait: ReadyWait,
     cancel: &Cancel,
     sink: &Sink,
 ) {
@@ -20,19 +34,37 @@ pub(super) fn verify(
         .iter()
         .filter(|(i, _)| report.devices[*i].flash == "pass")
         .collect();
-    if flashed.is_empty() {
-        return;
-    }
     // A board that failed to flash usually keeps klippy from getting ready: do not wait
     // the full time for it, and do not blame the boards that did flash.
     let another_failed = report.devices.iter().any(|d| d.flash == "fail");
     let ready_timeout = if another_failed {
-        ready_timeout.min(Duration::from_secs(10))
+        wait.timeout.min(Duration::from_secs(10))
     } else {
-        ready_timeout
+        wait.timeout
     };
     emit(sink, Stage::Verify, None, "waiting for klippy to be ready");
     let ready = deps.klippy.wait_ready(ready_timeout, cancel);
+    let svc = &mut report.service;
+    svc.ready = ready.is_ok();
+    svc.startup_s = Some(tenths(wait.start_returned.elapsed()));
+    svc.downtime_s = tenths(wait.stopped_at.elapsed());
+    match &ready {
+        Ok(()) => emit(
+            sink,
+            Stage::Verify,
+            None,
+            format!("klippy is ready, {:.1} s after the stop", svc.downtime_s),
+        ),
+        Err(e) => warn(
+            sink,
+            Stage::Verify,
+            None,
+            format!("klippy is not ready: {e}"),
+        ),
+    }
+    if flashed.is_empty() {
+        return;
+    }
     let versions = deps.klippy.mcu_versions();
     for (i, b) in flashed {
         let r = &mut report.devices[*i];

@@ -88,6 +88,30 @@ pub struct Settings {
     /// Who speaks Katapult to serial boards: kflash itself (`native`, falling back to
     /// flashtool.py) or only Katapult's `flashtool` script.
     pub katapult_flasher: KatapultFlasher,
+    /// Flash boards that share nothing at the same time in the stop window: each USB/UART
+    /// board on its own port and the linux MCU; CAN nodes and their bridge keep their
+    /// order. Off by default: some USB hubs brown out when several boards reboot at once.
+    /// (Settings added later are written only when changed, so devices.json stays as
+    /// earlier kflash wrote it.)
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub flash_parallel: bool,
+    /// Pre-warm klippy before the stop (build its C helper, byte-compile its Python for
+    /// the updated tree) while klipper keeps running.
+    #[serde(skip_serializing_if = "is_true")]
+    pub prewarm: bool,
+    /// The klippy the klipper service runs (`None`: the one klippy reports through
+    /// Moonraker, else `<klipper_dir>/klippy`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub klippy_dir: Option<PathBuf>,
+    /// The Python that runs klippy (`None`: the one klippy reports through Moonraker,
+    /// else `~/klippy-env/bin/python`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub klippy_python: Option<PathBuf>,
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if signature
+fn is_true(value: &bool) -> bool {
+    *value
 }
 
 /// Who flashes serial boards that run Katapult.
@@ -124,6 +148,10 @@ impl Default for Settings {
             build_timeout_s: 600,
             flash_timeout_s: 180,
             katapult_flasher: KatapultFlasher::Native,
+            flash_parallel: false,
+            prewarm: true,
+            klippy_dir: None,
+            klippy_python: None,
         }
     }
 }
@@ -140,7 +168,20 @@ const KEYS: &[&str] = &[
     "build_timeout_s",
     "flash_timeout_s",
     "katapult_flasher",
+    "flash_parallel",
+    "prewarm",
+    "klippy_dir",
+    "klippy_python",
 ];
+
+/// A yes/no setting as typed: true/false, on/off, yes/no, 1/0.
+fn parse_bool(value: &str) -> Option<bool> {
+    match value.to_ascii_lowercase().as_str() {
+        "true" | "on" | "yes" | "1" => Some(true),
+        "false" | "off" | "no" | "0" => Some(false),
+        _ => None,
+    }
+}
 
 /// Expand a leading `~` or `~/` to `$HOME` (left as is when HOME is unset).
 pub fn expand_home(path: &str) -> PathBuf {
@@ -172,6 +213,10 @@ impl Settings {
             "build_timeout_s" => self.build_timeout_s.to_string(),
             "flash_timeout_s" => self.flash_timeout_s.to_string(),
             "katapult_flasher" => self.katapult_flasher.as_str().to_string(),
+            "flash_parallel" => self.flash_parallel.to_string(),
+            "prewarm" => self.prewarm.to_string(),
+            "klippy_dir" => optional_path(self.klippy_dir.as_deref()),
+            "klippy_python" => optional_path(self.klippy_python.as_deref()),
             _ => return Err(unknown(key)),
         })
     }
@@ -241,10 +286,31 @@ impl Settings {
                     _ => return Err(bad("expected native or flashtool")),
                 };
             }
+            "flash_parallel" | "prewarm" => {
+                let on = parse_bool(trimmed).ok_or_else(|| bad("expected true or false"))?;
+                if key == "flash_parallel" {
+                    self.flash_parallel = on;
+                } else {
+                    self.prewarm = on;
+                }
+            }
+            "klippy_dir" | "klippy_python" => {
+                // Empty: found again (klippy's own report, else the default).
+                let path = (!trimmed.is_empty()).then(|| expand_home(trimmed));
+                if key == "klippy_dir" {
+                    self.klippy_dir = path;
+                } else {
+                    self.klippy_python = path;
+                }
+            }
             _ => return Err(unknown(key)),
         }
         Ok(())
     }
+}
+
+fn optional_path(path: Option<&Path>) -> String {
+    path.map(|p| p.display().to_string()).unwrap_or_default()
 }
 
 fn unknown(key: &str) -> Error {
@@ -268,6 +334,10 @@ mod tests {
         assert_eq!(s.get("flash_timeout_s").unwrap(), "180");
         assert_eq!(s.get("katapult_flasher").unwrap(), "native");
         assert_eq!(s.get("stop_command").unwrap(), "");
+        assert_eq!(s.get("flash_parallel").unwrap(), "false");
+        assert_eq!(s.get("prewarm").unwrap(), "true");
+        assert_eq!(s.get("klippy_dir").unwrap(), "");
+        assert_eq!(s.get("klippy_python").unwrap(), "");
         assert!(s.klipper_dir.ends_with("klipper"));
         for key in Settings::keys() {
             s.get(key).unwrap();
@@ -292,6 +362,15 @@ mod tests {
         assert_eq!(s.moonraker_url, "http://localhost:7125");
         s.set("stop_command", "").unwrap();
         assert_eq!(s.stop_command, None);
+        s.set("flash_parallel", "on").unwrap();
+        s.set("prewarm", "False").unwrap();
+        assert!(s.flash_parallel && !s.prewarm);
+        s.set("klippy_dir", "/home/pi/klipper/klippy").unwrap();
+        s.set("klippy_python", "/home/pi/klippy-env/bin/python")
+            .unwrap();
+        assert_eq!(s.get("klippy_dir").unwrap(), "/home/pi/klipper/klippy");
+        s.set("klippy_python", " ").unwrap();
+        assert_eq!(s.klippy_python, None);
     }
 
     #[test]
@@ -321,6 +400,8 @@ mod tests {
             ("moonraker_url", "http://printer.local:7125/?x=1"),
             ("klipper_service", "klipper; rm -rf /"),
             ("klipper_dir", "  "),
+            ("flash_parallel", "sometimes"),
+            ("prewarm", ""),
         ] {
             let err = s.set(key, value).unwrap_err().to_string();
             assert!(err.contains(key), "{err}");
