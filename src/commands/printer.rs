@@ -25,7 +25,8 @@ use crate::firmware::{self, BuildRequest};
 use crate::flash::{self, Comeback, Endpoint, Tools};
 use crate::moonraker::{self, Client, ServiceAction};
 use crate::pipeline::{
-    Built, Deps, DeviceInfo, Firmware, Flash, Inventory, Klippy, Service, Stopped, Watchdog,
+    self, Bootloader, Built, Deps, DeviceInfo, Firmware, Flash, InterfaceState, Inventory, Klippy,
+    Service, Stopped, Watchdog,
 };
 use crate::process::{Cancel, Cmd};
 use crate::registry::{self, Backend, KatapultFlasher, Settings};
@@ -59,6 +60,8 @@ pub struct LiveDevices {
     /// ROM loaders on the bus when each device was located for flashing (they belong to
     /// other boards).
     roms_before: Mutex<HashMap<String, Vec<PathBuf>>>,
+    /// Identities kept by earlier runs (`identities.json`), to find boards in bootloaders.
+    known: Mutex<BTreeMap<String, discovery::Identity>>,
 }
 
 impl LiveDevices {
@@ -71,7 +74,9 @@ impl LiveDevices {
     }
 
     /// The tty of a serial device: by its stable identity once known, else by its
-    /// registered path (or pattern).
+    /// registered path (or pattern), else — a board sitting in its bootloader, whose
+    /// by-id name and tty differ — by the identity kept from an earlier run, or the
+    /// bootloader's by-id name for the same chip and serial.
     fn find_port(
         &self,
         key: &str,
@@ -81,9 +86,17 @@ impl LiveDevices {
         if let Some(port) = stable.and_then(|s| self.disc.find(&s)) {
             return Ok(port);
         }
-        let port = self.disc.resolve(pattern)?;
-        lock(&self.stable).insert(key.to_owned(), StableId::of(&port));
-        Ok(port)
+        let found = self.disc.resolve(pattern).or_else(|err| {
+            let kept = lock(&self.known).get(key).cloned();
+            kept.and_then(|id| self.disc.find_identity(&id))
+                .or_else(|| {
+                    let other = discovery::by_id_counterpart(pattern)?;
+                    self.disc.resolve(&other).ok()
+                })
+                .ok_or(err)
+        })?;
+        lock(&self.stable).insert(key.to_owned(), StableId::of(&found));
+        Ok(found)
     }
 
     fn port_path(&self, port: &discovery::SerialPort) -> PathBuf {
@@ -104,6 +117,46 @@ impl Inventory for LiveDevices {
                 .find_port(&dev.key, path)
                 .map(|p| self.port_path(&p).display().to_string()),
             Endpoint::Can { .. } | Endpoint::Linux { .. } => Ok(dev.endpoint.describe()),
+        }
+    }
+
+    fn bootloader(&self, dev: &DeviceInfo) -> Option<Bootloader> {
+        let Endpoint::Serial { path } = &dev.endpoint else {
+            return None;
+        };
+        match self.find_port(&dev.key, path) {
+            Ok(port) if discovery::usb_mode(&port) == UsbMode::Katapult => {
+                Some(Bootloader::Katapult {
+                    path: self.port_path(&port).display().to_string(),
+                })
+            }
+            Ok(_) => None,
+            Err(_) => {
+                let kept = lock(&self.known).get(&dev.key).cloned()?;
+                self.disc.rom_loader_of(&kept).map(Bootloader::RomLoader)
+            }
+        }
+    }
+
+    fn identity(&self, dev: &DeviceInfo) -> Option<discovery::Identity> {
+        let Endpoint::Serial { path } = &dev.endpoint else {
+            return None;
+        };
+        let port = self.find_port(&dev.key, path).ok()?;
+        let fresh = discovery::Identity::of(&port);
+        // A board found in its bootloader keeps what was learnt while it ran Klipper.
+        let kept = lock(&self.known).get(&dev.key).cloned();
+        Some(match kept {
+            Some(kept) if discovery::usb_mode(&port) == UsbMode::Katapult => kept,
+            _ => fresh,
+        })
+    }
+
+    fn interface(&self, name: &str) -> InterfaceState {
+        match self.disc.net_interface(name) {
+            discovery::NetState::Up => InterfaceState::Up,
+            discovery::NetState::Down => InterfaceState::Down,
+            discovery::NetState::Missing => InterfaceState::Missing,
         }
     }
 }
@@ -156,6 +209,9 @@ impl flash::Watch for LiveDevices {
                 return Comeback::RomLoader(r);
             }
             if cancel.is_cancelled() || Instant::now() >= deadline {
+                if let Some(port) = port.filter(|p| discovery::usb_mode(p) == UsbMode::Katapult) {
+                    return Comeback::Katapult(self.port_path(&port));
+                }
                 return match self.disc.find_rom_loaders().into_iter().next() {
                     Some(r) => Comeback::RomLoader(r),
                     None => Comeback::Gone,
@@ -317,6 +373,19 @@ impl Flash for flash::Flasher {
     ) -> Result<flash::Flashed, flash::Failure> {
         flash::Flasher::flash(self, &dev.job(Some(built)), cancel, sink)
     }
+
+    fn hint(
+        &self,
+        dev: &DeviceInfo,
+        built: Option<&Built>,
+        loader: Option<discovery::RomLoader>,
+    ) -> Option<String> {
+        Some(flash::Flasher::hint(self, &dev.job(built), loader))
+    }
+
+    fn finish_timeout(&self) -> Duration {
+        self.tools.flash_timeout
+    }
 }
 
 /// Restart the linux MCU's service (`klipper-mcu` or `klipper_mcu`) the way klipper's
@@ -404,6 +473,7 @@ impl Context {
             disc: Discovery::from_env(),
             stable: Mutex::new(HashMap::new()),
             roms_before: Mutex::new(HashMap::new()),
+            known: Mutex::new(pipeline::pending::identities(&self.state)),
         });
         let mut tools = Tools::new(&s.klipper_dir);
         tools.katapult_dir = Some(s.katapult_dir.clone());
@@ -447,9 +517,10 @@ impl Context {
                 armed: Mutex::new(None),
             }),
             compare: versions::compare,
+            state: self.state.clone(),
             lock_path: self.state.lock_path(),
             runs_dir: self.state.runs_dir(),
-            flashed_dir: self.state.root().join("flashed"),
+            flashed_dir: self.state.flashed_dir(),
             stagger: Duration::from_millis(200),
             ready_timeout,
         })
@@ -484,6 +555,7 @@ mod tests {
             disc: Discovery::at(&dev, &sys),
             stable: Mutex::new(HashMap::new()),
             roms_before: Mutex::new(HashMap::new()),
+            known: Mutex::new(BTreeMap::new()),
         };
         let endpoint = Endpoint::Serial {
             path: format!("/dev/serial/by-id/{name}"),
@@ -504,7 +576,11 @@ mod tests {
         let usb = dir.path().join("sys/devices/usb1/1-1");
         fs::write(usb.join("idProduct"), "6177\n").unwrap();
         let back = live.wait_back("mcu", &ep, Duration::from_millis(300), &Cancel::new());
-        assert!(matches!(back, Comeback::Gone), "{back:?}");
+        assert_eq!(
+            back,
+            Comeback::Katapult(katapult.clone()),
+            "still in Katapult"
+        );
         fs::rename(&katapult, &klipper).unwrap();
         fs::write(usb.join("idProduct"), "614e\n").unwrap();
         let back = live.wait_back("mcu", &ep, Duration::from_secs(5), &Cancel::new());

@@ -17,7 +17,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::discovery::{usb_mode, Discovery, StableId, UsbMode};
+use crate::discovery::{by_id_counterpart, usb_mode, Discovery, StableId, UsbMode};
 use crate::events::{Event, Level, Sink, Stage};
 use crate::process::Cancel;
 
@@ -225,25 +225,14 @@ fn locate(opts: &SerialStatusOptions) -> Option<(PathBuf, crate::discovery::Seri
     if let Ok(port) = disc.resolve(&device.to_string_lossy()) {
         return Some((device.clone(), port));
     }
-    if let Some(other) = by_id_counterpart(device) {
-        if let Ok(port) = disc.resolve(&other.to_string_lossy()) {
-            return Some((other, port));
+    if let Some(other) = by_id_counterpart(&device.to_string_lossy()) {
+        if let Ok(port) = disc.resolve(&other) {
+            return Some((PathBuf::from(other), port));
         }
     }
     let port = disc.find(opts.stable.as_ref()?)?;
     let path = port.path()?.to_path_buf();
     Some((path, port))
-}
-
-/// `usb-Klipper_<mcu>_<serial>-if00` <-> `usb-katapult_<mcu>_<serial>-if00`, same dir.
-fn by_id_counterpart(device: &Path) -> Option<PathBuf> {
-    let name = device.file_name()?.to_str()?;
-    let other = if let Some(rest) = name.strip_prefix("usb-Klipper_") {
-        format!("usb-katapult_{rest}")
-    } else {
-        format!("usb-Klipper_{}", name.strip_prefix("usb-katapult_")?)
-    };
-    Some(device.with_file_name(other))
 }
 
 /// UART: probe first (a board already in Katapult answers CONNECT at once), else send the

@@ -19,7 +19,9 @@
 //! the real ones.
 //! Thread-safety: a run blocks its thread; `Deps` members are `Send + Sync`.
 
+mod finish;
 pub mod lock;
+pub mod pending;
 mod plan;
 mod ports;
 pub mod report;
@@ -31,10 +33,11 @@ use crate::events::{Event, Level, Sink, Stage};
 use crate::{firmware, flash, moonraker, registry, service};
 
 pub use lock::{LockError, RunLock};
+pub use pending::{recover, Recovered};
 pub use plan::{plan, select, Planned};
 pub use ports::{
-    Built, ConfigError, Deps, DeviceInfo, Firmware, Flash, Inventory, Klippy, Link, Service,
-    Stopped, Target, Watchdog,
+    Bootloader, Built, ConfigError, Deps, DeviceInfo, Firmware, Flash, InterfaceState, Inventory,
+    Klippy, Link, Service, Stopped, Target, Watchdog,
 };
 pub use report::{DeviceReport, Plan, PlanEntry, Report, ServiceReport};
 pub use run::{build, flash_all};

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::events::Sink;
 use crate::flash::{self, Endpoint, Method};
@@ -21,7 +21,7 @@ use crate::versions::VersionState;
 use crate::{discovery, firmware, moonraker, registry, service};
 
 /// How a device talks to the host: decides the flash order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Link {
     Can,
@@ -146,12 +146,52 @@ pub struct Built {
     pub cached: bool,
 }
 
+/// A registered board found sitting in a bootloader instead of running its firmware.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Bootloader {
+    /// In Katapult, at this tty path: kflash can flash it there.
+    Katapult { path: String },
+    /// In its chip's ROM loader (STM32 DFU, RP2040 BOOTSEL): it needs the user.
+    RomLoader(discovery::RomBoard),
+}
+
+impl Bootloader {
+    /// `Katapult on <path>` / `STM32 DFU (0483:df11) at <sysfs path>`.
+    pub fn describe(&self) -> String {
+        match self {
+            Bootloader::Katapult { path } => format!("Katapult on {path}"),
+            Bootloader::RomLoader(rom) => rom.describe(),
+        }
+    }
+}
+
+/// The state of a network interface a CAN device is reached through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InterfaceState {
+    Up,
+    Down,
+    Missing,
+}
+
 /// The registry and the device tree.
 pub trait Inventory: Send + Sync {
     /// Every registered device, configs read. Fails on an unreadable registry.
     fn devices(&self) -> Result<Vec<DeviceInfo>, registry::Error>;
     /// Where the device is now.
     fn resolve(&self, dev: &DeviceInfo) -> Result<String, discovery::Error>;
+    /// The bootloader a registered board sits in, found by its stable identity; `None`
+    /// when it runs its firmware, is not found, or is not a serial board.
+    fn bootloader(&self, _dev: &DeviceInfo) -> Option<Bootloader> {
+        None
+    }
+    /// The board's stable identity as seen now (serial boards), to keep for later runs.
+    fn identity(&self, _dev: &DeviceInfo) -> Option<discovery::Identity> {
+        None
+    }
+    /// Whether a network interface (`can0`) exists and is up.
+    fn interface(&self, _name: &str) -> InterfaceState {
+        InterfaceState::Up
+    }
 }
 
 /// Building firmware.
@@ -179,6 +219,10 @@ pub trait Klippy: Send + Sync {
     fn print_state(&self) -> Result<String, moonraker::Error>;
     /// `mcu_version` per section (`mcu`, `mcu EBB36`).
     fn mcu_versions(&self) -> Result<BTreeMap<String, String>, moonraker::Error>;
+    /// The chip each MCU reports (`mcu_constants.MCU`) per section; empty when unknown.
+    fn mcu_chips(&self) -> BTreeMap<String, String> {
+        BTreeMap::new()
+    }
     /// Wait until klippy is `ready`.
     fn wait_ready(&self, timeout: Duration, cancel: &Cancel) -> Result<(), moonraker::Error>;
 }
@@ -214,6 +258,20 @@ pub trait Flash: Send + Sync {
         cancel: &Cancel,
         sink: &Sink,
     ) -> Result<flash::Flashed, flash::Failure>;
+    /// What to tell the user about a board that did not end up running Klipper (in
+    /// `loader` when known).
+    fn hint(
+        &self,
+        _dev: &DeviceInfo,
+        _built: Option<&Built>,
+        _loader: Option<discovery::RomLoader>,
+    ) -> Option<String> {
+        None
+    }
+    /// How long a board being written may take to finish after an interrupt.
+    fn finish_timeout(&self) -> Duration {
+        Duration::from_secs(300)
+    }
 }
 
 /// Everything a run talks to.
@@ -227,6 +285,8 @@ pub struct Deps {
     pub watchdog: Arc<dyn Watchdog>,
     /// `compare(mcu_version, target_version)`.
     pub compare: fn(&str, &str) -> VersionState,
+    /// The state directory (pending record, identities, last-known-good images).
+    pub state: registry::StateDir,
     /// `<state>/lock`.
     pub lock_path: PathBuf,
     /// `<state>/runs`.

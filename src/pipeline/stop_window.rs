@@ -3,13 +3,22 @@
 //!
 //! Everything between the stop and the restart runs while the service's guard is alive:
 //! any early exit or panic restarts klipper. A failing device never stops the others.
+//! Before the stop the pending record is written (`pending`): nothing is stopped without
+//! it. A first interrupt finishes the board being written (`finish`), skips the rest
+//! (each with a hint) and restarts; after a USB-CAN bridge the CAN interfaces are waited
+//! for, so klippy finds the nodes behind it.
 
 use std::time::{Duration, Instant};
 
-use super::{emit, warn, Built, Deps, DeviceInfo, Link, Report};
+use super::finish::flash_finishing;
+use super::pending;
+use super::{emit, warn, Built, Deps, DeviceInfo, InterfaceState, Link, Report};
 use crate::events::{Event, Level, Sink, Stage};
 use crate::flash;
 use crate::process::Cancel;
+
+/// How long the CAN interfaces may take to come back after a USB-CAN bridge was flashed.
+const CAN_COMEBACK: Duration = Duration::from_secs(20);
 
 pub(super) fn stop_window(
     deps: &Deps,
@@ -22,6 +31,23 @@ pub(super) fn stop_window(
     if let Err(e) = deps.watchdog.arm() {
         warn(sink, Stage::Stop, None, format!("watchdog not armed: {e}"));
     }
+    // The safety net first: without it a crash could leave a board nobody finishes.
+    let mut pending = match pending::record(deps, devices, built) {
+        Ok(pending) => pending,
+        Err(e) => {
+            let why = format!(
+                "could not write the pending record {} ({e}): klipper was not stopped",
+                deps.state.pending_json().display()
+            );
+            report.service.error = Some(why.clone());
+            for (i, _) in built {
+                report.devices[*i].flash = "fail".into();
+                report.devices[*i].error = Some(why.clone());
+            }
+            deps.watchdog.disarm();
+            return;
+        }
+    };
     emit(sink, Stage::Stop, None, "stopping klipper");
     let stopped_at = Instant::now();
     let guard = match deps.service.stop() {
@@ -33,6 +59,7 @@ pub(super) fn stop_window(
                 report.devices[*i].flash = "fail".into();
                 report.devices[*i].error = Some("klipper could not be stopped".into());
             }
+            pending.finish(deps, sink);
             deps.watchdog.disarm();
             return;
         }
@@ -41,13 +68,15 @@ pub(super) fn stop_window(
     report.service.stop_s = tenths(stopped_at.elapsed());
     // Everything below runs with the guard alive: any early exit or panic restarts.
     let mut order: Vec<&(usize, Built)> = built.iter().collect();
-    order.sort_by_key(|(i, _)| devices[*i].target.as_ref().map_or(Link::Serial, |t| t.link));
+    order.sort_by_key(|(i, _)| link_of(&devices[*i]));
     let total = order.len();
     for (n, (i, b)) in order.into_iter().enumerate() {
         let dev = &devices[*i];
         if cancel.is_cancelled() {
             report.cancelled = true;
-            report.devices[*i].reason = "cancelled before flashing".into();
+            let r = &mut report.devices[*i];
+            r.reason = "cancelled before flashing".into();
+            r.hint = Some(flash::not_flashed_hint(&dev.key));
             continue;
         }
         if n > 0 && !deps.stagger.is_zero() {
@@ -61,38 +90,53 @@ pub(super) fn stop_window(
             )
             .with_fraction(n as f64 / total as f64),
         );
-        let r = &mut report.devices[*i];
+        pending.writing(deps, &dev.key, sink);
         let started = std::time::Instant::now();
-        let result = deps.flasher.flash(dev, b, cancel, sink);
+        let result = flash_finishing(deps, dev, b, cancel, sink);
+        let r = &mut report.devices[*i];
         r.flash_s = Some((started.elapsed().as_secs_f64() * 100.0).round() / 100.0);
+        if cancel.is_cancelled() {
+            report.cancelled = true;
+        }
         match result {
             Ok(done) => {
                 record_flashed(deps, &dev.key, b, sink);
+                pending.done(deps, &dev.key, sink);
                 r.flash = "pass".into();
                 r.method = done.method.as_str().into();
                 emit(sink, Stage::Flash, Some(&dev.key), "flashed");
+                if link_of(dev) == Link::UsbCanBridge {
+                    wait_for_can_interfaces(deps, &dev.key, sink);
+                }
             }
             Err(failure) => {
-                if matches!(failure.error, flash::Error::Cancelled) {
-                    report.cancelled = true;
-                }
+                let abandoned = matches!(failure.error, flash::Error::Cancelled);
                 r.flash = "fail".into();
                 if let Some(last) = failure.tried.last() {
                     r.method = last.as_str().into();
                 }
-                r.error = Some(failure.error.to_string());
-                r.hint = failure.hint;
+                r.error = Some(if abandoned {
+                    "abandoned: interrupted again while it was being written".into()
+                } else {
+                    failure.error.to_string()
+                });
+                r.hint = if abandoned {
+                    Some(flash::in_katapult_hint())
+                } else {
+                    failure.hint
+                };
                 sink(
                     &Event::info(
                         Stage::Flash,
                         Some(&dev.key),
-                        format!("flash failed: {}", failure.error),
+                        format!("flash failed: {}", r.error.as_deref().unwrap_or_default()),
                     )
                     .with_level(Level::Error),
                 );
             }
         }
     }
+    pending.finish(deps, sink);
     emit(sink, Stage::Restart, None, "starting klipper");
     let starting_at = Instant::now();
     let restarted = guard.restart();
@@ -118,13 +162,73 @@ pub(super) fn stop_window(
     report.service.downtime_s = tenths(stopped_at.elapsed());
 }
 
+fn link_of(dev: &DeviceInfo) -> Link {
+    dev.target.as_ref().map_or(Link::Serial, |t| t.link)
+}
+
+/// After a USB-CAN bridge was flashed: wait until the CAN interfaces of the registered
+/// CAN devices are back up (the bridge's reset takes them down), so klippy finds the
+/// nodes behind it when it starts. Bounded; a warning says what to do when one stays down.
+fn wait_for_can_interfaces(deps: &Deps, bridge: &str, sink: &Sink) {
+    let mut names: Vec<String> = deps
+        .inventory
+        .devices()
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|d| match d.endpoint {
+            flash::Endpoint::Can { interface, .. } => Some(interface),
+            _ => None,
+        })
+        .collect();
+    names.sort();
+    names.dedup();
+    if names.is_empty() {
+        return;
+    }
+    emit(
+        sink,
+        Stage::Flash,
+        Some(bridge),
+        format!("waiting for {} to come back up", names.join(", ")),
+    );
+    let deadline = Instant::now() + CAN_COMEBACK;
+    loop {
+        let down: Vec<&String> = names
+            .iter()
+            .filter(|n| deps.inventory.interface(n) != InterfaceState::Up)
+            .collect();
+        if down.is_empty() {
+            emit(sink, Stage::Flash, Some(bridge), "CAN interfaces are up");
+            return;
+        }
+        if Instant::now() >= deadline {
+            let list: Vec<&str> = down.iter().map(|s| s.as_str()).collect();
+            warn(
+                sink,
+                Stage::Flash,
+                Some(bridge),
+                format!(
+                    "{} did not come back up within {} s after the bridge was flashed: klippy \
+                     will not reach the CAN nodes behind it (`ip -details link show {}` shows \
+                     why)",
+                    list.join(", "),
+                    CAN_COMEBACK.as_secs(),
+                    list[0]
+                ),
+            );
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Seconds rounded to a tenth, as reports show them.
 fn tenths(d: Duration) -> f64 {
     (d.as_secs_f64() * 10.0).round() / 10.0
 }
 
 /// Keep the dictionary of what was just flashed to a device (best effort).
-fn record_flashed(deps: &Deps, key: &str, built: &Built, sink: &Sink) {
+pub(super) fn record_flashed(deps: &Deps, key: &str, built: &Built, sink: &Sink) {
     let dict = built.image.with_file_name("klipper.dict");
     let result = std::fs::read(&dict).and_then(|bytes| {
         std::fs::create_dir_all(&deps.flashed_dir)?;

@@ -53,6 +53,8 @@ fn service_error(reason: &str) -> service::Error {
 }
 
 struct FakeFirmware {
+    /// Where the fake builds put their images.
+    out: PathBuf,
     version: String,
     fail: Vec<String>,
     log: Log,
@@ -89,10 +91,19 @@ impl Firmware for FakeFirmware {
                         },
                     })
                 } else {
+                    let out_dir = self.out.join(&d.key);
+                    std::fs::create_dir_all(&out_dir).unwrap();
+                    let image = out_dir.join("klipper.bin");
+                    std::fs::write(&image, format!("{} image {}", d.key, self.version)).unwrap();
+                    let dict = serde_json::json!({
+                        "version": self.version,
+                        "config": {"MCU": d.target.as_ref().map(|t| t.mcu.clone()).unwrap_or_default()},
+                    });
+                    std::fs::write(out_dir.join("klipper.dict"), dict.to_string()).unwrap();
                     Ok(Built {
                         version: self.version.clone(),
-                        out_dir: PathBuf::from("/out").join(&d.key),
-                        image: PathBuf::from("/out").join(&d.key).join("klipper.bin"),
+                        out_dir,
+                        image,
                         cached: false,
                     })
                 }
@@ -328,6 +339,7 @@ fn world(devices: Vec<DeviceInfo>, s: Setup) -> World {
             missing: s.missing,
         }),
         firmware: Arc::new(FakeFirmware {
+            out: dir.path().join("out"),
             version: V.into(),
             fail: s.build_fail,
             log: log.clone(),
@@ -354,6 +366,7 @@ fn world(devices: Vec<DeviceInfo>, s: Setup) -> World {
                 VersionState::Outdated
             }
         },
+        state: crate::registry::StateDir::at(dir.path().join("state")),
         lock_path: dir.path().join("lock"),
         runs_dir: dir.path().join("runs"),
         flashed_dir: dir.path().join("flashed"),

@@ -243,12 +243,14 @@ fn pty_board_left_in_katapult_is_found_from_its_klipper_link() {
         image
     );
     assert_eq!(
-        by_id_counterpart(Path::new("/dev/serial/by-id/usb-katapult_rp2040_E66-if00")),
-        Some(PathBuf::from(
-            "/dev/serial/by-id/usb-Klipper_rp2040_E66-if00"
-        ))
+        by_id_counterpart("/dev/serial/by-id/usb-katapult_rp2040_E66-if00").as_deref(),
+        Some("/dev/serial/by-id/usb-Klipper_rp2040_E66-if00")
     );
-    assert_eq!(by_id_counterpart(Path::new("/dev/ttyACM0")), None);
+    assert_eq!(
+        by_id_counterpart("usb-Klipper_rp2040_E66-if00").as_deref(),
+        Some("usb-katapult_rp2040_E66-if00")
+    );
+    assert_eq!(by_id_counterpart("/dev/ttyACM0"), None);
 }
 
 #[test]
