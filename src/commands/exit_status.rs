@@ -90,14 +90,15 @@ impl ExitStatus {
                 pipeline::Error::Registry(_)
                 | pipeline::Error::NoMatch { .. }
                 | pipeline::Error::Config { .. }
-                | pipeline::Error::CannotFlash { .. } => ExitStatus::Usage,
+                | pipeline::Error::CannotFlash { .. }
+                | pipeline::Error::Lock(_) => ExitStatus::Usage,
                 pipeline::Error::Refused(_) => ExitStatus::Refused,
                 pipeline::Error::Cancelled {
                     report: Some(report),
                 } => ExitStatus::of_report(report),
-                pipeline::Error::Lock(_)
-                | pipeline::Error::Build { .. }
-                | pipeline::Error::Cancelled { report: None } => ExitStatus::Failure,
+                pipeline::Error::Build { .. } | pipeline::Error::Cancelled { report: None } => {
+                    ExitStatus::Failure
+                }
             },
             Error::Katapult(_) | Error::WriteConfig { .. } => ExitStatus::Failure,
         }
@@ -136,6 +137,7 @@ mod tests {
             started: String::new(),
             finished: String::new(),
             record: None,
+            recovered: Vec::new(),
         }
     }
 

@@ -28,7 +28,7 @@ pub use status::{DeviceStatus, LastRun, Status};
 use crate::events::Sink;
 use crate::flash::NativeKatapult;
 use crate::katapult::{self, BootloaderInfo, FlashReport, SerialFlashOptions, SerialStatusOptions};
-use crate::pipeline::{self, DeviceReport, Options, Plan, Report};
+use crate::pipeline::{self, DeviceReport, Options, Plan, Recovered, Report};
 use crate::process::Cancel;
 use crate::registry::{self, Registry, StateDir};
 
@@ -129,6 +129,30 @@ impl Context {
     pub fn flash_all(&self, opts: &Options, cancel: &Cancel, sink: &Sink) -> Result<Report, Error> {
         let deps = self.deps()?;
         Ok(pipeline::flash_all(&deps, opts, cancel, sink)?)
+    }
+
+    /// `kflash rollback [KEY...]`: each selected board's last-known-good image, one stop
+    /// window, restart, verify.
+    pub fn rollback(&self, opts: &Options, cancel: &Cancel, sink: &Sink) -> Result<Report, Error> {
+        let deps = self.deps()?;
+        Ok(pipeline::rollback(&deps, opts, cancel, sink)?)
+    }
+
+    /// Finish the boards an unfinished run left behind (the pending record): a board
+    /// found in Katapult by its stable identity gets the recorded image; what cannot be
+    /// finished stays recorded for the next run. Neither stops nor starts klipper.
+    ///
+    /// The watchdog calls this, with klipper still stopped, before it starts klipper after
+    /// the runner died (the run lock died with the runner; a run that holds it again is
+    /// `Refused`); flash-all calls it first.
+    pub fn recover(&self, cancel: &Cancel, sink: &Sink) -> Result<Vec<Recovered>, Error> {
+        let deps = self.deps()?;
+        Ok(pipeline::recover_first(&deps, cancel, sink)?)
+    }
+
+    /// Whether an unfinished run left boards to recover (a cheap check, no scan).
+    pub fn has_pending(&self) -> bool {
+        pipeline::pending::load(&self.state).is_some()
     }
 }
 

@@ -306,6 +306,18 @@ impl Klippy for LiveKlippy {
             .collect())
     }
 
+    fn mcu_chips(&self) -> BTreeMap<String, String> {
+        let sections: Vec<&str> = self.sections.iter().map(String::as_str).collect();
+        self.client()
+            .and_then(|c| c.mcu_chips(&sections))
+            .map(|got| {
+                got.into_iter()
+                    .filter_map(|(k, v)| v.map(|v| (k, v)))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     fn wait_ready(&self, timeout: Duration, cancel: &Cancel) -> Result<(), moonraker::Error> {
         self.client()?.wait_klippy_ready(timeout, cancel)
     }
@@ -388,14 +400,28 @@ impl Flash for flash::Flasher {
     }
 }
 
-/// Restart the linux MCU's service (`klipper-mcu` or `klipper_mcu`) the way klipper's
-/// service is controlled; `Ok(None)` when neither exists.
+/// Restart the linux MCU's service the way klipper's service is controlled: the setting
+/// `linux_mcu_service` (an error when it does not exist), else whichever of `klipper-mcu`
+/// and `klipper_mcu` exists (`Ok(None)` when neither does).
 fn linux_restart(settings: &Settings) -> flash::LinuxRestart {
     let backend = settings.service;
     let url = settings.moonraker_url.clone();
+    let configured = settings.linux_mcu_service.clone();
     Arc::new(
         move |cancel: &Cancel| -> Result<Option<String>, service::Error> {
-            let units = ["klipper-mcu", "klipper_mcu"];
+            let units: Vec<&str> = match &configured {
+                Some(unit) => vec![unit.as_str()],
+                None => vec!["klipper-mcu", "klipper_mcu"],
+            };
+            let missing = |found: Option<String>| match (&configured, found) {
+                (Some(unit), None) => Err(service::Error::Unavailable {
+                    service: unit.clone(),
+                    reason: "the service set as linux_mcu_service does not exist (empty: \
+                             whichever of klipper-mcu / klipper_mcu exists)"
+                        .into(),
+                }),
+                (_, found) => Ok(found),
+            };
             let moonraker = |action: &'static str, unit: &str| {
                 let service = unit.to_owned();
                 move |e: moonraker::Error| service::Error::Moonraker {
@@ -421,7 +447,7 @@ fn linux_restart(settings: &Settings) -> flash::LinuxRestart {
                         .map_err(moonraker("find", "klipper-mcu"))?;
                     let Some(unit) = units.iter().find(|u| available.iter().any(|a| a == *u))
                     else {
-                        return Ok(None);
+                        return missing(None);
                     };
                     client
                         .service_action(ServiceAction::Restart, unit)
@@ -429,7 +455,7 @@ fn linux_restart(settings: &Settings) -> flash::LinuxRestart {
                     Ok(Some((*unit).to_owned()))
                 }
                 Backend::Systemd => {
-                    for unit in units {
+                    for unit in units.iter().copied() {
                         let listed = Cmd::new("systemctl")
                             .args(["list-unit-files", "--no-legend", &format!("{unit}.service")])
                             .timeout(Duration::from_secs(20))
@@ -446,7 +472,7 @@ fn linux_restart(settings: &Settings) -> flash::LinuxRestart {
                             return Ok(Some(unit.to_owned()));
                         }
                     }
-                    Ok(None)
+                    missing(None)
                 }
                 Backend::Command => Ok(None),
             }
@@ -480,6 +506,7 @@ impl Context {
         tools.linux_mcu_binary.clone_from(&s.linux_mcu_binary);
         tools.flash_timeout = Duration::from_secs(s.flash_timeout_s);
         tools.linux_restart = Some(linux_restart(s));
+        tools.linux_mcu_service.clone_from(&s.linux_mcu_service);
         tools.native_katapult = match s.katapult_flasher {
             KatapultFlasher::Native => self.native_katapult.clone(),
             KatapultFlasher::Flashtool => None,
@@ -523,6 +550,7 @@ impl Context {
             flashed_dir: self.state.flashed_dir(),
             stagger: Duration::from_millis(200),
             ready_timeout,
+            auto_rollback: s.auto_rollback,
         })
     }
 }

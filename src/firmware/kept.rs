@@ -14,6 +14,7 @@
 //!
 //! Thread-safety: one writer per directory (the run lock); readers may run any time.
 
+use std::fmt::Write as _;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -53,8 +54,10 @@ pub struct KeptImage {
 fn sha256(bytes: &[u8]) -> String {
     Sha256::digest(bytes)
         .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+        .fold(String::with_capacity(64), |mut hex, b| {
+            let _ = write!(hex, "{b:02x}");
+            hex
+        })
 }
 
 fn sync_dir(dir: &Path) -> io::Result<()> {

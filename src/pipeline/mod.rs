@@ -25,6 +25,7 @@ pub mod pending;
 mod plan;
 mod ports;
 pub mod report;
+mod rollback;
 mod run;
 mod stop_window;
 mod verify;
@@ -40,7 +41,8 @@ pub use ports::{
     Klippy, Link, Service, Stopped, Target, Watchdog,
 };
 pub use report::{DeviceReport, Plan, PlanEntry, Report, ServiceReport};
-pub use run::{build, flash_all};
+pub use rollback::rollback;
+pub use run::{build, flash_all, recover_first};
 
 /// What to run.
 #[derive(Debug, Clone, Default)]
@@ -113,6 +115,17 @@ pub enum Refusal {
     LockHeld(LockError),
     #[error("cannot control the klipper service: {0}")]
     NoServiceControl(service::Error),
+    /// A selected CAN device's interface is missing or down.
+    #[error(
+        "`{device}` is reached through {interface}, which {}; bring it up first (e.g. \
+         `sudo ip link set {interface} up type can bitrate 1000000`, with your bus's bitrate)",
+        if *missing { "does not exist" } else { "is down" }
+    )]
+    CanInterface {
+        device: String,
+        interface: String,
+        missing: bool,
+    },
 }
 
 fn list(items: &[String]) -> String {

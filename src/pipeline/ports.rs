@@ -52,8 +52,8 @@ pub enum ConfigError {
     #[error("{} builds the linux-process MCU, but the device is a board", config.display())]
     Linux { config: PathBuf },
     #[error(
-        "{} builds {mcu} firmware for USB/serial, but the device is on CAN (enable CAN in \
-         `kflash config KEY`)",
+        "{} builds {mcu} firmware for USB/serial, but the device is on CAN (choose CAN bus as \
+         the communication interface in menuconfig)",
         config.display()
     )]
     NotCan { config: PathBuf, mcu: String },
@@ -62,6 +62,20 @@ pub enum ConfigError {
         config.display()
     )]
     Can { config: PathBuf, mcu: String },
+    /// The board is another chip than the config builds for (nothing is stopped).
+    #[error(
+        "{} builds {builds} firmware, but the board is a {board} ({from}); flashing it would \
+         fail or brick it. Choose {board} as the processor model in menuconfig",
+        config.display()
+    )]
+    WrongMcu {
+        config: PathBuf,
+        builds: String,
+        board: String,
+        /// Where the board's chip was read: `Moonraker's mcu_constants`, `the firmware
+        /// last flashed`.
+        from: &'static str,
+    },
 }
 
 /// What a device's config builds.
@@ -298,4 +312,7 @@ pub struct Deps {
     pub stagger: Duration,
     /// How long to wait for klippy after the restart.
     pub ready_timeout: Duration,
+    /// Setting `auto_rollback`: reflash a board's last-known-good image when its new
+    /// firmware fails verify.
+    pub auto_rollback: bool,
 }

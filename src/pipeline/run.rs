@@ -10,8 +10,8 @@ use super::report::{self, DeviceReport, Report, ServiceReport};
 use super::stop_window::stop_window;
 use super::verify::verify;
 use super::{
-    emit, plan, select, warn, Built, Deps, DeviceInfo, Error, LockError, Options, Planned, Refusal,
-    RunLock,
+    emit, pending, plan, rollback, select, warn, Built, Deps, DeviceInfo, Error, InterfaceState,
+    LockError, Options, Planned, Recovered, Refusal, RunLock,
 };
 use crate::events::{Sink, Stage};
 use crate::moonraker;
@@ -84,6 +84,7 @@ fn take_lock(deps: &Deps) -> Result<RunLock, Error> {
 
 /// The whole run. Returns the report (also when devices failed or the restart failed:
 /// see `commands::ExitStatus`); errors only when nothing was stopped, or when cancelled.
+/// Boards an earlier run left behind (the pending record) are recovered first.
 pub fn flash_all(
     deps: &Deps,
     opts: &Options,
@@ -91,11 +92,61 @@ pub fn flash_all(
     sink: &Sink,
 ) -> Result<Report, Error> {
     let started = report::utc_now();
+    let recovered = recover_first(deps, cancel, sink)?;
+    let planned = plan(deps, opts, sink)?;
+    run_planned(
+        deps,
+        opts,
+        planned,
+        Images::Build,
+        Run { started, recovered },
+        cancel,
+        sink,
+    )
+}
+
+/// Where a run's images come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Images {
+    /// Build every selected device (flash-all).
+    Build,
+    /// Each board's last-known-good image (rollback).
+    LastKnownGood,
+}
+
+/// What a run carries from before its plan.
+pub(super) struct Run {
+    pub started: String,
+    pub recovered: Vec<Recovered>,
+}
+
+/// A pending record means an earlier run left boards behind: finish them before anything
+/// else (under the run lock, released again before the pre-flight takes it). The same for
+/// the watchdog (`commands::Context::recover`): another run holding the lock is refused.
+pub fn recover_first(deps: &Deps, cancel: &Cancel, sink: &Sink) -> Result<Vec<Recovered>, Error> {
+    if pending::load(&deps.state).is_none() {
+        return Ok(Vec::new());
+    }
+    let _lock = take_lock(deps)?;
+    Ok(pending::recover(deps, cancel, sink))
+}
+
+/// The run after its plan: pre-flight, images, stop window, verify (and the automatic
+/// rollback), report.
+pub(super) fn run_planned(
+    deps: &Deps,
+    opts: &Options,
+    planned: Planned,
+    images: Images,
+    run: Run,
+    cancel: &Cancel,
+    sink: &Sink,
+) -> Result<Report, Error> {
     let Planned {
         plan,
         devices,
         print_state,
-    } = plan(deps, opts, sink)?;
+    } = planned;
     check_configs(&devices)?;
     let mut report = Report {
         ok: false,
@@ -103,15 +154,16 @@ pub fn flash_all(
         service: ServiceReport::default(),
         devices: plan.devices.iter().map(DeviceReport::from_plan).collect(),
         cancelled: false,
-        started,
+        started: run.started,
         finished: String::new(),
         record: None,
+        recovered: run.recovered,
     };
     for (r, entry) in report.devices.iter_mut().zip(&plan.devices) {
         if entry.action == "error" {
             r.flash = "fail".into();
             r.error = Some(entry.reason.clone());
-            r.hint = Some("is the board plugged in and powered? `kflash devices list` shows the registered path".into());
+            r.hint.clone_from(&entry.hint);
         }
     }
     let selected: Vec<usize> = (0..devices.len())
@@ -128,35 +180,12 @@ pub fn flash_all(
         return Err(Error::Cancelled { report: None });
     }
 
-    // Build everything selected.
-    let to_build: Vec<DeviceInfo> = selected.iter().map(|&i| devices[i].clone()).collect();
-    emit(
-        sink,
-        Stage::Build,
-        None,
-        format!("building {} firmware(s)", to_build.len()),
-    );
-    let results = deps.firmware.build(&to_build, cancel, sink);
+    let built = match images {
+        Images::Build => build_selected(deps, &devices, &selected, &mut report, cancel, sink),
+        Images::LastKnownGood => rollback::good_images(deps, &devices, &selected, &mut report),
+    };
     if cancel.is_cancelled() {
         return Err(cancelled(deps, report, sink));
-    }
-    let mut built: Vec<(usize, Built)> = Vec::new();
-    for (&i, result) in selected.iter().zip(results) {
-        let r = &mut report.devices[i];
-        match result {
-            Ok(b) => {
-                r.build = if b.cached { "cached" } else { "pass" }.into();
-                r.version_target = Some(b.version.clone());
-                built.push((i, b));
-            }
-            Err(e) => {
-                r.build = "fail".into();
-                r.error = Some(e.to_string());
-                r.hint = Some(
-                    "see the build output above; `kflash build KEY` rebuilds one device".into(),
-                );
-            }
-        }
     }
     report.target_version = built.first().map(|(_, b)| b.version.clone());
     if built.is_empty() {
@@ -164,12 +193,9 @@ pub fn flash_all(
             sink,
             Stage::Build,
             None,
-            "no firmware built: klipper was not stopped",
+            "no firmware to flash: klipper was not stopped",
         );
         return Ok(finish(deps, report, sink));
-    }
-    if cancel.is_cancelled() {
-        return Err(cancelled(deps, report, sink));
     }
 
     // The stop window.
@@ -193,8 +219,58 @@ pub fn flash_all(
             cancel,
             sink,
         );
+        if deps.auto_rollback && images == Images::Build {
+            rollback::auto_rollback(
+                deps,
+                &devices,
+                &built,
+                &mut report,
+                ready_timeout,
+                cancel,
+                sink,
+            );
+        }
     }
     Ok(finish(deps, report, sink))
+}
+
+/// Build every selected device; the ones that built, with their results.
+fn build_selected(
+    deps: &Deps,
+    devices: &[DeviceInfo],
+    selected: &[usize],
+    report: &mut Report,
+    cancel: &Cancel,
+    sink: &Sink,
+) -> Vec<(usize, Built)> {
+    let to_build: Vec<DeviceInfo> = selected.iter().map(|&i| devices[i].clone()).collect();
+    emit(
+        sink,
+        Stage::Build,
+        None,
+        format!("building {} firmware(s)", to_build.len()),
+    );
+    let results = deps.firmware.build(&to_build, cancel, sink);
+    let mut built: Vec<(usize, Built)> = Vec::new();
+    for (&i, result) in selected.iter().zip(results) {
+        let r = &mut report.devices[i];
+        match result {
+            Ok(b) => {
+                r.build = if b.cached { "cached" } else { "pass" }.into();
+                r.version_target = Some(b.version.clone());
+                built.push((i, b));
+            }
+            Err(e) => {
+                r.build = "fail".into();
+                r.error = Some(e.to_string());
+                r.hint = Some(format!(
+                    "See the build output above; to rebuild it alone:\n  kflash build {}",
+                    r.key
+                ));
+            }
+        }
+    }
+    built
 }
 
 /// End a cancelled run: record it and return the error carrying its report.
@@ -229,6 +305,7 @@ fn preflight(
         Ok(_) => {}
     }
     deps.service.check().map_err(Refusal::NoServiceControl)?;
+    check_can_interfaces(deps, devices, selected)?;
     let unflashable: Vec<(String, crate::flash::Error)> = selected
         .iter()
         .filter_map(|&i| {
@@ -240,6 +317,29 @@ fn preflight(
         return Err(Error::CannotFlash { unflashable });
     }
     Ok(lock)
+}
+
+/// Every selected CAN device's interface must exist and be up: a node behind a missing
+/// or down interface cannot be flashed, and klippy could not reach it afterwards.
+fn check_can_interfaces(
+    deps: &Deps,
+    devices: &[DeviceInfo],
+    selected: &[usize],
+) -> Result<(), Error> {
+    for &i in selected {
+        if let crate::flash::Endpoint::Can { interface, .. } = &devices[i].endpoint {
+            let state = deps.inventory.interface(interface);
+            if state != InterfaceState::Up {
+                return Err(Refusal::CanInterface {
+                    device: devices[i].key.clone(),
+                    interface: interface.clone(),
+                    missing: state == InterfaceState::Missing,
+                }
+                .into());
+            }
+        }
+    }
+    Ok(())
 }
 
 fn finish(deps: &Deps, mut report: Report, sink: &Sink) -> Report {

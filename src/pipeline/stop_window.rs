@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use super::finish::flash_finishing;
 use super::pending;
-use super::{emit, warn, Built, Deps, DeviceInfo, InterfaceState, Link, Report};
+use super::{emit, warn, Built, Deps, DeviceInfo, DeviceReport, InterfaceState, Link, Report};
 use crate::events::{Event, Level, Sink, Stage};
 use crate::flash;
 use crate::process::Cancel;
@@ -91,48 +91,14 @@ pub(super) fn stop_window(
             .with_fraction(n as f64 / total as f64),
         );
         pending.writing(deps, &dev.key, sink);
-        let started = std::time::Instant::now();
-        let result = flash_finishing(deps, dev, b, cancel, sink);
-        let r = &mut report.devices[*i];
-        r.flash_s = Some((started.elapsed().as_secs_f64() * 100.0).round() / 100.0);
+        flash_device(deps, dev, b, &mut report.devices[*i], cancel, sink);
         if cancel.is_cancelled() {
             report.cancelled = true;
         }
-        match result {
-            Ok(done) => {
-                record_flashed(deps, &dev.key, b, sink);
-                pending.done(deps, &dev.key, sink);
-                r.flash = "pass".into();
-                r.method = done.method.as_str().into();
-                emit(sink, Stage::Flash, Some(&dev.key), "flashed");
-                if link_of(dev) == Link::UsbCanBridge {
-                    wait_for_can_interfaces(deps, &dev.key, sink);
-                }
-            }
-            Err(failure) => {
-                let abandoned = matches!(failure.error, flash::Error::Cancelled);
-                r.flash = "fail".into();
-                if let Some(last) = failure.tried.last() {
-                    r.method = last.as_str().into();
-                }
-                r.error = Some(if abandoned {
-                    "abandoned: interrupted again while it was being written".into()
-                } else {
-                    failure.error.to_string()
-                });
-                r.hint = if abandoned {
-                    Some(flash::in_katapult_hint())
-                } else {
-                    failure.hint
-                };
-                sink(
-                    &Event::info(
-                        Stage::Flash,
-                        Some(&dev.key),
-                        format!("flash failed: {}", r.error.as_deref().unwrap_or_default()),
-                    )
-                    .with_level(Level::Error),
-                );
+        if report.devices[*i].flash == "pass" {
+            pending.done(deps, &dev.key, sink);
+            if link_of(dev) == Link::UsbCanBridge {
+                wait_for_can_interfaces(deps, &dev.key, sink);
             }
         }
     }
@@ -160,6 +126,54 @@ pub(super) fn stop_window(
         }
     }
     report.service.downtime_s = tenths(stopped_at.elapsed());
+}
+
+/// Flash one device inside the window (a first interrupt finishes it) and put the
+/// outcome into its report entry.
+fn flash_device(
+    deps: &Deps,
+    dev: &DeviceInfo,
+    built: &Built,
+    r: &mut DeviceReport,
+    cancel: &Cancel,
+    sink: &Sink,
+) {
+    let started = Instant::now();
+    let result = flash_finishing(deps, dev, built, cancel, sink);
+    r.flash_s = Some((started.elapsed().as_secs_f64() * 100.0).round() / 100.0);
+    match result {
+        Ok(done) => {
+            record_flashed(deps, &dev.key, built, sink);
+            r.flash = "pass".into();
+            r.method = done.method.as_str().into();
+            emit(sink, Stage::Flash, Some(&dev.key), "flashed");
+        }
+        Err(failure) => {
+            let abandoned = matches!(failure.error, flash::Error::Cancelled);
+            r.flash = "fail".into();
+            if let Some(last) = failure.tried.last() {
+                r.method = last.as_str().into();
+            }
+            r.error = Some(if abandoned {
+                "abandoned: interrupted again while it was being written".into()
+            } else {
+                failure.error.to_string()
+            });
+            r.hint = if abandoned {
+                Some(flash::in_katapult_hint())
+            } else {
+                failure.hint
+            };
+            sink(
+                &Event::info(
+                    Stage::Flash,
+                    Some(&dev.key),
+                    format!("flash failed: {}", r.error.as_deref().unwrap_or_default()),
+                )
+                .with_level(Level::Error),
+            );
+        }
+    }
 }
 
 fn link_of(dev: &DeviceInfo) -> Link {

@@ -1,9 +1,12 @@
 //! Verify: after the restart, each flashed MCU must report the version that was built.
+//! A board that verifies gets the image just flashed kept as its last-known-good
+//! (`good/<key>/`): what `rollback` writes back.
 
 use std::time::Duration;
 
-use super::{emit, warn, Built, Deps, DeviceInfo, Report};
+use super::{emit, report, warn, Built, Deps, DeviceInfo, Report};
 use crate::events::{Sink, Stage};
+use crate::firmware::kept;
 use crate::process::Cancel;
 use crate::versions::VersionState;
 
@@ -89,6 +92,27 @@ pub(super) fn verify(
             );
         } else {
             emit(sink, Stage::Verify, Some(&r.key), "verified");
+            keep_good(deps, &devices[*i].key, b, sink);
         }
+    }
+}
+
+/// The image just verified on a board becomes its last-known-good (best effort).
+fn keep_good(deps: &Deps, key: &str, built: &Built, sink: &Sink) {
+    let dir = deps.state.good_dir(key);
+    if built.image.starts_with(&dir) {
+        return; // a rollback: it is the last-known-good already
+    }
+    if let Err(e) = kept::keep(&built.image, &dir, &report::utc_now()) {
+        warn(
+            sink,
+            Stage::Verify,
+            Some(key),
+            format!(
+                "could not keep {} as its last-known-good image in {}: {e}",
+                built.image.display(),
+                dir.display()
+            ),
+        );
     }
 }

@@ -35,8 +35,23 @@ fn to_py<'py>(py: Python<'py>, value: &impl Serialize) -> PyResult<Bound<'py, Py
     Ok(pythonize::pythonize(py, value)?)
 }
 
+/// Check a device key the one way every front end does (the CLI, `devices import`, the
+/// klippy extra): 1-64 ASCII letters, digits, `_`, `.`, `-`, starting with a letter or a
+/// digit. Raises `RegistryError` saying which rule was broken.
+#[pyfunction]
+pub fn validate_key(key: &str) -> PyResult<()> {
+    Ok(crate::registry::validate_key(key)?)
+}
+
 fn keys_of(keys: Option<Vec<String>>) -> Option<Vec<String>> {
     keys.filter(|k| !k.is_empty())
+}
+
+/// What a pipeline call runs: flash-all (and flash) or rollback.
+#[derive(Clone, Copy)]
+enum Runs {
+    FlashAll,
+    Rollback,
 }
 
 impl Engine {
@@ -45,11 +60,13 @@ impl Engine {
         py: Python<'py>,
         opts: Options,
         on_event: Option<Py<PyAny>>,
+        runs: Runs,
     ) -> PyResult<Bound<'py, PyAny>> {
         let context = self.context.clone();
         let on_event = on_event.map(|cb| cb.into_bound(py));
-        let outcome = run_detached(py, on_event.as_ref(), move |cancel, sink| {
-            context.flash_all(&opts, cancel, sink)
+        let outcome = run_detached(py, on_event.as_ref(), move |cancel, sink| match runs {
+            Runs::FlashAll => context.flash_all(&opts, cancel, sink),
+            Runs::Rollback => context.rollback(&opts, cancel, sink),
         });
         match outcome {
             Ok(Ok(report)) => to_py(py, &report),
@@ -210,7 +227,7 @@ impl Engine {
             only_outdated: false,
             yes,
         };
-        self.run_pipeline(py, opts, on_event)
+        self.run_pipeline(py, opts, on_event, Runs::FlashAll)
     }
 
     /// Build every selected device, stop klipper once, flash, restart, verify, report.
@@ -228,7 +245,44 @@ impl Engine {
             only_outdated,
             yes,
         };
-        self.run_pipeline(py, opts, on_event)
+        self.run_pipeline(py, opts, on_event, Runs::FlashAll)
+    }
+
+    /// Flash each selected board's last-known-good image (the one last flashed to it and
+    /// verified there) inside one stop window; restart, verify, report. A board without
+    /// one is skipped (an error when it was named).
+    #[pyo3(signature = (keys=None, yes=false, on_event=None))]
+    fn rollback<'py>(
+        &self,
+        py: Python<'py>,
+        keys: Option<Vec<String>>,
+        yes: bool,
+        on_event: Option<Py<PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let opts = Options {
+            keys: keys_of(keys),
+            only_outdated: false,
+            yes,
+        };
+        self.run_pipeline(py, opts, on_event, Runs::Rollback)
+    }
+
+    /// Finish the boards an unfinished run left behind (a board found in Katapult gets the
+    /// image that was being written); neither stops nor starts klipper. Returns what was
+    /// done per board (`[]` when nothing was left).
+    #[pyo3(signature = (on_event=None))]
+    fn recover<'py>(
+        &self,
+        py: Python<'py>,
+        on_event: Option<Py<PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let context = self.context.clone();
+        let on_event = on_event.map(|cb| cb.into_bound(py));
+        let done = run_detached(py, on_event.as_ref(), move |cancel, sink| {
+            context.recover(cancel, sink)
+        })
+        .map_err(|i| i.error)??;
+        to_py(py, &done)
     }
 
     /// Klippy's state and each device's current vs target version; the last run.

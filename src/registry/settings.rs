@@ -88,6 +88,19 @@ pub struct Settings {
     /// Who speaks Katapult to serial boards: kflash itself (`native`, falling back to
     /// flashtool.py) or only Katapult's `flashtool` script.
     pub katapult_flasher: KatapultFlasher,
+    /// Reflash a board's last-known-good image when its new firmware fails verify.
+    #[serde(skip_serializing_if = "is_false")]
+    pub auto_rollback: bool,
+    /// The linux-process MCU's service; `None`: whichever of `klipper-mcu` (Klipper's unit)
+    /// and `klipper_mcu` (KIAUH's) exists.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub linux_mcu_service: Option<String>,
+}
+
+// serde's skip_serializing_if hands the field by reference.
+#[allow(clippy::trivially_copy_pass_by_ref)]
+fn is_false(v: &bool) -> bool {
+    !*v
 }
 
 /// Who flashes serial boards that run Katapult.
@@ -124,6 +137,8 @@ impl Default for Settings {
             build_timeout_s: 600,
             flash_timeout_s: 180,
             katapult_flasher: KatapultFlasher::Native,
+            auto_rollback: false,
+            linux_mcu_service: None,
         }
     }
 }
@@ -140,6 +155,8 @@ const KEYS: &[&str] = &[
     "build_timeout_s",
     "flash_timeout_s",
     "katapult_flasher",
+    "auto_rollback",
+    "linux_mcu_service",
 ];
 
 /// Expand a leading `~` or `~/` to `$HOME` (left as is when HOME is unset).
@@ -172,6 +189,8 @@ impl Settings {
             "build_timeout_s" => self.build_timeout_s.to_string(),
             "flash_timeout_s" => self.flash_timeout_s.to_string(),
             "katapult_flasher" => self.katapult_flasher.as_str().to_string(),
+            "auto_rollback" => self.auto_rollback.to_string(),
+            "linux_mcu_service" => self.linux_mcu_service.clone().unwrap_or_default(),
             _ => return Err(unknown(key)),
         })
     }
@@ -234,6 +253,25 @@ impl Settings {
                     self.flash_timeout_s = secs;
                 }
             }
+            "auto_rollback" => {
+                self.auto_rollback = match trimmed.to_ascii_lowercase().as_str() {
+                    "true" | "yes" | "on" | "1" => true,
+                    "false" | "no" | "off" | "0" => false,
+                    _ => return Err(bad("expected true or false")),
+                };
+            }
+            "linux_mcu_service" => {
+                if !trimmed
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c))
+                {
+                    return Err(bad(
+                        "a service name is letters, digits and - _ . @ (e.g. klipper-mcu); \
+                         empty: whichever of klipper-mcu / klipper_mcu exists",
+                    ));
+                }
+                self.linux_mcu_service = (!trimmed.is_empty()).then(|| trimmed.to_string());
+            }
             "katapult_flasher" => {
                 self.katapult_flasher = match trimmed {
                     "native" => KatapultFlasher::Native,
@@ -292,6 +330,12 @@ mod tests {
         assert_eq!(s.moonraker_url, "http://localhost:7125");
         s.set("stop_command", "").unwrap();
         assert_eq!(s.stop_command, None);
+        s.set("auto_rollback", "true").unwrap();
+        assert!(s.auto_rollback);
+        s.set("linux_mcu_service", "klipper_mcu").unwrap();
+        assert_eq!(s.get("linux_mcu_service").unwrap(), "klipper_mcu");
+        s.set("linux_mcu_service", "").unwrap();
+        assert_eq!(s.linux_mcu_service, None);
     }
 
     #[test]
@@ -321,6 +365,8 @@ mod tests {
             ("moonraker_url", "http://printer.local:7125/?x=1"),
             ("klipper_service", "klipper; rm -rf /"),
             ("klipper_dir", "  "),
+            ("auto_rollback", "sometimes"),
+            ("linux_mcu_service", "klipper-mcu; reboot"),
         ] {
             let err = s.set(key, value).unwrap_err().to_string();
             assert!(err.contains(key), "{err}");
