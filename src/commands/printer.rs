@@ -484,9 +484,7 @@ fn linux_restart(settings: &Settings) -> flash::LinuxRestart {
 /// for serial boards (setting `katapult_flasher`), flashtool.py its fallback, `make flash`
 /// the last resort of `auto`.
 pub fn native_katapult() -> flash::NativeKatapult {
-    Arc::new(|dev, baud, firmware, cancel, sink| {
-        crate::katapult::flash_device(dev, baud, firmware, cancel, sink).map(drop)
-    })
+    Arc::new(|req, cancel, sink| crate::katapult::flash_device(req, cancel, sink).map(drop))
 }
 
 impl Context {

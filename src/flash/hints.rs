@@ -80,6 +80,11 @@ pub fn rom_loader_hint(loader: RomLoader, job: &Job<'_>, tools: &Tools) -> Strin
     }
 }
 
+/// The hint for a config to fix (nothing was written): what to choose, then the command.
+pub fn config_hint(what: &str, key: &str) -> String {
+    hint(what, &format!("kflash config {key}"))
+}
+
 /// The hint for a board left waiting in Katapult: the next run writes it first.
 pub fn in_katapult_hint() -> String {
     hint(

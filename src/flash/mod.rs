@@ -107,11 +107,11 @@ pub trait Watch: Send + Sync {
     fn rom_loaders(&self) -> Vec<RomBoard>;
 }
 
-/// The native Katapult serial flasher: `(device, baud, firmware, cancel, sink)`. Returns
-/// `Ok` only when the image was written and verified; `katapult::Error::
-/// worth_another_flasher` says whether flashtool.py could still succeed after an error.
+/// The native Katapult serial flasher: `(request, cancel, sink)`. Returns `Ok` only when
+/// the image was written and verified; `katapult::Error::worth_another_flasher` says
+/// whether flashtool.py could still succeed after an error.
 pub type NativeKatapult = Arc<
-    dyn Fn(&Path, Option<u32>, &Path, &Cancel, &Sink) -> Result<(), katapult::Error> + Send + Sync,
+    dyn Fn(&katapult::Request<'_>, &Cancel, &Sink) -> Result<(), katapult::Error> + Send + Sync,
 >;
 
 /// Restarts the linux MCU's service: `Ok(Some(unit))` restarted, `Ok(None)` when no
@@ -331,7 +331,28 @@ impl Flasher {
             Ok(method) => self.wait_back(job, method, tried, family, cancel, sink),
             Err(Error::Cancelled) => Err(fail(Error::Cancelled, tried, None)),
             Err(error) => {
-                let hint = Some(self.rom_loader_hint(job, family));
+                let hint = Some(match &error {
+                    Error::Native(e) => match (e.offset_to_choose(), &**e) {
+                        (Some(offset), _) => hints::config_hint(
+                            &format!(
+                                "Choose \"{offset}\" as the Bootloader offset, save, and run \
+                                 again:"
+                            ),
+                            job.key,
+                        ),
+                        (None, katapult::Error::McuMismatch { bootloader, .. }) => {
+                            hints::config_hint(
+                                &format!(
+                                    "Choose {bootloader} as the processor model, save, and run \
+                                     again:"
+                                ),
+                                job.key,
+                            )
+                        }
+                        _ => self.rom_loader_hint(job, family),
+                    },
+                    _ => self.rom_loader_hint(job, family),
+                });
                 Err(fail(error, tried, hint))
             }
         }
