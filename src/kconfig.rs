@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 /// Errors reading or checking a firmware config.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
-    #[error("firmware config {path} does not exist (create it with `kflash config KEY` or `make menuconfig KCONFIG_CONFIG={path}`)")]
+    #[error("firmware config {path} does not exist (create it with menuconfig: `make menuconfig KCONFIG_CONFIG={path}` in the Klipper tree)")]
     Missing { path: PathBuf },
     #[error("cannot read firmware config {path}: {source}")]
     Read {

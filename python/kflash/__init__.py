@@ -30,6 +30,7 @@ from kflash._core import (
     katapult_encode,
     katapult_flash,
     katapult_status,
+    validate_key,
     wait_klippy_ready,
 )
 
@@ -58,5 +59,6 @@ __all__ = [
     "katapult_encode",
     "katapult_flash",
     "katapult_status",
+    "validate_key",
     "wait_klippy_ready",
 ]

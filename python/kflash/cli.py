@@ -11,8 +11,10 @@ configuration error (nothing stopped); 3 refused by pre-flight (printing, lock
 held, no service control, no Moonraker); 4 klipper could not be restarted.
 
 SIGTERM and SIGHUP are turned into an interrupt like Ctrl+C, so a run that is
-stopped from outside unwinds the same way: klipper is started again and the run
-is reported.
+stopped from outside unwinds the same way. The first interrupt lets the board
+being written finish (bounded by its flash time limit), then klipper is started
+again and the run is reported; a second one abandons that board and says so. A
+signal ignored when kflash starts (SIGHUP under ``nohup``) stays ignored.
 """
 
 import argparse
@@ -39,6 +41,8 @@ def _on_signal(signum, frame):
 
 def install_signal_handlers():
     for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) == signal.SIG_IGN:
+            continue  # started under nohup (or told to ignore it): keep ignoring
         signal.signal(sig, _on_signal)
 
 
@@ -176,6 +180,21 @@ def version_arrow(before, after):
     return f"{before} -> {after}" if after else before
 
 
+def what_to_do(hint, indent="  "):
+    """A hint: its first line after ``what to do:``, the command below it."""
+    first, *rest = hint.splitlines()
+    lines = [f"{indent}what to do: {first}"]
+    lines += [f"{indent}  {line.strip()}" for line in rest]
+    return "\n".join(lines)
+
+
+def print_recovered(recovered):
+    for r in recovered:
+        print(f"{r['key']}: {r['detail']}")
+        if r.get("hint"):
+            print(what_to_do(r["hint"]))
+
+
 def print_report(report, settings):
     rows = []
     for d in report.get("devices", []):
@@ -199,13 +218,20 @@ def print_report(report, settings):
             ["DEVICE", "METHOD", "ACTION", "BUILD", "FLASH", "VERIFY", "VERSION"],
         )
     )
+    if report.get("recovered"):
+        print("\nleft behind by an earlier run:")
+        print_recovered(report["recovered"])
     for d in report.get("devices", []):
         if d.get("error"):
             print(f"\n{d['key']}: {d['error']}")
+            if d.get("rollback"):
+                print(f"  automatic rollback: {d['rollback']}")
             if d.get("hint"):
-                print(f"  what to do: {d['hint']}")
+                print(what_to_do(d["hint"]))
         elif d.get("reason") and d.get("action") == "skip":
             print(f"{d['key']}: skipped ({d['reason']})")
+            if d.get("hint"):
+                print(what_to_do(d["hint"]))
     svc = report.get("service", {})
     if svc.get("stopped"):
         state = "restarted" if svc.get("restarted") else "NOT RESTARTED"
@@ -362,8 +388,38 @@ def cmd_devices(engine, args):
     raise AssertionError(sub)
 
 
+def usage_error(args, exc, **extra):
+    err(f"kflash: {exc}")
+    if args.json:
+        emit_json(error_document(exc, ExitStatus.USAGE, **extra))
+    return ExitStatus.USAGE
+
+
 def cmd_config(engine, args):
     path = engine.config_path(args.key)
+    if args.from_file:
+        dev = engine.set_config(args.key, os.path.expanduser(args.from_file))
+        if args.json:
+            emit_json(dev)
+        elif dev.get("problem"):
+            print(f"{args.key}: {dev['problem']}")
+            return ExitStatus.USAGE
+        else:
+            print(
+                f"{args.key}: builds {dev['mcu']} firmware ({dev['interface']});"
+                f" saved {path}"
+            )
+        return ExitStatus.SUCCESS
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        return usage_error(
+            args,
+            UsageError(
+                "kflash config runs Klipper's menuconfig, which needs a terminal; "
+                f"run it in one, or attach a .config you have with "
+                f"`kflash config {args.key} --from FILE`"
+            ),
+            device=args.key,
+        )
     klipper_dir = engine.settings()["klipper_dir"]
     if not os.path.isfile(os.path.join(klipper_dir, "Makefile")):
         exc = UsageError(
@@ -374,8 +430,7 @@ def cmd_config(engine, args):
         if args.json:
             emit_json(error_document(exc, ExitStatus.USAGE))
         return ExitStatus.USAGE
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    command = ["make", "menuconfig", f"KCONFIG_CONFIG={path}"]
+    command = engine.menuconfig_command(args.key)
     rc = subprocess.call(command, cwd=klipper_dir)
     if rc != 0:
         exc = UsageError(f"`make menuconfig` exited with {rc}")
@@ -447,6 +502,10 @@ def cmd_plan(engine, args):
             ],
         )
     )
+    for d in plan["devices"]:
+        if d.get("hint"):
+            print(f"\n{d['key']}: {d['reason']}")
+            print(what_to_do(d["hint"]))
     return ExitStatus.SUCCESS
 
 
@@ -546,6 +605,18 @@ def cmd_flash_all(engine, args):
     )
 
 
+def cmd_rollback(engine, args):
+    progress = Progress()
+    return run_guarded(
+        engine,
+        args,
+        lambda: engine.rollback(
+            keys=args.keys or None, yes=args.yes, on_event=progress
+        ),
+        progress,
+    )
+
+
 def cmd_status(engine, args):
     if args.watch or args.shm:
         # klippy's [status_snapshot] mirror, read without asking klippy.
@@ -571,6 +642,12 @@ def cmd_status(engine, args):
         for d in status["devices"]
     ]
     print(table(rows, ["DEVICE", "SECTION", "MCU VERSION", "TARGET", "STATE"]))
+    for d in status["devices"]:
+        if d.get("bootloader"):
+            print(
+                f"{d['key']} is in its bootloader ({d['bootloader']}); "
+                "`kflash flash-all` flashes a board in Katapult first"
+            )
     last = status.get("last_run")
     if last:
         result = "ok" if last.get("ok") else "failed"
@@ -624,8 +701,9 @@ def build_parser():
             description=(
                 "Settings: klipper_dir, katapult_dir, service (moonraker | systemd "
                 "| command), klipper_service (unit name), stop_command, "
-                "start_command, moonraker_url, linux_mcu_binary, build_timeout_s, "
-                "flash_timeout_s."
+                "start_command, moonraker_url, linux_mcu_binary, "
+                "linux_mcu_service, build_timeout_s, flash_timeout_s, "
+                "katapult_flasher, auto_rollback."
             ),
         )
     )
@@ -697,6 +775,12 @@ def build_parser():
         )
     )
     p.add_argument("key", metavar="KEY")
+    p.add_argument(
+        "--from",
+        dest="from_file",
+        metavar="FILE",
+        help="attach an existing Klipper .config instead of running menuconfig",
+    )
 
     p = reporting(
         sub.add_parser(
@@ -741,6 +825,24 @@ def build_parser():
         help="proceed even when Moonraker is unreachable (make sure nothing prints)",
     )
 
+    p = reporting(
+        sub.add_parser(
+            "rollback",
+            help="flash each board's last-known-good firmware (klipper restarts)",
+            description=(
+                "Flashes each selected board with the firmware last flashed to it "
+                "AND verified there, inside one stop window, then restarts klipper "
+                "and verifies. A board without one is skipped."
+            ),
+        )
+    )
+    p.add_argument("keys", nargs="*", metavar="KEY", help="devices (default: all)")
+    p.add_argument(
+        "--yes",
+        action="store_true",
+        help="proceed even when Moonraker is unreachable (make sure nothing prints)",
+    )
+
     p = sub.add_parser(
         "status",
         help="MCU versions and the last run (--shm/--watch: klippy's status mirror)",
@@ -759,6 +861,7 @@ COMMANDS = {
     "build": cmd_build,
     "flash": cmd_flash,
     "flash-all": cmd_flash_all,
+    "rollback": cmd_rollback,
     "status": cmd_status,
     "katapult": katapult_cli.command,
 }

@@ -176,6 +176,22 @@ impl Engine {
         Ok(self.context.config_path(key)?.display().to_string())
     }
 
+    /// Attach an existing Klipper `.config` to a device (copied in atomically).
+    fn set_config<'py>(
+        &self,
+        py: Python<'py>,
+        key: &str,
+        path: PathBuf,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        to_py(py, &self.context.set_config(key, &path)?)
+    }
+
+    /// The `make menuconfig` command line for a device's config (run it in the Klipper
+    /// tree); its `OUT=` is the device's own build directory.
+    fn menuconfig_command(&self, key: &str) -> PyResult<Vec<String>> {
+        Ok(self.context.menuconfig_command(key)?)
+    }
+
     /// What flash-all would do, per device, and why. Changes nothing.
     #[pyo3(signature = (keys=None, only_outdated=false))]
     fn plan<'py>(
