@@ -219,7 +219,7 @@ pub(super) fn run_planned(
             cancel,
             sink,
         );
-        if deps.auto_rollback && images == Images::Build {
+        if deps.auto_rollback && images == Images::Build && !report.cancelled {
             rollback::auto_rollback(
                 deps,
                 &devices,
@@ -229,6 +229,9 @@ pub(super) fn run_planned(
                 cancel,
                 sink,
             );
+        }
+        if report.cancelled {
+            return Err(cancelled(deps, report, sink));
         }
     }
     Ok(finish(deps, report, sink))

@@ -1288,3 +1288,44 @@ fn a_lock_that_cannot_be_opened_is_a_usage_error_with_nothing_stopped() {
     );
     assert_eq!(count(&log_of(&w.log), "stop"), 0);
 }
+
+#[test]
+fn an_interrupt_while_verify_waits_reports_a_cancelled_run_with_klipper_running() {
+    let run_cancel = Cancel::new();
+    let w = world(vec![device("a", Link::Serial)], Setup::default());
+    run_cancel.cancel(); // as if Ctrl+C came while klippy starts: verify gives up at once
+    let mut report = Report {
+        ok: false,
+        target_version: None,
+        service: ServiceReport::default(),
+        devices: vec![DeviceReport::new("a", "katapult", "flash")],
+        cancelled: false,
+        started: String::new(),
+        finished: String::new(),
+        record: None,
+        recovered: Vec::new(),
+    };
+    report.devices[0].flash = "pass".into();
+    let built = Built {
+        version: V.into(),
+        out_dir: PathBuf::new(),
+        image: PathBuf::new(),
+        cached: false,
+    };
+    verify::verify(
+        &w.deps,
+        &[device("a", Link::Serial)],
+        &[(0, built)],
+        &mut report,
+        Duration::from_secs(1),
+        &run_cancel,
+        &crate::events::discard(),
+    );
+    assert!(report.cancelled);
+    assert_eq!(report.devices[0].verify, "skip");
+    assert!(report.devices[0]
+        .hint
+        .as_deref()
+        .unwrap()
+        .contains("kflash status"));
+}

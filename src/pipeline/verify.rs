@@ -36,6 +36,20 @@ pub(super) fn verify(
     };
     emit(sink, Stage::Verify, None, "waiting for klippy to be ready");
     let ready = deps.klippy.wait_ready(ready_timeout, cancel);
+    if cancel.is_cancelled() {
+        // Interrupted while waiting: klipper runs; nothing was verified.
+        for (i, _) in flashed {
+            let r = &mut report.devices[*i];
+            r.verify = "skip".into();
+            r.hint = Some(
+                "Not verified: the run was interrupted while klippy started. To see the \
+                 versions:\n  kflash status"
+                    .into(),
+            );
+        }
+        report.cancelled = true;
+        return;
+    }
     let versions = deps.klippy.mcu_versions();
     for (i, b) in flashed {
         let r = &mut report.devices[*i];
