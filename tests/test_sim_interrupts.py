@@ -247,7 +247,7 @@ def run_cell(p, run, name, phase):
             no_orphan_builds(p)
         # Measured from the end of the bounded finish (the runner exits right after
         # it started klipper again); SIGKILL ends the runner at the signal.
-        run.ready_at = ready_within(p, USABLE_WITHIN + 50)
+        run.ready_at = ready_within(p, USABLE_WITHIN + 5)
     finally:
         p.clear_faults()
 

@@ -12,7 +12,12 @@
 //! - Devices are flashed in safe order: CAN nodes, USB/UART boards, USB-CAN bridges, the
 //!   linux-process MCU. A failing device never stops the others.
 //! - Cancellation is checked between steps and passed into every command; cancelled inside
-//!   the stop window => restart, report, `Error::Cancelled` carrying the report.
+//!   the stop window => the board being written is finished (a second cancel abandons
+//!   it), the rest skipped, restart, report, `Error::Cancelled` carrying the report.
+//! - Before the stop, the pending record (`pending`) holds each board's image and stable
+//!   identity; a run that did not finish is recovered first by the next one (and by the
+//!   watchdog through `commands::Context::recover`).
+//! - A board that verifies keeps its image as last-known-good (`rollback` writes it back).
 //!
 //! Everything outside is reached through the traits in `Deps` (dependency injection), so
 //! the whole run is unit-testable with recording fakes; `crate::commands::printer` builds
