@@ -498,9 +498,15 @@ impl Flasher {
         }
     }
 
-    /// After a failure: a ROM loader on the bus explains it (and says how to recover).
+    /// After a failure: a ROM loader of this board's family on the bus explains it (and
+    /// says how to recover); another family's loader belongs to another board.
     fn rom_loader_hint(&self, job: &Job<'_>, family: Family) -> String {
-        match self.watch.rom_loaders().first() {
+        let ours = self
+            .watch
+            .rom_loaders()
+            .into_iter()
+            .find(|r| family == Family::Generic || Family::of_loader(r.loader) == family);
+        match ours {
             Some(rom) => rom_loader_hint(rom.loader, job, &self.tools),
             None => recovery_hint(family, job, &self.tools),
         }

@@ -547,3 +547,28 @@ fn when_both_methods_fail_the_katapult_error_is_kept() {
     );
     assert_eq!(err.tried, vec![Method::Katapult, Method::Make]);
 }
+
+#[test]
+fn another_familys_rom_loader_on_the_bus_is_not_this_boards_hint() {
+    let sb = Sandbox::new("import sys\nprint('ERROR: no response')\nsys.exit(1)");
+    let w = watch(
+        Comeback::Gone,
+        vec![RomBoard {
+            loader: RomLoader::StmDfu,
+            usb_id: "0483:df11".into(),
+            path: "/sys/bus/usb/devices/1-9".into(),
+        }],
+    );
+    let flasher = Flasher::new(sb.tools(), w);
+    let (ep, out, cfg) = (serial(), sb.out(), sb.cfg());
+    let rp2040 = Job {
+        mcu: "rp2040",
+        ..job(&sb, &ep, Method::Katapult, &out, &cfg)
+    };
+    let err = flasher
+        .flash(&rp2040, &Cancel::new(), &crate::events::discard())
+        .unwrap_err();
+    let hint = err.hint.unwrap();
+    assert!(hint.contains("BOOTSEL"), "{hint}");
+    assert!(!hint.contains("BOOT0") && !hint.contains("df11"), "{hint}");
+}

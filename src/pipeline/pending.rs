@@ -278,7 +278,7 @@ pub fn recover(deps: &Deps, cancel: &Cancel, sink: &Sink) -> Vec<Recovered> {
     };
     emit(
         sink,
-        Stage::Flash,
+        Stage::Preflight,
         None,
         format!(
             "a run started {} did not finish: looking for its boards",
@@ -303,7 +303,7 @@ pub fn recover(deps: &Deps, cancel: &Cancel, sink: &Sink) -> Vec<Recovered> {
             (Some(Bootloader::Katapult { path }), _) => {
                 emit(
                     sink,
-                    Stage::Flash,
+                    Stage::Preflight,
                     Some(&rec.key),
                     format!(
                         "{} is in its bootloader ({path}): writing {}",
@@ -363,9 +363,9 @@ pub fn recover(deps: &Deps, cancel: &Cancel, sink: &Sink) -> Vec<Recovered> {
     }
     for r in &out {
         if r.outcome == "left" {
-            warn(sink, Stage::Flash, Some(&r.key), r.detail.clone());
+            warn(sink, Stage::Preflight, Some(&r.key), r.detail.clone());
         } else {
-            emit(sink, Stage::Flash, Some(&r.key), r.detail.clone());
+            emit(sink, Stage::Preflight, Some(&r.key), r.detail.clone());
         }
     }
     out
