@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 /// Errors reading or checking a firmware config.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
-    #[error("firmware config {path} does not exist (create it with `kflash config KEY` or `make menuconfig KCONFIG_CONFIG={path}`)")]
+    #[error("firmware config {path} does not exist (create it with menuconfig: `make menuconfig KCONFIG_CONFIG={path}` in the Klipper tree)")]
     Missing { path: PathBuf },
     #[error("cannot read firmware config {path}: {source}")]
     Read {
@@ -81,6 +81,23 @@ pub struct Target {
     /// The first `CONFIG_MACH_*` set, without the prefix, lowercase (`stm32`, `rp2040`,
     /// `linux`, `avr`).
     pub mach: Option<String>,
+    /// Where the firmware must start in flash: `CONFIG_FLASH_APPLICATION_ADDRESS`, else the
+    /// flash start plus the bootloader offset chosen in menuconfig
+    /// (`CONFIG_<chip>_FLASH_START_<hex>=y`). A bootloader must start the application at
+    /// exactly this address.
+    pub app_start: Option<u64>,
+    /// The start of flash (`CONFIG_FLASH_START` / `CONFIG_FLASH_BOOT_ADDRESS`, else the
+    /// chip family's, else the application address rounded down to 1 MiB).
+    pub flash_start: Option<u64>,
+}
+
+/// Menuconfig's name for a bootloader offset: `No bootloader`, `8KiB bootloader`.
+pub fn offset_choice(offset: u64) -> String {
+    match offset {
+        0 => "No bootloader".to_owned(),
+        o if o % 1024 == 0 => format!("{}KiB bootloader", o / 1024),
+        o => format!("{o:#x} bootloader offset"),
+    }
 }
 
 /// A parsed `.config`: symbol name (with `CONFIG_`) -> raw value; `n` for "is not set".
@@ -213,27 +230,46 @@ impl KConfig {
             Interface::Unknown
         };
         let flash_offset = self.get_int("FLASH_APPLICATION_ADDRESS");
-        // The start of flash: stated by the config, else the application address rounded
-        // down to 1 MiB (0x08008000 -> 0x08000000, 0x10004000 -> 0x10000000).
-        let flash_start = self
-            .get_int("FLASH_START")
-            .or_else(|| self.get_int("FLASH_BOOT_ADDRESS"));
-        let has_bootloader_offset = flash_offset.is_some_and(|app| {
-            let start = flash_start.unwrap_or(app & !0xF_FFFF);
-            app.saturating_sub(start) > 0x100
-        });
         let mach = self
             .order
             .iter()
             .filter(|name| self.values.get(*name).is_some_and(|v| v == "y"))
             .find_map(|name| name.strip_prefix("CONFIG_MACH_"))
             .map(str::to_ascii_lowercase);
+        // The start of flash: stated by the config, else the family's, else the
+        // application address rounded down to 1 MiB (0x08008000 -> 0x08000000).
+        let family_start = match mach.as_deref() {
+            Some(m) if m.starts_with("stm32") => Some(0x0800_0000),
+            Some(m) if m.starts_with("rp") => Some(0x1000_0000),
+            _ => None,
+        };
+        let flash_start = self
+            .get_int("FLASH_START")
+            .or_else(|| self.get_int("FLASH_BOOT_ADDRESS"))
+            .or(family_start)
+            .or_else(|| flash_offset.map(|app| app & !0xF_FFFF));
+        // The offset menuconfig chose: `CONFIG_STM32_FLASH_START_8000=y` and the like.
+        let chosen_offset = self
+            .order
+            .iter()
+            .filter(|name| self.values.get(*name).is_some_and(|v| v == "y"))
+            .find_map(|name| {
+                let (_, hex) = name.rsplit_once("_FLASH_START_")?;
+                u64::from_str_radix(hex, 16).ok()
+            });
+        let app_start = flash_offset.or_else(|| Some(flash_start? + chosen_offset?));
+        let has_bootloader_offset = app_start.is_some_and(|app| {
+            let start = flash_start.unwrap_or(app & !0xF_FFFF);
+            app.saturating_sub(start) > 0x100
+        });
         Ok(Target {
             mcu,
             interface,
             flash_offset,
             has_bootloader_offset,
             mach,
+            app_start,
+            flash_start,
         })
     }
 }
@@ -305,6 +341,25 @@ CONFIG_USB_SERIAL_NUMBER="12345"
         .unwrap();
         assert!(!stm.has_bootloader_offset);
         assert_eq!(stm.interface, Interface::Serial);
+    }
+
+    #[test]
+    fn application_start_from_the_address_or_the_chosen_offset() {
+        let t = KConfig::parse(OCTOPUS).target().unwrap();
+        assert_eq!(
+            (t.app_start, t.flash_start),
+            (Some(0x800_8000), Some(0x800_0000))
+        );
+        // No address written: the flash start plus the offset menuconfig chose.
+        let t = KConfig::parse(
+            "CONFIG_MACH_RPXXXX=y\nCONFIG_MCU=\"rp2040\"\nCONFIG_RPXXXX_FLASH_START_4000=y\n",
+        )
+        .target()
+        .unwrap();
+        assert_eq!(t.app_start, Some(0x1000_4000));
+        assert!(t.has_bootloader_offset);
+        assert_eq!(offset_choice(0x2000), "8KiB bootloader");
+        assert_eq!(offset_choice(0), "No bootloader");
     }
 
     #[test]

@@ -252,6 +252,22 @@ impl Client {
         answer::mcu_versions(status, sections).map_err(|e| self.error(&path, e))
     }
 
+    /// The chip each named MCU section reports (`mcu_constants.MCU`); `None` for a section
+    /// that did not identify.
+    pub fn mcu_chips(&self, sections: &[&str]) -> Result<HashMap<String, Option<String>>, Error> {
+        if sections.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let objects: Vec<(&str, &[&str])> = sections
+            .iter()
+            .map(|s| (*s, &["mcu_constants"][..]))
+            .collect();
+        let path = objects_query(&objects);
+        let result = self.get(&path)?;
+        let status = answer::query_status(&result).map_err(|e| self.error(&path, e))?;
+        Ok(answer::mcu_chips(status, sections))
+    }
+
     /// `GET /machine/system_info` -> `system_info` (instance ids, available services, states).
     pub fn system_info(&self) -> Result<Map<String, Value>, Error> {
         let path = "/machine/system_info";

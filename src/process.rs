@@ -20,7 +20,7 @@ use std::io::{BufRead, BufReader, Read};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -35,31 +35,69 @@ const POLL: Duration = Duration::from_millis(10);
 /// Time between SIGTERM and SIGKILL of the group.
 const GRACE: Duration = Duration::from_secs(3);
 
-/// A shared "please stop" flag: set by the front end (Ctrl+C), checked by long work. It
-/// may carry why (`stopped by SIGTERM`), which a run's record keeps.
-#[derive(Clone, Default, Debug)]
-pub struct Cancel(Arc<AtomicBool>, Arc<Mutex<Option<String>>>);
+/// A shared "please stop" request with two levels, set by the front end (Ctrl+C,
+/// SIGTERM) and checked by long work: the first asks the work to stop (`cancel`), the
+/// second to abandon even what it is finishing (`abandon`). A view made by `finishing`
+/// shares the request but trips only at the second level: a board being written is
+/// handed that view, so the first signal lets it finish. It may carry why (`stopped by
+/// SIGTERM`), which a run's record keeps.
+#[derive(Clone, Debug)]
+pub struct Cancel {
+    level: Arc<AtomicU8>,
+    trips_at: u8,
+    why: Arc<Mutex<Option<String>>>,
+}
+
+impl Default for Cancel {
+    fn default() -> Self {
+        Self {
+            level: Arc::new(AtomicU8::new(0)),
+            trips_at: 1,
+            why: Arc::default(),
+        }
+    }
+}
 
 impl Cancel {
     pub fn new() -> Self {
         Self::default()
     }
+    /// The first level: stop, but let what is being finished finish.
     pub fn cancel(&self) {
-        self.0.store(true, Ordering::SeqCst);
+        self.level.fetch_max(1, Ordering::SeqCst);
     }
     /// Cancel and say why (the first reason given is kept).
     pub fn cancel_because(&self, reason: &str) {
-        if let Ok(mut why) = self.1.lock() {
+        if let Ok(mut why) = self.why.lock() {
             why.get_or_insert_with(|| reason.to_owned());
         }
         self.cancel();
     }
+    /// The second level: abandon everything, also what is being finished.
+    pub fn abandon(&self) {
+        self.level.fetch_max(2, Ordering::SeqCst);
+    }
+    /// Whether work holding this view must stop now.
     pub fn is_cancelled(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
+        self.level.load(Ordering::SeqCst) >= self.trips_at
+    }
+    /// Whether the second level was reached.
+    pub fn is_abandoned(&self) -> bool {
+        self.level.load(Ordering::SeqCst) >= 2
+    }
+    /// The same request, seen by work that is finished on the first level and stopped
+    /// only on the second.
+    #[must_use]
+    pub fn finishing(&self) -> Cancel {
+        Cancel {
+            level: Arc::clone(&self.level),
+            trips_at: 2,
+            why: Arc::clone(&self.why),
+        }
     }
     /// Why it was cancelled, when the canceller said.
     pub fn reason(&self) -> Option<String> {
-        self.1.lock().ok().and_then(|why| why.clone())
+        self.why.lock().ok().and_then(|why| why.clone())
     }
 }
 
@@ -512,6 +550,18 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, Error::Timeout { .. }));
         assert!(started.elapsed() < Duration::from_secs(10));
+    }
+
+    #[test]
+    fn a_finishing_view_trips_only_when_abandoned() {
+        let cancel = Cancel::new();
+        let finishing = cancel.finishing();
+        assert!(!cancel.is_cancelled() && !finishing.is_cancelled());
+        cancel.cancel();
+        assert!(cancel.is_cancelled() && !cancel.is_abandoned());
+        assert!(!finishing.is_cancelled(), "the first level lets it finish");
+        finishing.clone().abandon();
+        assert!(finishing.is_cancelled() && cancel.is_abandoned());
     }
 
     #[test]

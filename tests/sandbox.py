@@ -7,7 +7,8 @@
 - a fake ``flashtool.py`` that imitates the real one's documented behaviour and
   traps: ``Programming Complete`` on success; ``Device is not Katapult,
   exiting...`` and exit 0 when the board fell into DFU; refusal of a tty held
-  open by another process; per-device behaviour chosen by the test;
+  open by another process; per-device behaviour chosen by the test (``ok``,
+  ``fail``, ``dfu``, ``hang``, ``slow``: 3 s of writing, then success);
 - service stop/start commands that append to a log (the `command` backend);
 - a fake Moonraker (tests/fake_moonraker.py: Moonraker's query traps kept) that
   reports print state and the version each board was last flashed with, and
@@ -66,6 +67,10 @@ if behaviour == "hang":
     open(os.path.join(sandbox, "hanging"), "w").write(str(os.getpid()))
     while True:
         time.sleep(1)
+if behaviour == "slow":
+    # Writing takes a while: long enough to be interrupted in the middle.
+    open(os.path.join(sandbox, "writing"), "w").write(str(os.getpid()))
+    time.sleep(3)
 if behaviour == "fail":
     print("ERROR: no response from bootloader", file=sys.stderr); sys.exit(1)
 if behaviour == "dfu":
@@ -86,7 +91,15 @@ print("Write complete: 4 pages")
 print("Verification Complete")
 flashed = os.path.join(sandbox, "flashed")
 os.makedirs(flashed, exist_ok=True)
-open(os.path.join(flashed, ident), "w").write(version)
+name = ident.replace("usb-katapult_", "usb-Klipper_")
+open(os.path.join(flashed, name), "w").write(version)
+if a.d and os.path.basename(a.d).startswith("usb-katapult_"):
+    # COMPLETE: the board leaves Katapult and runs Klipper again.
+    tty = os.path.basename(os.readlink(a.d))
+    usb = os.path.dirname(os.path.realpath(os.path.join(
+        os.environ["KFLASH_SYS_ROOT"], "class/tty", tty, "device")))
+    open(os.path.join(usb, "idProduct"), "w").write("614e\n")
+    os.rename(a.d, a.d.replace("usb-katapult_", "usb-Klipper_"))
 print("Programming Complete")
 '''
 
@@ -234,6 +247,27 @@ class Sandbox:
         )
         self.boards[key] = board
         return board
+
+    def enter_katapult(self, key):
+        """The board re-enumerates in its Katapult bootloader (by-id and USB id change,
+        by-path stays)."""
+        board = self.boards[key]
+        link = self.dev / "serial/by-id" / board.by_id_name
+        link.rename(link.with_name(board.by_id_name.replace("Klipper", "katapult")))
+        (self.sys / f"devices/usb1/1-{board.n + 1}/idProduct").write_text("6177\n")
+
+    def enter_dfu(self, key):
+        """The board falls into the STM32 ROM loader: no tty, DFU on its port."""
+        board = self.boards[key]
+        by_path = f"serial/by-path/platform-xhci-usb-0:{board.n + 1}:1.0"
+        for link in ("serial/by-id/" + board.by_id_name, by_path):
+            (self.dev / link).unlink()
+        usb = self.sys / f"devices/usb1/1-{board.n + 1}"
+        (usb / "idVendor").write_text("0483\n")
+        (usb / "idProduct").write_text("df11\n")
+        bus = self.sys / "bus/usb/devices"
+        bus.mkdir(parents=True, exist_ok=True)
+        (bus / f"1-{board.n + 1}").symlink_to(usb)
 
     def write_behaviour(self):
         (self.root / "behaviour.json").write_text(json.dumps(self.behaviour))

@@ -1,11 +1,15 @@
 """The kflash CLI: devices, settings, build, and bad input (exit 2, nothing lost)."""
 
 import json
+import os
+import pty
 import subprocess
 import sys
 import time
 
 import pytest
+
+from sandbox import KFLASH
 
 PRINTER_CFG = """
 [include extra.cfg]
@@ -167,23 +171,6 @@ def _timed(sandbox):
     return time.monotonic() - started
 
 
-def test_config_runs_menuconfig_on_the_device_config(sandbox, tmp_path):
-    tree = tmp_path / "menuconfig-tree"
-    tree.mkdir()
-    (tree / "Makefile").write_text(
-        "menuconfig:\n"
-        "\tprintf 'CONFIG_MCU=\"rp2040\"\\nCONFIG_USBSERIAL=y\\n' > $(KCONFIG_CONFIG)\n"
-    )
-    sandbox.settings(klipper_dir=tree)
-    sandbox.ok("devices", "add", "pico", "--serial", "/dev/serial/by-id/usb-x")
-    result = sandbox.ok("config", "pico")
-    assert "rp2040" in result.stdout
-    config = sandbox.home / "configs" / "pico.config"
-    assert 'CONFIG_MCU="rp2040"' in config.read_text()
-    (dev,) = sandbox.json("devices", "list")
-    assert (dev["mcu"], dev["config_present"]) == ("rp2040", True)
-
-
 def test_status_shm_reads_klippys_mirror(tmp_path):
     import kflash
 
@@ -219,3 +206,115 @@ def test_progress_in_a_log_keeps_one_line_per_ten_percent(capsys):
     lines = capsys.readouterr().err.splitlines()
     assert 10 <= len(lines) <= 13, lines
     assert "794/794" in lines[-2] and lines[-1].endswith("flashed")
+
+
+def test_config_without_a_terminal_says_so_and_from_attaches_a_config(
+    sandbox, tmp_path
+):
+    sandbox.ok("devices", "add", "pico", "--serial", "/dev/serial/by-id/usb-x")
+    result = sandbox.run("config", "pico")
+    assert result.returncode == 2, result.stderr
+    assert "needs a terminal" in result.stderr
+    assert "kflash config pico --from FILE" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (sandbox.klipper / "out").exists()
+    bad = tmp_path / "notes.txt"
+    bad.write_text("just notes\n")
+    result = sandbox.run("config", "pico", "--from", str(bad))
+    assert result.returncode == 2 and "CONFIG_" in result.stderr, result.stderr
+    good = tmp_path / "pico.config"
+    good.write_text('CONFIG_MACH_RPXXXX=y\nCONFIG_MCU="rp2040"\nCONFIG_USBSERIAL=y\n')
+    dev = sandbox.json("config", "pico", "--from", str(good))
+    assert (dev["mcu"], dev["config_present"]) == ("rp2040", True)
+    assert (sandbox.home / "configs" / "pico.config").read_text() == good.read_text()
+
+
+def test_config_in_a_terminal_runs_menuconfig_with_its_own_out(sandbox, tmp_path):
+    tree = tmp_path / "menuconfig-tree"
+    tree.mkdir()
+    (tree / "Makefile").write_text(
+        "menuconfig:\n"
+        "\tprintf 'CONFIG_MCU=\"rp2040\"\\nCONFIG_USBSERIAL=y\\n' > $(KCONFIG_CONFIG)\n"
+        "\techo $(OUT) > $(KCONFIG_CONFIG).out\n"
+    )
+    sandbox.settings(klipper_dir=tree)
+    sandbox.ok("devices", "add", "pico", "--serial", "/dev/serial/by-id/usb-x")
+    main, sub = pty.openpty()
+    proc = subprocess.run(
+        [*KFLASH, "config", "pico"],
+        env=sandbox.env,
+        stdin=sub,
+        stdout=sub,
+        stderr=subprocess.PIPE,
+        timeout=60,
+    )
+    os.close(sub)
+    os.close(main)
+    assert proc.returncode == 0, proc.stderr
+    config = sandbox.home / "configs" / "pico.config"
+    assert 'CONFIG_MCU="rp2040"' in config.read_text()
+    out = (sandbox.home / "configs" / "pico.config.out").read_text().strip()
+    assert out == str(sandbox.home / "builds" / "pico" / "menuconfig") + "/"
+    assert not (tree / "out").exists()
+
+
+def test_devices_import_creates_the_configs_dir(sandbox, tmp_path):
+    cfg = tmp_path / "printer.cfg"
+    cfg.write_text("[mcu]\nserial: /dev/serial/by-id/usb-Klipper_stm32f446xx_A-if00\n")
+    sandbox.ok("devices", "import", str(cfg))
+    assert (sandbox.home / "configs").is_dir()
+
+
+def test_keys_follow_one_rule_everywhere(sandbox, tmp_path):
+    import kflash
+
+    for bad in ("_probe", ".hidden"):
+        result = sandbox.run("devices", "add", bad, "--serial", "/dev/x")
+        assert result.returncode == 2, result.stderr
+        assert "start with a letter or a digit" in result.stderr
+        with pytest.raises(kflash.RegistryError, match="start with a letter"):
+            kflash.validate_key(bad)
+    with pytest.raises(kflash.RegistryError, match="start with a letter"):
+        kflash.validate_key("-x")
+    kflash.validate_key("EBB36")
+    cfg = tmp_path / "printer.cfg"
+    cfg.write_text("[mcu -probe]\nserial: /dev/x\n[mcu _tool]\nserial: /dev/y\n")
+    added = sandbox.json("devices", "import", str(cfg))["added"]
+    assert [d["key"] for d in added] == ["mcu_-probe", "mcu__tool"]
+
+
+@pytest.mark.parametrize("target", ["/dev/zero", "fifo"])
+def test_an_include_that_is_not_a_regular_file_is_a_clear_error(
+    sandbox, tmp_path, target
+):
+    if target == "fifo":
+        os.mkfifo(tmp_path / "fifo")
+    cfg = tmp_path / "printer.cfg"
+    cfg.write_text(f"[mcu]\nserial: /dev/x\n\n[include {target}]\n")
+    started = time.monotonic()
+    result = sandbox.run("devices", "import", str(cfg), timeout=30)
+    assert time.monotonic() - started < 10
+    assert result.returncode == 2, result.stderr
+    assert "not a regular file" in result.stderr
+    assert "printer.cfg:4:" in result.stderr
+    assert sandbox.json("devices", "list") == []
+
+
+def test_an_include_cycle_names_the_including_line(sandbox, tmp_path):
+    (tmp_path / "printer.cfg").write_text("[include a.cfg]\n")
+    (tmp_path / "a.cfg").write_text("# a\n[include printer.cfg]\n")
+    result = sandbox.run("devices", "import", str(tmp_path / "printer.cfg"))
+    assert result.returncode == 2
+    assert "a.cfg:2:" in result.stderr and "cycle" in result.stderr, result.stderr
+
+
+def test_new_settings_are_validated(sandbox):
+    sandbox.ok("settings", "set", "auto_rollback", "true")
+    sandbox.ok("settings", "set", "linux_mcu_service", "klipper_mcu")
+    settings = sandbox.json("settings")["settings"]
+    assert (settings["auto_rollback"], settings["linux_mcu_service"]) == (
+        "true",
+        "klipper_mcu",
+    )
+    result = sandbox.run("settings", "set", "auto_rollback", "maybe")
+    assert result.returncode == 2 and "true or false" in result.stderr

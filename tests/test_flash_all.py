@@ -2,10 +2,13 @@
 
 import json
 import signal
+import subprocess
+import threading
 import time
 
 import pytest
 
+from sandbox import KFLASH
 from virtual_printer import tree
 
 
@@ -174,9 +177,30 @@ def start_blocked_run(sandbox):
     return proc
 
 
+def wait_for_line(proc, word, timeout=30):
+    """Read the run's stderr until a line holds ``word`` (the lines read so far)."""
+    lines = []
+    found = threading.Event()
+
+    def read():
+        for line in proc.stderr:
+            lines.append(line)
+            if word in line:
+                found.set()
+                return
+
+    threading.Thread(target=read, daemon=True).start()
+    assert found.wait(timeout), f"no line with {word!r} in:\n{''.join(lines)}"
+    return lines
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
-def test_signal_in_the_stop_window_restarts_klipper(sandbox, sig):
+def test_a_second_signal_abandons_the_board_being_written(sandbox, sig):
     proc = start_blocked_run(sandbox)
+    proc.send_signal(sig)
+    # The first signal finishes the board being written (here: one that hangs).
+    wait_for_line(proc, "interrupted: finishing octopus first")
+    assert sandbox.service_events() == ["stop"]
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 1, err
@@ -184,8 +208,72 @@ def test_signal_in_the_stop_window_restarts_klipper(sandbox, sig):
     report = json.loads(out)
     assert report["cancelled"] is True
     assert report["service"]["restarted"] is True
-    # The flash was cancelled; the board after it was not flashed.
-    assert report["devices"][1]["flash"] == "skip"
+    octopus, ebb = report["devices"]
+    assert "abandoned" in octopus["error"], octopus
+    assert "kflash flash-all" in octopus["hint"], octopus
+    # The board after it was not flashed, and the report says how to flash it.
+    assert ebb["flash"] == "skip"
+    assert "kflash flash ebb" in ebb["hint"], ebb
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_one_signal_finishes_the_board_being_written_then_restarts(sandbox, sig):
+    two_boards(sandbox)
+    sandbox.set_behaviour("octopus", "slow")
+    proc = sandbox.spawn("flash-all", "--json")
+    sandbox.wait_for(
+        lambda: (sandbox.root / "writing").exists(), timeout=60, what="the write"
+    )
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, err
+    assert "interrupted: finishing octopus first" in err
+    report = json.loads(out)
+    octopus, ebb = report["devices"]
+    assert octopus["flash"] == "pass", octopus
+    assert sandbox.flashed_version(sandbox.boards["octopus"]) is not None
+    assert (ebb["flash"], ebb["reason"]) == ("skip", "cancelled before flashing")
+    assert "kflash flash ebb" in ebb["hint"]
+    assert report["cancelled"] and report["service"]["restarted"]
+    assert sandbox.service_events() == ["stop", "start"]
+    # Nothing is left for a recovery.
+    assert not (sandbox.home / "pending.json").exists()
+
+
+def test_the_finish_is_bounded_by_the_flash_time_limit(sandbox):
+    sandbox.settings(flash_timeout_s=3)
+    proc = start_blocked_run(sandbox)
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert time.monotonic() - started < 15, err
+    assert proc.returncode == 1, err
+    assert sandbox.service_events() == ["stop", "start"]
+    assert json.loads(out)["service"]["restarted"] is True
+
+
+def test_a_run_under_nohup_ignores_sighup(sandbox):
+    two_boards(sandbox)
+    sandbox.set_behaviour("octopus", "slow")
+    proc = subprocess.Popen(
+        [*KFLASH, "flash-all", "--json"],
+        env=sandbox.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        # What nohup does before it runs the command.
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),
+    )
+    sandbox.procs.append(proc)
+    sandbox.wait_for(
+        lambda: (sandbox.root / "writing").exists(), timeout=60, what="the write"
+    )
+    proc.send_signal(signal.SIGHUP)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    report = json.loads(out)
+    assert report["ok"] and not report["cancelled"]
+    assert [d["flash"] for d in report["devices"]] == ["pass", "pass"]
 
 
 def test_sigkill_of_the_runner_is_recovered_by_the_watchdog(sandbox):
@@ -206,6 +294,9 @@ def test_a_second_run_is_refused_while_one_holds_the_lock(sandbox):
     second = sandbox.run("flash-all", "--yes")
     assert second.returncode == 3
     assert "another kflash run" in second.stderr
+    # Ctrl+C twice: the hanging board is abandoned.
+    proc.send_signal(signal.SIGINT)
+    wait_for_line(proc, "interrupted: finishing")
     proc.send_signal(signal.SIGINT)
     proc.communicate(timeout=30)
     assert sandbox.service_events() == ["stop", "start"]
@@ -308,3 +399,53 @@ def test_build_json_lists_every_device_when_one_fails(sandbox):
         ("octopus", "pass"),
         ("broken", "fail"),
     ]
+
+
+def test_a_board_in_katapult_is_named_by_plan_and_status_and_flashed_first(sandbox):
+    two_boards(sandbox)
+    sandbox.enter_katapult("octopus")
+    plan = sandbox.json("plan")
+    octopus = plan["devices"][0]
+    assert "octopus is in its bootloader" in octopus["reason"], octopus
+    assert octopus["bootloader"].startswith("Katapult on"), octopus
+    assert octopus["action"] == "flash"
+    status = sandbox.json("status")
+    assert status["devices"][0]["bootloader"].startswith("Katapult on")
+    assert "octopus is in its bootloader" in sandbox.ok("status").stdout
+    report = sandbox.json("flash-all")
+    assert report["ok"], report
+    flashed = sandbox.flashed_version(sandbox.boards["octopus"])
+    assert flashed == report["target_version"]
+    assert sandbox.json("plan")["devices"][0]["bootloader"] is None
+
+
+def test_a_board_in_dfu_is_found_on_its_usb_port_with_a_hint(sandbox):
+    two_boards(sandbox)
+    sandbox.json("flash-all")  # kflash learns where each board is plugged in
+    sandbox.enter_dfu("octopus")
+    (octopus, ebb) = sandbox.json("plan")["devices"]
+    assert octopus["action"] == "error"
+    assert "octopus is in its bootloader (STM32 DFU (0483:df11)" in octopus["reason"]
+    assert "0483:df11" in octopus["hint"] and len(octopus["hint"].splitlines()) == 2
+    assert ebb["action"] == "flash"
+
+
+def test_rollback_writes_what_was_last_verified_on_each_board(sandbox):
+    two_boards(sandbox)
+    nothing = sandbox.json("rollback")
+    assert [d["action"] for d in nothing["devices"]] == ["skip", "skip"]
+    assert "no last-known-good" in nothing["devices"][0]["reason"]
+    assert sandbox.service_events() == []
+    first = sandbox.json("flash-all")
+    # A newer build that was never verified on the boards.
+    tree.git(str(sandbox.klipper), "commit", "-q", "--allow-empty", "-m", "newer")
+    sandbox.json("build")
+    report = sandbox.json("rollback")
+    assert report["ok"], report
+    assert report["target_version"] == first["target_version"]
+    for d in report["devices"]:
+        assert d["reason"].startswith("roll back to " + first["target_version"]), d
+        assert d["verify"] == "pass"
+    log = (sandbox.root / "flashtool.log").read_text()
+    assert log.count("ok") == 4
+    assert sandbox.service_events() == ["stop", "start", "stop", "start"]

@@ -30,8 +30,10 @@ def helper(sandbox, *args):
 
 
 def blocked(sandbox, run_id):
-    """A helper run stuck flashing octopus (klipper stopped)."""
+    """A helper run stuck flashing octopus (klipper stopped). A first signal lets
+    the board being written finish, bounded by its flash time limit: 8 s here."""
     two_boards(sandbox)
+    sandbox.settings(flash_timeout_s=8)
     sandbox.set_behaviour("octopus", "hang")
     proc = helper(sandbox, "--run-id", run_id)
     sandbox.wait_for(lambda: (sandbox.root / "hanging").exists(), timeout=60,
@@ -93,6 +95,9 @@ def test_a_signal_unwinds_through_the_restart_and_the_record_says_so(
     assert rec["interrupted"] == f"stopped by {sig.name}"
     assert rec["report"]["cancelled"] is True
     assert rec["report"]["service"]["restarted"] is True
+    events, _ = Runs(sandbox.home).events("R-SIG")
+    assert any("interrupted: finishing octopus first" in e["message"]
+               for e in events), events
     _, errors = render.summary(rec)
     assert f"interrupted (stopped by {sig.name})" in errors[-1]
     assert "klipper was started again" in errors[-1]

@@ -258,6 +258,7 @@ def test_a_session_helper_survives_its_parent_and_keeps_no_fds(sandbox):
     watchdog."""
     sandbox.add_board("octopus")
     sandbox.start_moonraker()
+    sandbox.settings(flash_timeout_s=8)  # SIGTERM finishes the board: bounded
     sandbox.set_behaviour("octopus", "hang")
     fds = sandbox.root / "fds"
     # the interpreter the helper is started with: notes its fds, then is

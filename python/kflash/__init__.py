@@ -31,6 +31,7 @@ from kflash._core import (
     katapult_encode,
     katapult_flash,
     katapult_status,
+    validate_key,
     wait_klippy_ready,
 )
 
@@ -60,5 +61,6 @@ __all__ = [
     "katapult_encode",
     "katapult_flash",
     "katapult_status",
+    "validate_key",
     "wait_klippy_ready",
 ]

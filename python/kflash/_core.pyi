@@ -50,6 +50,7 @@ __all__ = [
     "katapult_encode",
     "katapult_flash",
     "katapult_status",
+    "validate_key",
     "wait_klippy_ready",
 ]
 
@@ -118,6 +119,9 @@ class ExitStatus:
 def compare_versions(mcu: str, target: str) -> VersionState:
     """Compare an MCU's version with the firmware kflash would build."""
 
+def validate_key(key: str) -> None:
+    """Check a device key (the one rule of every front end); raise RegistryError."""
+
 @final
 class Engine:
     """A kflash state directory: devices, settings, configs, builds and runs."""
@@ -145,6 +149,8 @@ class Engine:
     def remove_device(self, key: str) -> DeviceRow: ...
     def import_printer_cfg(self, path: str) -> Imported: ...
     def config_path(self, key: str) -> str: ...
+    def set_config(self, key: str, path: str | os.PathLike[str]) -> DeviceRow: ...
+    def menuconfig_command(self, key: str) -> list[str]: ...
     def plan(
         self, keys: Optional[list[str]] = None, only_outdated: bool = False
     ) -> Plan: ...
@@ -163,6 +169,13 @@ class Engine:
         self,
         keys: Optional[list[str]] = None,
         only_outdated: bool = False,
+        yes: bool = False,
+        on_event: Optional[OnEvent] = None,
+        run_id: Optional[str] = None,
+    ) -> Report: ...
+    def rollback(
+        self,
+        keys: Optional[list[str]] = None,
         yes: bool = False,
         on_event: Optional[OnEvent] = None,
         run_id: Optional[str] = None,

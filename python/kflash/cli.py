@@ -11,8 +11,10 @@ configuration error (nothing stopped); 3 refused by pre-flight (printing, lock
 held, no service control, no Moonraker); 4 klipper could not be restarted.
 
 SIGTERM and SIGHUP are turned into an interrupt like Ctrl+C, so a run that is
-stopped from outside unwinds the same way: klipper is started again and the run
-is reported.
+stopped from outside unwinds the same way. The first interrupt lets the board
+being written finish (bounded by its flash time limit), then klipper is started
+again and the run is reported; a second one abandons that board and says so. A
+signal ignored when kflash starts (SIGHUP under ``nohup``) stays ignored.
 """
 
 import argparse
@@ -40,6 +42,8 @@ def _on_signal(signum, frame):
 
 def install_signal_handlers():
     for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) == signal.SIG_IGN:
+            continue  # started under nohup (or told to ignore it): keep ignoring
         signal.signal(sig, _on_signal)
 
 
@@ -297,8 +301,38 @@ def cmd_devices(engine, args):
     raise AssertionError(sub)
 
 
+def usage_error(args, exc, **extra):
+    err(f"kflash: {exc}")
+    if args.json:
+        emit_json(error_document(exc, ExitStatus.USAGE, **extra))
+    return ExitStatus.USAGE
+
+
 def cmd_config(engine, args):
     path = engine.config_path(args.key)
+    if args.from_file:
+        dev = engine.set_config(args.key, os.path.expanduser(args.from_file))
+        if args.json:
+            emit_json(dev)
+        elif dev.get("problem"):
+            print(f"{args.key}: {dev['problem']}")
+            return ExitStatus.USAGE
+        else:
+            print(
+                f"{args.key}: builds {dev['mcu']} firmware ({dev['interface']});"
+                f" saved {path}"
+            )
+        return ExitStatus.SUCCESS
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        return usage_error(
+            args,
+            UsageError(
+                "kflash config runs Klipper's menuconfig, which needs a terminal; "
+                f"run it in one, or attach a .config you have with "
+                f"`kflash config {args.key} --from FILE`"
+            ),
+            device=args.key,
+        )
     klipper_dir = engine.settings()["klipper_dir"]
     if not os.path.isfile(os.path.join(klipper_dir, "Makefile")):
         exc = UsageError(
@@ -309,8 +343,7 @@ def cmd_config(engine, args):
         if args.json:
             emit_json(error_document(exc, ExitStatus.USAGE))
         return ExitStatus.USAGE
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    command = ["make", "menuconfig", f"KCONFIG_CONFIG={path}"]
+    command = engine.menuconfig_command(args.key)
     rc = subprocess.call(command, cwd=klipper_dir)
     if rc != 0:
         exc = UsageError(f"`make menuconfig` exited with {rc}")
@@ -445,6 +478,18 @@ def cmd_flash_all(engine, args):
     )
 
 
+def cmd_rollback(engine, args):
+    progress = Progress()
+    return run_guarded(
+        engine,
+        args,
+        lambda: engine.rollback(
+            keys=args.keys or None, yes=args.yes, on_event=progress
+        ),
+        progress,
+    )
+
+
 def cmd_status(engine, args):
     if args.watch or args.shm:
         # klippy's [status_snapshot] mirror, read without asking klippy.
@@ -470,6 +515,12 @@ def cmd_status(engine, args):
         for d in status["devices"]
     ]
     print(table(rows, ["DEVICE", "SECTION", "MCU VERSION", "TARGET", "STATE"]))
+    for d in status["devices"]:
+        if d.get("bootloader"):
+            print(
+                f"{d['key']} is in its bootloader ({d['bootloader']}); "
+                "`kflash flash-all` flashes a board in Katapult first"
+            )
     last = status.get("last_run")
     if last:
         result = last.get("state")
@@ -527,8 +578,10 @@ def build_parser():
             description=(
                 "Settings: klipper_dir, katapult_dir, service (moonraker | systemd "
                 "| command), klipper_service (unit name), stop_command, "
-                "start_command, moonraker_url, linux_mcu_binary, build_timeout_s, "
-                "flash_timeout_s."
+                "start_command, moonraker_url, linux_mcu_binary, "
+                "linux_mcu_service, build_timeout_s, flash_timeout_s, "
+                "katapult_flasher, auto_rollback, flash_parallel, prewarm, "
+                "klippy_dir, klippy_python."
             ),
         )
     )
@@ -600,6 +653,12 @@ def build_parser():
         )
     )
     p.add_argument("key", metavar="KEY")
+    p.add_argument(
+        "--from",
+        dest="from_file",
+        metavar="FILE",
+        help="attach an existing Klipper .config instead of running menuconfig",
+    )
 
     p = reporting(
         sub.add_parser(
@@ -644,6 +703,24 @@ def build_parser():
         help="proceed even when Moonraker is unreachable (make sure nothing prints)",
     )
 
+    p = reporting(
+        sub.add_parser(
+            "rollback",
+            help="flash each board's last-known-good firmware (klipper restarts)",
+            description=(
+                "Flashes each selected board with the firmware last flashed to it "
+                "AND verified there, inside one stop window, then restarts klipper "
+                "and verifies. A board without one is skipped."
+            ),
+        )
+    )
+    p.add_argument("keys", nargs="*", metavar="KEY", help="devices (default: all)")
+    p.add_argument(
+        "--yes",
+        action="store_true",
+        help="proceed even when Moonraker is unreachable (make sure nothing prints)",
+    )
+
     p = sub.add_parser(
         "status",
         help="MCU versions and the last run (--shm/--watch: klippy's status mirror)",
@@ -662,6 +739,7 @@ COMMANDS = {
     "build": cmd_build,
     "flash": cmd_flash,
     "flash-all": cmd_flash_all,
+    "rollback": cmd_rollback,
     "status": cmd_status,
     "katapult": katapult_cli.command,
 }

@@ -65,6 +65,24 @@ def outage(report):
             f"start {svc.get('start_s') or 0:.1f} s)")
 
 
+def what_to_do(hint, indent="  "):
+    """A hint: its first line after ``what to do:``, the command below it."""
+    first, *rest = str(hint).splitlines() or [""]
+    lines = [f"{indent}what to do: {first}"]
+    lines += [f"{indent}  {line.strip()}" for line in rest]
+    return "\n".join(lines)
+
+
+def recovered_lines(recovered):
+    """What a run did first with the boards an earlier run left behind."""
+    lines = []
+    for r in recovered or []:
+        lines.append(f"{r['key']}: {r['detail']}")
+        if r.get("hint"):
+            lines.append(what_to_do(r["hint"]))
+    return lines
+
+
 # ----------------------------------------------------------------- the plan
 
 
@@ -82,6 +100,10 @@ def plan_table(plan):
              d.get("reason")] for d in plan.get("devices") or []]
     lines.append(table(rows, ["DEVICE", "MCU", "METHOD", "ENDPOINT", "CURRENT",
                               "TARGET", "STATE", "ACTION", "WHY"]))
+    for d in plan.get("devices") or []:
+        if d.get("hint"):
+            lines.append(f"\n{d['key']}: {d['reason']}")
+            lines.append(what_to_do(d["hint"]))
     return lines
 
 
@@ -154,13 +176,20 @@ def report_table(report):
             for d in devices]
     lines = [table(rows, ["DEVICE", "METHOD", "ACTION", "BUILD", "FLASH",
                           "VERIFY", "VERSION"])]
+    if report.get("recovered"):
+        lines.append("\nleft behind by an earlier run:")
+        lines += recovered_lines(report["recovered"])
     for d in devices:
         if d.get("error"):
             lines.append(f"\n{d['key']}: {d['error']}")
+            if d.get("rollback"):
+                lines.append(f"  automatic rollback: {d['rollback']}")
             if d.get("hint"):
-                lines.append(f"  what to do: {d['hint']}")
+                lines.append(what_to_do(d["hint"]))
         elif d.get("reason") and d.get("action") == "skip":
             lines.append(f"{d['key']}: skipped ({d['reason']})")
+            if d.get("hint"):
+                lines.append(what_to_do(d["hint"]))
     svc = report.get("service") or {}
     said = outage(report)
     if said:

@@ -38,6 +38,9 @@ class PlanEntry(TypedDict):
     state: VersionState
     action: Literal["flash", "skip", "error"]
     reason: str
+    bootloader: Optional[str]
+    board_mcu: Optional[str]
+    hint: Optional[str]
 
 
 class Plan(TypedDict):
@@ -91,6 +94,7 @@ class DeviceReport(TypedDict):
     verify: Step
     error: Optional[str]
     hint: Optional[str]
+    rollback: Optional[str]
 
 
 class Report(TypedDict):
@@ -105,6 +109,17 @@ class Report(TypedDict):
     started: str
     finished: str
     record: Optional[str]
+    recovered: List["Recovered"]
+
+
+class Recovered(TypedDict):
+    """A board an unfinished run left behind, and what the recovery did with it."""
+
+    key: str
+    outcome: Literal["flashed", "running", "left"]
+    version: str
+    detail: str
+    hint: Optional[str]
 
 
 class _EndpointKind(TypedDict):
@@ -156,6 +171,7 @@ class DeviceStatus(TypedDict):
     target_version: Optional[str]
     state: VersionState
     problem: Optional[str]
+    bootloader: Optional[str]
 
 
 RunState = Literal["running", "finished", "interrupted"]

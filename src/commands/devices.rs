@@ -157,6 +157,12 @@ impl Context {
         let mut reg = self.registry()?;
         let report = reg.add_imported(&found);
         reg.save(&self.state)?;
+        // Where `kflash config KEY` puts each board's config next.
+        let configs = self.state.configs_dir();
+        std::fs::create_dir_all(&configs).map_err(|source| Error::WriteConfig {
+            path: configs,
+            source,
+        })?;
         let added = report
             .added
             .iter()
@@ -176,6 +182,35 @@ impl Context {
         let reg = self.registry()?;
         reg.get(key)?;
         Ok(self.state.config_path(key))
+    }
+
+    /// `kflash config KEY --from FILE`: attach an existing Klipper `.config` to a device
+    /// (copied in atomically; a file that is not a Klipper config changes nothing).
+    pub fn set_config(&self, key: &str, src: &Path) -> Result<DeviceRow, Error> {
+        let reg = self.registry()?;
+        let device = reg.get(key)?.clone();
+        self.copy_config(key, src)?;
+        Ok(self.device_row(&device))
+    }
+
+    /// `kflash config KEY`: the menuconfig command for a device's config, run in the
+    /// Klipper tree. `OUT=` points into the device's build directory, so nothing lands in
+    /// the tree's own `out/`.
+    pub fn menuconfig_command(&self, key: &str) -> Result<Vec<String>, Error> {
+        let config = self.config_path(key)?;
+        let out = self.state.builds_dir().join(key).join("menuconfig");
+        std::fs::create_dir_all(self.state.configs_dir())
+            .and_then(|()| std::fs::create_dir_all(&out))
+            .map_err(|source| Error::WriteConfig {
+                path: out.clone(),
+                source,
+            })?;
+        Ok(vec![
+            "make".into(),
+            "menuconfig".into(),
+            format!("KCONFIG_CONFIG={}", config.display()),
+            format!("OUT={}/", out.display()),
+        ])
     }
 
     /// The registry's devices as the pipeline sees them.
@@ -278,7 +313,7 @@ mod tests {
         assert_eq!(Target::read(&cfg, &linux).unwrap().mcu, "linux");
         let missing = Target::read(&dir.path().join("missing"), &serial).unwrap_err();
         assert!(matches!(missing, ConfigError::Unreadable(_)), "{missing}");
-        assert!(missing.to_string().contains("kflash config"));
+        assert!(missing.to_string().contains("menuconfig"));
     }
 
     #[test]

@@ -90,14 +90,15 @@ impl ExitStatus {
                 pipeline::Error::Registry(_)
                 | pipeline::Error::NoMatch { .. }
                 | pipeline::Error::Config { .. }
-                | pipeline::Error::CannotFlash { .. } => ExitStatus::Usage,
+                | pipeline::Error::CannotFlash { .. }
+                | pipeline::Error::Lock(_) => ExitStatus::Usage,
                 pipeline::Error::Refused(_) => ExitStatus::Refused,
                 pipeline::Error::Cancelled {
                     report: Some(report),
                 } => ExitStatus::of_report(report),
-                pipeline::Error::Lock(_)
-                | pipeline::Error::Build { .. }
-                | pipeline::Error::Cancelled { report: None } => ExitStatus::Failure,
+                pipeline::Error::Build { .. } | pipeline::Error::Cancelled { report: None } => {
+                    ExitStatus::Failure
+                }
             },
             Error::Katapult(_) | Error::WriteConfig { .. } | Error::WriteRecord { .. } => {
                 ExitStatus::Failure
@@ -139,7 +140,18 @@ mod tests {
             started: String::new(),
             finished: String::new(),
             record: None,
+            recovered: Vec::new(),
         }
+    }
+
+    #[test]
+    fn a_lock_that_cannot_be_opened_is_a_usage_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let blocker = dir.path().join("blocker");
+        std::fs::write(&blocker, "").unwrap();
+        let err = crate::flash_run::RunLock::acquire(&blocker.join("lock")).unwrap_err();
+        let err = crate::commands::Error::from(err);
+        assert_eq!(ExitStatus::of_error(&err), ExitStatus::Usage, "{err}");
     }
 
     #[test]

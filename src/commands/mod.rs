@@ -23,7 +23,7 @@ mod settings;
 mod status;
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 pub use devices::{DeviceRow, Imported, NewDevice, Skipped};
 pub use exit_status::ExitStatus;
@@ -101,6 +101,13 @@ impl From<RecordError> for Error {
     }
 }
 
+/// What a flash run writes: freshly built firmware, or each board's last-known-good.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunKind {
+    FlashAll,
+    Rollback,
+}
+
 /// A state directory and what the front ends can do with it.
 #[derive(Clone)]
 pub struct Context {
@@ -123,17 +130,22 @@ impl std::fmt::Debug for Context {
 }
 
 impl Context {
+    /// The context of an existing state directory.
+    pub fn at(state: StateDir) -> Context {
+        Context {
+            state,
+            python: None,
+            native_katapult: Some(printer::native_katapult()),
+        }
+    }
+
     /// Open `home`, or the default state dir (`$KFLASH_HOME`, `~/printer_data/kflash`, ...).
     pub fn open(home: Option<PathBuf>) -> Result<Context, Error> {
         let state = match home {
             Some(path) => StateDir::at(path),
             None => StateDir::resolve().ok_or(registry::Error::NoStateDir)?,
         };
-        Ok(Context {
-            state,
-            python: None,
-            native_katapult: Some(printer::native_katapult()),
-        })
+        Ok(Context::at(state))
     }
 
     pub fn registry(&self) -> Result<Registry, registry::Error> {
@@ -159,10 +171,22 @@ impl Context {
     }
 
     /// `kflash flash KEY` and `kflash flash-all`: build, one stop window, restart, verify.
-    /// The run holds the lock and is recorded, progress included, in `runs/<run id>.json`
-    /// (`run_id`: the helper's, else a new one); `report.record` names the record.
     pub fn flash_all(
         &self,
+        opts: &Options,
+        run_id: Option<&str>,
+        cancel: &Cancel,
+        sink: &Sink,
+    ) -> Result<Report, Error> {
+        self.run(RunKind::FlashAll, opts, run_id, cancel, sink)
+    }
+
+    /// A flash run (`kind`): it holds the lock and is recorded, progress included, in
+    /// `runs/<run id>.json` (`run_id`: the helper's, else a new one); `report.record`
+    /// names the record. Boards an earlier run left behind are recovered first.
+    pub fn run(
+        &self,
+        kind: RunKind,
         opts: &Options,
         run_id: Option<&str>,
         cancel: &Cancel,
@@ -175,10 +199,12 @@ impl Context {
         };
         let run = Arc::new(Run::begin(&self.state, run_id, options, None)?);
         let sink = run.sink(sink.clone());
-        let mut outcome = self
-            .deps_for(&run)
-            .map_err(Error::from)
-            .and_then(|deps| Ok(pipeline::flash_all(&deps, opts, cancel, &sink)?));
+        let mut outcome = self.deps_for(&run).map_err(Error::from).and_then(|deps| {
+            Ok(match kind {
+                RunKind::FlashAll => pipeline::flash_all(&deps, opts, cancel, &sink)?,
+                RunKind::Rollback => pipeline::rollback(&deps, opts, cancel, &sink)?,
+            })
+        });
         let record = Some(run.path().to_path_buf());
         let report = match &mut outcome {
             Ok(report) => Some(report),
@@ -216,6 +242,40 @@ impl Context {
             );
         }
         outcome
+    }
+
+    /// The watchdog's side of run `run_id` (`crate::flash_run::watch`): after the runner
+    /// died with klipper stopped, it first finishes the boards the run left in their
+    /// bootloader (the pending record), then starts klipper. The process exit code.
+    pub fn watch(&self, run_id: &str) -> i32 {
+        crate::flash_run::watch(&self.state, run_id, &|| self.recover_held())
+    }
+
+    /// Finish the boards an unfinished run left behind (the pending record): a board
+    /// found in Katapult by its stable identity gets the recorded image; what cannot be
+    /// finished stays recorded for the next run. Neither stops nor starts klipper. The
+    /// caller holds the run lock (the watchdog). One line per board, for its log.
+    fn recover_held(&self) -> Vec<String> {
+        let said = Arc::new(Mutex::new(Vec::new()));
+        let log = Arc::clone(&said);
+        let sink: Sink = Arc::new(move |e: &crate::events::Event| {
+            let line = match &e.device {
+                Some(key) => format!("{key}: {}", e.message),
+                None => e.message.clone(),
+            };
+            log.lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(line);
+        });
+        let result = self
+            .deps()
+            .map_err(Error::from)
+            .and_then(|deps| Ok(pipeline::recover_first(&deps, &Cancel::new(), &sink)?));
+        let mut lines = std::mem::take(&mut *said.lock().unwrap_or_else(PoisonError::into_inner));
+        if let Err(e) = result {
+            lines.push(format!("could not recover the boards the run left: {e}"));
+        }
+        lines
     }
 }
 

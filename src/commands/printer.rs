@@ -25,8 +25,8 @@ use crate::flash::{self, Comeback, Endpoint, Tools};
 use crate::flash_run::{LiveWatchdog, Run};
 use crate::moonraker::{self, Client, ServiceAction};
 use crate::pipeline::{
-    Built, Deps, DeviceInfo, Firmware, Flash, Inventory, Klippy, Prewarm, Service, Stopped,
-    Watchdog,
+    self, Bootloader, Built, Deps, DeviceInfo, Firmware, Flash, InterfaceState, Inventory, Klippy,
+    Prewarm, Service, Stopped, Watchdog,
 };
 use crate::prewarm;
 use crate::process::{Cancel, Cmd};
@@ -61,6 +61,8 @@ pub struct LiveDevices {
     /// ROM loaders on the bus when each device was located for flashing (they belong to
     /// other boards).
     roms_before: Mutex<HashMap<String, Vec<PathBuf>>>,
+    /// Identities kept by earlier runs (`identities.json`), to find boards in bootloaders.
+    known: Mutex<BTreeMap<String, discovery::Identity>>,
 }
 
 impl LiveDevices {
@@ -73,7 +75,9 @@ impl LiveDevices {
     }
 
     /// The tty of a serial device: by its stable identity once known, else by its
-    /// registered path (or pattern).
+    /// registered path (or pattern), else — a board sitting in its bootloader, whose
+    /// by-id name and tty differ — by the identity kept from an earlier run, or the
+    /// bootloader's by-id name for the same chip and serial.
     fn find_port(
         &self,
         key: &str,
@@ -83,9 +87,17 @@ impl LiveDevices {
         if let Some(port) = stable.and_then(|s| self.disc.find(&s)) {
             return Ok(port);
         }
-        let port = self.disc.resolve(pattern)?;
-        lock(&self.stable).insert(key.to_owned(), StableId::of(&port));
-        Ok(port)
+        let found = self.disc.resolve(pattern).or_else(|err| {
+            let kept = lock(&self.known).get(key).cloned();
+            kept.and_then(|id| self.disc.find_identity(&id))
+                .or_else(|| {
+                    let other = discovery::by_id_counterpart(pattern)?;
+                    self.disc.resolve(&other).ok()
+                })
+                .ok_or(err)
+        })?;
+        lock(&self.stable).insert(key.to_owned(), StableId::of(&found));
+        Ok(found)
     }
 
     fn port_path(&self, port: &discovery::SerialPort) -> PathBuf {
@@ -106,6 +118,46 @@ impl Inventory for LiveDevices {
                 .find_port(&dev.key, path)
                 .map(|p| self.port_path(&p).display().to_string()),
             Endpoint::Can { .. } | Endpoint::Linux { .. } => Ok(dev.endpoint.describe()),
+        }
+    }
+
+    fn bootloader(&self, dev: &DeviceInfo) -> Option<Bootloader> {
+        let Endpoint::Serial { path } = &dev.endpoint else {
+            return None;
+        };
+        match self.find_port(&dev.key, path) {
+            Ok(port) if discovery::usb_mode(&port) == UsbMode::Katapult => {
+                Some(Bootloader::Katapult {
+                    path: self.port_path(&port).display().to_string(),
+                })
+            }
+            Ok(_) => None,
+            Err(_) => {
+                let kept = lock(&self.known).get(&dev.key).cloned()?;
+                self.disc.rom_loader_of(&kept).map(Bootloader::RomLoader)
+            }
+        }
+    }
+
+    fn identity(&self, dev: &DeviceInfo) -> Option<discovery::Identity> {
+        let Endpoint::Serial { path } = &dev.endpoint else {
+            return None;
+        };
+        let port = self.find_port(&dev.key, path).ok()?;
+        let fresh = discovery::Identity::of(&port);
+        // A board found in its bootloader keeps what was learnt while it ran Klipper.
+        let kept = lock(&self.known).get(&dev.key).cloned();
+        Some(match kept {
+            Some(kept) if discovery::usb_mode(&port) == UsbMode::Katapult => kept,
+            _ => fresh,
+        })
+    }
+
+    fn interface(&self, name: &str) -> InterfaceState {
+        match self.disc.net_interface(name) {
+            discovery::NetState::Up => InterfaceState::Up,
+            discovery::NetState::Down => InterfaceState::Down,
+            discovery::NetState::Missing => InterfaceState::Missing,
         }
     }
 }
@@ -158,6 +210,9 @@ impl flash::Watch for LiveDevices {
                 return Comeback::RomLoader(r);
             }
             if cancel.is_cancelled() || Instant::now() >= deadline {
+                if let Some(port) = port.filter(|p| discovery::usb_mode(p) == UsbMode::Katapult) {
+                    return Comeback::Katapult(self.port_path(&port));
+                }
                 return match self.disc.find_rom_loaders().into_iter().next() {
                     Some(r) => Comeback::RomLoader(r),
                     None => Comeback::Gone,
@@ -250,6 +305,18 @@ impl Klippy for LiveKlippy {
             .into_iter()
             .filter_map(|(k, v)| v.map(|v| (k, v)))
             .collect())
+    }
+
+    fn mcu_chips(&self) -> BTreeMap<String, String> {
+        let sections: Vec<&str> = self.sections.iter().map(String::as_str).collect();
+        self.client()
+            .and_then(|c| c.mcu_chips(&sections))
+            .map(|got| {
+                got.into_iter()
+                    .filter_map(|(k, v)| v.map(|v| (k, v)))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     fn wait_ready(&self, timeout: Duration, cancel: &Cancel) -> Result<(), moonraker::Error> {
@@ -357,16 +424,43 @@ impl Flash for flash::Flasher {
     ) -> Result<flash::Flashed, flash::Failure> {
         flash::Flasher::flash(self, &dev.job(Some(built)), cancel, sink)
     }
+
+    fn hint(
+        &self,
+        dev: &DeviceInfo,
+        built: Option<&Built>,
+        loader: Option<discovery::RomLoader>,
+    ) -> Option<String> {
+        Some(flash::Flasher::hint(self, &dev.job(built), loader))
+    }
+
+    fn finish_timeout(&self) -> Duration {
+        self.tools.flash_timeout
+    }
 }
 
-/// Restart the linux MCU's service (`klipper-mcu` or `klipper_mcu`) the way klipper's
-/// service is controlled; `Ok(None)` when neither exists.
+/// Restart the linux MCU's service the way klipper's service is controlled: the setting
+/// `linux_mcu_service` (an error when it does not exist), else whichever of `klipper-mcu`
+/// and `klipper_mcu` exists (`Ok(None)` when neither does).
 fn linux_restart(settings: &Settings) -> flash::LinuxRestart {
     let backend = settings.service;
     let url = settings.moonraker_url.clone();
+    let configured = settings.linux_mcu_service.clone();
     Arc::new(
         move |cancel: &Cancel| -> Result<Option<String>, service::Error> {
-            let units = ["klipper-mcu", "klipper_mcu"];
+            let units: Vec<&str> = match &configured {
+                Some(unit) => vec![unit.as_str()],
+                None => vec!["klipper-mcu", "klipper_mcu"],
+            };
+            let missing = |found: Option<String>| match (&configured, found) {
+                (Some(unit), None) => Err(service::Error::Unavailable {
+                    service: unit.clone(),
+                    reason: "the service set as linux_mcu_service does not exist (empty: \
+                             whichever of klipper-mcu / klipper_mcu exists)"
+                        .into(),
+                }),
+                (_, found) => Ok(found),
+            };
             let moonraker = |action: &'static str, unit: &str| {
                 let service = unit.to_owned();
                 move |e: moonraker::Error| service::Error::Moonraker {
@@ -392,7 +486,7 @@ fn linux_restart(settings: &Settings) -> flash::LinuxRestart {
                         .map_err(moonraker("find", "klipper-mcu"))?;
                     let Some(unit) = units.iter().find(|u| available.iter().any(|a| a == *u))
                     else {
-                        return Ok(None);
+                        return missing(None);
                     };
                     client
                         .service_action(ServiceAction::Restart, unit)
@@ -400,7 +494,7 @@ fn linux_restart(settings: &Settings) -> flash::LinuxRestart {
                     Ok(Some((*unit).to_owned()))
                 }
                 Backend::Systemd => {
-                    for unit in units {
+                    for unit in units.iter().copied() {
                         let listed = Cmd::new("systemctl")
                             .args(["list-unit-files", "--no-legend", &format!("{unit}.service")])
                             .timeout(Duration::from_secs(20))
@@ -417,7 +511,7 @@ fn linux_restart(settings: &Settings) -> flash::LinuxRestart {
                             return Ok(Some(unit.to_owned()));
                         }
                     }
-                    Ok(None)
+                    missing(None)
                 }
                 Backend::Command => Ok(None),
             }
@@ -429,9 +523,7 @@ fn linux_restart(settings: &Settings) -> flash::LinuxRestart {
 /// for serial boards (setting `katapult_flasher`), flashtool.py its fallback, `make flash`
 /// the last resort of `auto`.
 pub fn native_katapult() -> flash::NativeKatapult {
-    Arc::new(|dev, baud, firmware, cancel, sink| {
-        crate::katapult::flash_device(dev, baud, firmware, cancel, sink).map(drop)
-    })
+    Arc::new(|req, cancel, sink| crate::katapult::flash_device(req, cancel, sink).map(drop))
 }
 
 impl Context {
@@ -456,12 +548,14 @@ impl Context {
             disc: Discovery::from_env(),
             stable: Mutex::new(HashMap::new()),
             roms_before: Mutex::new(HashMap::new()),
+            known: Mutex::new(pipeline::pending::identities(&self.state)),
         });
         let mut tools = Tools::new(&s.klipper_dir);
         tools.katapult_dir = Some(s.katapult_dir.clone());
         tools.linux_mcu_binary.clone_from(&s.linux_mcu_binary);
         tools.flash_timeout = Duration::from_secs(s.flash_timeout_s);
         tools.linux_restart = Some(linux_restart(s));
+        tools.linux_mcu_service.clone_from(&s.linux_mcu_service);
         tools.native_katapult = match s.katapult_flasher {
             KatapultFlasher::Native => self.native_katapult.clone(),
             KatapultFlasher::Flashtool => None,
@@ -498,9 +592,11 @@ impl Context {
             }),
             flash_parallel: s.flash_parallel,
             compare: versions::compare,
-            flashed_dir: self.state.root().join("flashed"),
+            state: self.state.clone(),
+            flashed_dir: self.state.flashed_dir(),
             stagger: Duration::from_millis(200),
             ready_timeout,
+            auto_rollback: s.auto_rollback,
         })
     }
 }
@@ -533,6 +629,7 @@ mod tests {
             disc: Discovery::at(&dev, &sys),
             stable: Mutex::new(HashMap::new()),
             roms_before: Mutex::new(HashMap::new()),
+            known: Mutex::new(BTreeMap::new()),
         };
         let endpoint = Endpoint::Serial {
             path: format!("/dev/serial/by-id/{name}"),
@@ -553,7 +650,11 @@ mod tests {
         let usb = dir.path().join("sys/devices/usb1/1-1");
         fs::write(usb.join("idProduct"), "6177\n").unwrap();
         let back = live.wait_back("mcu", &ep, Duration::from_millis(300), &Cancel::new());
-        assert!(matches!(back, Comeback::Gone), "{back:?}");
+        assert_eq!(
+            back,
+            Comeback::Katapult(katapult.clone()),
+            "still in Katapult"
+        );
         fs::rename(&katapult, &klipper).unwrap();
         fs::write(usb.join("idProduct"), "614e\n").unwrap();
         let back = live.wait_back("mcu", &ep, Duration::from_secs(5), &Cancel::new());

@@ -1,5 +1,6 @@
-//! `kflash status`: klippy's print state, each device's current and target version, and
-//! the last run (its record, `crate::flash_run::record`). Reads only.
+//! `kflash status`: klippy's print state, each device's current and target version, a
+//! board sitting in its bootloader, and the last run (its record,
+//! `crate::flash_run::record`). Reads only.
 
 use serde::Serialize;
 
@@ -20,6 +21,9 @@ pub struct DeviceStatus {
     pub state: &'static str,
     /// Why the device's config cannot build its firmware.
     pub problem: Option<String>,
+    /// The bootloader the board sits in (`Katapult on ...`, `STM32 DFU ...`), found by its
+    /// stable identity; `kflash flash-all` flashes a board in Katapult first.
+    pub bootloader: Option<String>,
 }
 
 /// The newest run record (`<state>/runs/<run id>.json`): running, finished, or
@@ -74,6 +78,7 @@ impl Context {
                     target_version,
                     state: state.as_str(),
                     problem: d.target.as_ref().err().map(ToString::to_string),
+                    bootloader: deps.inventory.bootloader(d).map(|b| b.describe()),
                 }
             })
             .collect();

@@ -24,6 +24,8 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use serde::{Deserialize, Serialize};
+
 use crate::process::Cancel;
 
 /// How often `wait_for` looks for the device.
@@ -90,6 +92,9 @@ pub struct UsbInfo {
     pub serial: Option<String>,
     pub manufacturer: Option<String>,
     pub product_name: Option<String>,
+    /// The sysfs USB device's name (`1-1.2`): the port it is plugged into. A board in a
+    /// ROM loader (no tty) shows up under the same name.
+    pub port: Option<String>,
 }
 
 /// One serial device as seen now.
@@ -190,6 +195,95 @@ impl fmt::Display for StableId {
             StableId::Tty(tty) => write!(f, "tty {tty}"),
         }
     }
+}
+
+/// Everything known about where a serial board is plugged in, kept between runs
+/// (`<state>/identities.json`) so that a board is found again while it sits in a
+/// bootloader, where its by-id name (`usb-katapult_...`) and tty differ from the ones
+/// printer.cfg names, or in a ROM loader, where it has no tty at all.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Identity {
+    /// The by-path link name (USB topology).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by_path: Option<String>,
+    /// The USB serial number (Klipper and Katapult report the same, from the chip).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usb_serial: Option<String>,
+    /// The sysfs USB device name (`1-1.2`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usb_port: Option<String>,
+    /// The tty of a board that is not on USB (a UART never re-enumerates).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tty: Option<String>,
+}
+
+impl Identity {
+    /// What identifies `port` across re-enumeration.
+    pub fn of(port: &SerialPort) -> Identity {
+        let usb = port.usb.as_ref();
+        Identity {
+            by_path: port.by_path_name(),
+            usb_serial: port.usb_serial(),
+            usb_port: usb.and_then(|u| u.port.clone()),
+            tty: usb.is_none().then(|| port.tty.clone()),
+        }
+    }
+
+    /// Whether `port` is this board: by-path first, else the USB serial, else the tty of
+    /// a non-USB board.
+    pub fn matches(&self, port: &SerialPort) -> bool {
+        if let (Some(a), Some(b)) = (&self.by_path, port.by_path_name()) {
+            return *a == b;
+        }
+        if let (Some(a), Some(b)) = (&self.usb_serial, port.usb_serial()) {
+            return *a == b;
+        }
+        match &self.tty {
+            Some(tty) => port.usb.is_none() && port.tty == *tty,
+            None => false,
+        }
+    }
+
+    /// The `StableId` to wait for this board by.
+    pub fn stable(&self) -> Option<StableId> {
+        self.by_path
+            .clone()
+            .map(StableId::ByPath)
+            .or_else(|| self.usb_serial.clone().map(StableId::UsbSerial))
+            .or_else(|| self.tty.clone().map(StableId::Tty))
+    }
+
+    /// Whether nothing is known.
+    pub fn is_empty(&self) -> bool {
+        self == &Identity::default()
+    }
+}
+
+/// The by-id name the same board (same chip and serial) has in the other mode:
+/// `.../usb-Klipper_<mcu>_<serial>-if00` <-> `.../usb-katapult_<mcu>_<serial>-if00`.
+/// printer.cfg names the first; a board sitting in Katapult shows the second.
+pub fn by_id_counterpart(path: &str) -> Option<String> {
+    let (dir, name) = match path.rsplit_once('/') {
+        Some((dir, name)) => (Some(dir), name),
+        None => (None, path),
+    };
+    let other = if let Some(rest) = name.strip_prefix("usb-Klipper_") {
+        format!("usb-katapult_{rest}")
+    } else {
+        format!("usb-Klipper_{}", name.strip_prefix("usb-katapult_")?)
+    };
+    Some(match dir {
+        Some(dir) => format!("{dir}/{other}"),
+        None => other,
+    })
+}
+
+/// The state of a network interface (`<sys>/class/net/<name>`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NetState {
+    Up,
+    Down,
+    Missing,
 }
 
 /// What a USB serial device is running, from its USB id.
@@ -362,6 +456,7 @@ impl Discovery {
                     serial: read_trimmed(&dir.join("serial")),
                     manufacturer: read_trimmed(&dir.join("manufacturer")),
                     product_name: read_trimmed(&dir.join("product")),
+                    port: file_name(&dir),
                 });
             }
             dir = dir.parent()?.to_path_buf();
@@ -489,6 +584,23 @@ impl Discovery {
         self.scan().into_iter().find(|p| stable.matches(p))
     }
 
+    /// The port of a board known by its kept identity, if present now (in any mode).
+    pub fn find_identity(&self, identity: &Identity) -> Option<SerialPort> {
+        if identity.is_empty() {
+            return None;
+        }
+        self.scan().into_iter().find(|p| identity.matches(p))
+    }
+
+    /// The ROM loader a board known by its kept identity fell into: one on the same USB
+    /// port.
+    pub fn rom_loader_of(&self, identity: &Identity) -> Option<RomBoard> {
+        let port = identity.usb_port.as_deref()?;
+        self.find_rom_loaders()
+            .into_iter()
+            .find(|r| r.path.file_name().is_some_and(|n| n == port))
+    }
+
     /// Wait (polling every 50 ms) until the device appears, e.g. after a bootloader entry.
     pub fn wait_for(
         &self,
@@ -515,6 +627,28 @@ impl Discovery {
                 });
             }
             std::thread::sleep(POLL.min(deadline - now));
+        }
+    }
+
+    /// Whether a network interface (a CAN interface such as `can0`) exists and is up:
+    /// `<sys>/class/net/<name>/flags` has IFF_UP, and `operstate` is not `down` (a CAN
+    /// interface whose bus is off or whose adapter is gone reads `down`).
+    pub fn net_interface(&self, name: &str) -> NetState {
+        if name.is_empty() || name.contains('/') || name.starts_with('.') {
+            return NetState::Missing;
+        }
+        let dir = self.sys.0.join("class/net").join(name);
+        if !dir.exists() {
+            return NetState::Missing;
+        }
+        let flags = read_trimmed(&dir.join("flags"))
+            .and_then(|f| u32::from_str_radix(f.trim_start_matches("0x"), 16).ok());
+        let oper = read_trimmed(&dir.join("operstate"));
+        let up = flags.is_some_and(|f| f & 0x1 != 0) && oper.as_deref() != Some("down");
+        if up {
+            NetState::Up
+        } else {
+            NetState::Down
         }
     }
 

@@ -7,7 +7,8 @@
 //! - `out/`: Klipper's `OUT` for this device, kept between runs so that after a Klipper
 //!   update only the changed sources recompile (never `make clean`);
 //! - `firmware/current/` (image + `klipper.dict` of the last good build) and
-//!   `firmware/previous/` (the one before: last-known-good);
+//!   `firmware/previous/` (the last different successful build: NOT last-known-good, it
+//!   may never have been on the board; that one is kept per board by `kept`);
 //! - `build.json`: what `out/` was last built from (schema `"version": 1`), written atomically.
 //!
 //! Invariants:
@@ -27,6 +28,7 @@
 //! device, so builds never share files; events are sent from those threads. Two processes
 //! must not build the same device at once (the state dir's run lock prevents it).
 
+pub mod kept;
 mod record;
 mod toolchain;
 

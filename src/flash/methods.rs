@@ -11,6 +11,8 @@ use std::sync::{Arc, Mutex};
 
 use super::{Endpoint, Error, Job, NativeKatapult, Tools};
 use crate::events::{Event, Sink, Stage};
+use crate::katapult;
+use crate::kconfig::KConfig;
 use crate::process::{self, Cancel, Cmd};
 
 /// One `make flash` at a time in this process: it builds helper tools in the shared tree.
@@ -115,13 +117,29 @@ pub(super) fn native_katapult(
         event.device = Some(key.clone());
         outer(&event);
     });
-    native(dev, job.baud, &firmware, cancel, &sink).map_err(|e| {
+    let req = katapult::Request {
+        device: dev,
+        baud: job.baud,
+        firmware: &firmware,
+        app_start: app_start(job.kconfig),
+    };
+    native(&req, cancel, &sink).map_err(|e| {
         if cancel.is_cancelled() {
             (Error::Cancelled, false)
         } else {
             let another = e.worth_another_flasher();
             (Error::Native(Box::new(e)), another)
         }
+    })
+}
+
+/// Where the device's config says the application starts (`None` when unknown: the
+/// check is then skipped).
+fn app_start(kconfig: &Path) -> Option<katapult::AppStart> {
+    let target = KConfig::load(kconfig).ok()?.target().ok()?;
+    Some(katapult::AppStart {
+        address: u32::try_from(target.app_start?).ok()?,
+        flash_start: u32::try_from(target.flash_start?).ok()?,
     })
 }
 

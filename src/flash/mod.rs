@@ -22,6 +22,7 @@
 //! Thread-safety: `Flasher` is `Send + Sync`; flashing different devices from different
 //! threads is allowed, `make flash` serialises itself.
 
+mod hints;
 mod methods;
 
 use std::path::{Path, PathBuf};
@@ -35,6 +36,9 @@ use crate::events::{Event, Level, Sink, Stage};
 use crate::process::{self, Cancel};
 use crate::{katapult, service};
 
+pub use hints::{
+    in_katapult_hint, not_flashed_hint, recovery_hint, rom_loader_hint, unreached_hint,
+};
 pub use methods::{find_flashtool, flashtool_verdict, FlashtoolVerdict};
 
 /// How a device is flashed (the registry's method: auto, katapult, make, linux).
@@ -74,32 +78,6 @@ impl Family {
     }
 }
 
-/// What to tell a user whose board did not come back running Klipper.
-pub fn recovery_hint(family: Family, job: &Job<'_>, klipper_dir: &Path) -> String {
-    let out = job.out_dir.display();
-    let cfg = job.kconfig.display();
-    let tree = klipper_dir.display();
-    match family {
-        Family::Stm32 => format!(
-            "STM32 recovery: power the board off, set the BOOT0 jumper, power it on (it \
-             enumerates as DFU 0483:df11), then run `cd {tree} && make flash \
-             FLASH_DEVICE=0483:df11 KCONFIG_CONFIG={cfg} OUT={out}/` (or `dfu-util -a 0 -d \
-             0483:df11 -s 0x08000000:leave -D {out}/klipper.bin`, adding the bootloader \
-             offset if your config uses one); remove the jumper and power-cycle."
-        ),
-        Family::Rp2040 => format!(
-            "RP2040 recovery: unplug the board, hold BOOTSEL while plugging it in (it mounts \
-             as RPI-RP2), copy {out}/klipper.uf2 onto that drive (or run `cd {tree} && make \
-             flash FLASH_DEVICE=2e8a:0003 KCONFIG_CONFIG={cfg} OUT={out}/`); it reboots into \
-             Klipper."
-        ),
-        Family::Generic => format!(
-            "Power-cycle the board. If it does not come back, flash {out} through its \
-             bootloader or SD card (see Klipper's docs for your board), with KCONFIG_CONFIG={cfg}."
-        ),
-    }
-}
-
 /// How a serial board came back after a flash.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Comeback {
@@ -107,6 +85,8 @@ pub enum Comeback {
     Klipper(PathBuf),
     /// Stuck in a ROM bootloader.
     RomLoader(RomBoard),
+    /// Still (or again) in Katapult at this path when the time was up.
+    Katapult(PathBuf),
     /// Not seen at all within the timeout.
     Gone,
 }
@@ -127,11 +107,11 @@ pub trait Watch: Send + Sync {
     fn rom_loaders(&self) -> Vec<RomBoard>;
 }
 
-/// The native Katapult serial flasher: `(device, baud, firmware, cancel, sink)`. Returns
-/// `Ok` only when the image was written and verified; `katapult::Error::
-/// worth_another_flasher` says whether flashtool.py could still succeed after an error.
+/// The native Katapult serial flasher: `(request, cancel, sink)`. Returns `Ok` only when
+/// the image was written and verified; `katapult::Error::worth_another_flasher` says
+/// whether flashtool.py could still succeed after an error.
 pub type NativeKatapult = Arc<
-    dyn Fn(&Path, Option<u32>, &Path, &Cancel, &Sink) -> Result<(), katapult::Error> + Send + Sync,
+    dyn Fn(&katapult::Request<'_>, &Cancel, &Sink) -> Result<(), katapult::Error> + Send + Sync,
 >;
 
 /// Restarts the linux MCU's service: `Ok(Some(unit))` restarted, `Ok(None)` when no
@@ -154,6 +134,9 @@ pub struct Tools {
     pub return_timeout: Duration,
     pub native_katapult: Option<NativeKatapult>,
     pub linux_restart: Option<LinuxRestart>,
+    /// The linux MCU's service (setting `linux_mcu_service`), for hints; `None`: whichever
+    /// of `klipper-mcu` / `klipper_mcu` exists.
+    pub linux_mcu_service: Option<String>,
 }
 
 impl Tools {
@@ -168,6 +151,7 @@ impl Tools {
             return_timeout: Duration::from_secs(30),
             native_katapult: None,
             linux_restart: None,
+            linux_mcu_service: None,
         }
     }
 }
@@ -216,6 +200,8 @@ pub enum Error {
     CameBackInRomLoader(String),
     #[error("after flashing, the board did not come back running Klipper within {0:?}")]
     DidNotReturn(Duration),
+    #[error("after flashing, the board stayed in Katapult ({})", .0.display())]
+    StayedInKatapult(PathBuf),
     #[error("cannot replace {path}: {source}")]
     Install {
         path: PathBuf,
@@ -328,15 +314,7 @@ impl Flasher {
                         path: None,
                     })
                     .map_err(|e| {
-                        let hint = Some(format!(
-                            "Check that {} is up (`ip link show`) and the node is powered; \
-                             `flashtool.py -i IFACE -q` lists nodes waiting in Katapult. {}",
-                            match job.endpoint {
-                                Endpoint::Can { interface, .. } => interface.as_str(),
-                                _ => "the CAN interface",
-                            },
-                            recovery_hint(family, job, &self.tools.klipper_dir)
-                        ));
+                        let hint = Some(recovery_hint(family, job, &self.tools));
                         fail(e, tried, hint)
                     });
             }
@@ -353,7 +331,28 @@ impl Flasher {
             Ok(method) => self.wait_back(job, method, tried, family, cancel, sink),
             Err(Error::Cancelled) => Err(fail(Error::Cancelled, tried, None)),
             Err(error) => {
-                let hint = Some(self.rom_loader_hint(job, family));
+                let hint = Some(match &error {
+                    Error::Native(e) => match (e.offset_to_choose(), &**e) {
+                        (Some(offset), _) => hints::config_hint(
+                            &format!(
+                                "Choose \"{offset}\" as the Bootloader offset, save, and run \
+                                 again:"
+                            ),
+                            job.key,
+                        ),
+                        (None, katapult::Error::McuMismatch { bootloader, .. }) => {
+                            hints::config_hint(
+                                &format!(
+                                    "Choose {bootloader} as the processor model, save, and run \
+                                     again:"
+                                ),
+                                job.key,
+                            )
+                        }
+                        _ => self.rom_loader_hint(job, family),
+                    },
+                    _ => self.rom_loader_hint(job, family),
+                });
                 Err(fail(error, tried, hint))
             }
         }
@@ -467,7 +466,7 @@ impl Flasher {
             Some(job.key),
             "waiting for the board to come back running Klipper",
         ));
-        let hint = recovery_hint(family, job, &self.tools.klipper_dir);
+        let hint = recovery_hint(family, job, &self.tools);
         match self
             .watch
             .wait_back(job.key, job.endpoint, self.tools.return_timeout, cancel)
@@ -478,11 +477,12 @@ impl Flasher {
             }),
             Comeback::RomLoader(rom) => Err(Failure {
                 error: Error::CameBackInRomLoader(rom.describe()),
-                hint: Some(recovery_hint(
-                    Family::of_loader(rom.loader),
-                    job,
-                    &self.tools.klipper_dir,
-                )),
+                hint: Some(rom_loader_hint(rom.loader, job, &self.tools)),
+                tried,
+            }),
+            Comeback::Katapult(path) => Err(Failure {
+                error: Error::StayedInKatapult(path),
+                hint: Some(in_katapult_hint()),
                 tried,
             }),
             Comeback::Gone if cancel.is_cancelled() => Err(Failure {
@@ -498,17 +498,27 @@ impl Flasher {
         }
     }
 
-    /// After a failure: a ROM loader on the bus explains it (and says how to recover).
+    /// After a failure: a ROM loader of this board's family on the bus explains it (and
+    /// says how to recover); another family's loader belongs to another board.
     fn rom_loader_hint(&self, job: &Job<'_>, family: Family) -> String {
-        let roms = self.watch.rom_loaders();
-        if let Some(rom) = roms.first() {
-            return format!(
-                "{} is on the USB bus. {}",
-                rom.describe(),
-                recovery_hint(Family::of_loader(rom.loader), job, &self.tools.klipper_dir)
-            );
+        let ours = self
+            .watch
+            .rom_loaders()
+            .into_iter()
+            .find(|r| family == Family::Generic || Family::of_loader(r.loader) == family);
+        match ours {
+            Some(rom) => rom_loader_hint(rom.loader, job, &self.tools),
+            None => recovery_hint(family, job, &self.tools),
         }
-        recovery_hint(family, job, &self.tools.klipper_dir)
+    }
+
+    /// The hint for a board that did not end up running Klipper (for a caller that has
+    /// no failure at hand, e.g. a recovery that found it in a ROM loader).
+    pub fn hint(&self, job: &Job<'_>, loader: Option<RomLoader>) -> String {
+        match loader {
+            Some(loader) => rom_loader_hint(loader, job, &self.tools),
+            None => recovery_hint(Family::of_mcu(job.mcu), job, &self.tools),
+        }
     }
 }
 

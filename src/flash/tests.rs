@@ -304,8 +304,8 @@ fn native_seam_replaces_flashtool_for_serial() {
     let called = Arc::new(Mutex::new(None));
     let seen = called.clone();
     let mut tools = sb.tools();
-    tools.native_katapult = Some(Arc::new(move |dev, _baud, fw, _c, _s| {
-        *seen.lock().unwrap() = Some((dev.to_path_buf(), fw.to_path_buf()));
+    tools.native_katapult = Some(Arc::new(move |req, _c, _s| {
+        *seen.lock().unwrap() = Some((req.device.to_path_buf(), req.firmware.to_path_buf()));
         Ok(())
     }));
     let flasher = Flasher::new(
@@ -335,7 +335,7 @@ fn flash_after_native_failure(
 ) -> (Sandbox, Result<Flashed, Failure>) {
     let sb = Sandbox::new(flashtool_body);
     let mut tools = sb.tools();
-    tools.native_katapult = Some(Arc::new(move |_dev, _baud, _fw, _c, _s| {
+    tools.native_katapult = Some(Arc::new(move |_req, _c, _s| {
         Err(if try_flashtool {
             katapult::Error::VerifyMismatch {
                 addr: 0x0800_8040,
@@ -382,6 +382,53 @@ fn both_katapult_flashers_failing_report_both_errors() {
         msg.contains("Programming Complete"),
         "flashtool error lost: {msg}"
     );
+}
+
+#[test]
+fn the_configs_application_start_goes_to_the_native_flasher_and_a_mismatch_says_what_to_choose() {
+    let sb = Sandbox::new("print('Programming Complete')");
+    fs::write(
+        sb.cfg(),
+        "CONFIG_MACH_STM32=y\nCONFIG_MCU=\"stm32f446xx\"\nCONFIG_FLASH_APPLICATION_ADDRESS=0x8008000\n",
+    )
+    .unwrap();
+    let seen = Arc::new(Mutex::new(None));
+    let got = seen.clone();
+    let mut tools = sb.tools();
+    tools.native_katapult = Some(Arc::new(move |req, _c, _s| {
+        *got.lock().unwrap() = req.app_start;
+        let want = req.app_start.unwrap();
+        Err(katapult::Error::AppStartMismatch {
+            device: req.device.to_path_buf(),
+            bootloader: 0x0800_2000,
+            config: want.address,
+            flash_start: want.flash_start,
+        })
+    }));
+    let flasher = Flasher::new(
+        tools,
+        watch(Comeback::Klipper(PathBuf::from("/dev/ttyACM0")), vec![]),
+    );
+    let (ep, out, cfg) = (serial(), sb.out(), sb.cfg());
+    let failure = flasher
+        .flash(
+            &job(&sb, &ep, Method::Auto, &out, &cfg),
+            &Cancel::new(),
+            &crate::events::discard(),
+        )
+        .unwrap_err();
+    assert_eq!(
+        *seen.lock().unwrap(),
+        Some(katapult::AppStart {
+            address: 0x0800_8000,
+            flash_start: 0x0800_0000
+        })
+    );
+    let hint = failure.hint.unwrap();
+    assert!(hint.contains("\"8KiB bootloader\""), "{hint}");
+    assert!(hint.ends_with("kflash config octopus"), "{hint}");
+    assert_eq!(sb.flashtool_args(), "", "nothing else may write it");
+    assert!(!sb.out().join("made").exists(), "make flash must not run");
 }
 
 #[test]
@@ -499,4 +546,29 @@ fn when_both_methods_fail_the_katapult_error_is_kept() {
         "{msg}"
     );
     assert_eq!(err.tried, vec![Method::Katapult, Method::Make]);
+}
+
+#[test]
+fn another_familys_rom_loader_on_the_bus_is_not_this_boards_hint() {
+    let sb = Sandbox::new("import sys\nprint('ERROR: no response')\nsys.exit(1)");
+    let w = watch(
+        Comeback::Gone,
+        vec![RomBoard {
+            loader: RomLoader::StmDfu,
+            usb_id: "0483:df11".into(),
+            path: "/sys/bus/usb/devices/1-9".into(),
+        }],
+    );
+    let flasher = Flasher::new(sb.tools(), w);
+    let (ep, out, cfg) = (serial(), sb.out(), sb.cfg());
+    let rp2040 = Job {
+        mcu: "rp2040",
+        ..job(&sb, &ep, Method::Katapult, &out, &cfg)
+    };
+    let err = flasher
+        .flash(&rp2040, &Cancel::new(), &crate::events::discard())
+        .unwrap_err();
+    let hint = err.hint.unwrap();
+    assert!(hint.contains("BOOTSEL"), "{hint}");
+    assert!(!hint.contains("BOOT0") && !hint.contains("df11"), "{hint}");
 }

@@ -233,7 +233,12 @@ impl Log {
 
 /// Guard run `run_id` until it ends (see the module doc); the process exit code: 0 stood
 /// down or started klipper, 1 klipper is still stopped, 2 nothing to guard.
-pub fn watch(state: &StateDir, run_id: &str) -> i32 {
+///
+/// `recover` runs before klipper is started when the run was armed: it finishes the boards
+/// the run left in their bootloader (`commands::Context::watch` passes the pipeline's
+/// recovery) and returns what it did, one line per board, for the log. It runs under the
+/// run lock the watchdog holds.
+pub fn watch(state: &StateDir, run_id: &str, recover: &dyn Fn() -> Vec<String>) -> i32 {
     let _ = std::fs::create_dir_all(state.root());
     let mut log = Log(OpenOptions::new()
         .create(true)
@@ -315,9 +320,11 @@ pub fn watch(state: &StateDir, run_id: &str) -> i32 {
             return 0;
         }
     }
-    // Recovery seam: a runner killed mid-flash may have left a board in its bootloader.
-    // This is where the watchdog will first finish that board (the recovery functions
-    // being written on branch `recovery`), before klipper starts; nothing is called yet.
+    // A runner killed mid-flash may have left a board in its bootloader: finish it first,
+    // while klipper is still stopped.
+    for line in recover() {
+        log.say(&line);
+    }
     match service::start_with_retries(&*klipper) {
         Ok(()) => {
             log.say(&format!("{name} started again"));
@@ -378,7 +385,7 @@ mod tests {
     fn watcher(state: &StateDir, id: &str) -> thread::JoinHandle<i32> {
         let state = state.clone();
         let id = id.to_owned();
-        thread::spawn(move || watch(&state, &id))
+        thread::spawn(move || watch(&state, &id, &Vec::new))
     }
 
     #[test]
@@ -386,7 +393,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let state = StateDir::at(dir.path().join("state"));
         let run = begin(&state, dir.path(), "R1");
-        let dog = watcher(&state, "R1");
+        // The recovery runs first, while klipper is still stopped.
+        let dog = {
+            let (state, started) = (state.clone(), dir.path().join("started"));
+            thread::spawn(move || {
+                watch(&state, "R1", &|| {
+                    vec![format!(
+                        "main: recovered, klipper started: {}",
+                        started.exists()
+                    )]
+                })
+            })
+        };
         assert!(wait_until(Duration::from_secs(5), || {
             read_from(&log_path(&state), 0).contains("armed for")
         }));
@@ -402,7 +420,8 @@ mod tests {
         );
         let log = read_from(&log_path(&state), 0);
         assert!(log.contains("ended with klipper still stopped"), "{log}");
-        assert!(log.contains("started again"), "{log}");
+        let recovered = log.find("main: recovered, klipper started: false").unwrap();
+        assert!(log[recovered..].contains("started again"), "{log}");
     }
 
     #[test]
@@ -428,7 +447,7 @@ mod tests {
     fn nothing_to_guard_is_said() {
         let dir = tempfile::tempdir().unwrap();
         let state = StateDir::at(dir.path().join("state"));
-        assert_eq!(watch(&state, "NOPE"), 2);
+        assert_eq!(watch(&state, "NOPE", &Vec::new), 2);
         assert!(read_from(&log_path(&state), 0).contains("nothing to guard"));
     }
 

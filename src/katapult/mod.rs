@@ -38,19 +38,38 @@ pub use serial::{
 };
 pub use session::{FlashReport, Timing};
 
-/// Flash `firmware` to the serial board `device` with every default: discovery from the
-/// environment, default timeouts (`baud`: `Some` for a UART board). The shape of the
-/// pipeline's native Katapult seam (`flash::NativeKatapult`); `Ok` only after a verified
-/// write.
+/// Where a config says the application must start: Katapult's CONNECT must report the
+/// same address, or the image would be written where the board does not run it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AppStart {
+    /// `CONFIG_FLASH_APPLICATION_ADDRESS` (or flash start + the chosen bootloader offset).
+    pub address: u32,
+    /// The start of flash, to name the offset menuconfig calls it by.
+    pub flash_start: u32,
+}
+
+/// One board to flash natively: the shape of the pipeline's native Katapult seam
+/// (`flash::NativeKatapult`).
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    pub device: &'a std::path::Path,
+    /// `Some` for a UART board.
+    pub baud: Option<u32>,
+    pub firmware: &'a std::path::Path,
+    /// Checked against CONNECT before anything is written, when known.
+    pub app_start: Option<AppStart>,
+}
+
+/// Flash a board with every default: discovery from the environment, default timeouts.
+/// `Ok` only after a verified write.
 pub fn flash_device(
-    device: &std::path::Path,
-    baud: Option<u32>,
-    firmware: &std::path::Path,
+    req: &Request<'_>,
     cancel: &crate::process::Cancel,
     sink: &crate::events::Sink,
 ) -> Result<FlashReport, Error> {
-    let mut opts = SerialFlashOptions::new(device, firmware);
-    opts.baud = baud;
+    let mut opts = SerialFlashOptions::new(req.device, req.firmware);
+    opts.baud = req.baud;
+    opts.app_start = req.app_start;
     flash_serial(&opts, cancel, sink)
 }
 
@@ -144,6 +163,21 @@ pub enum Error {
         bootloader: String,
     },
     #[error(
+        "Katapult on {} starts the application at {bootloader:#010x} ({}), but the config \
+         builds it for {config:#010x} ({}): nothing was written. Choose \"{}\" as the \
+         Bootloader offset in menuconfig",
+        device.display(),
+        crate::kconfig::offset_choice(u64::from(bootloader.saturating_sub(*flash_start))),
+        crate::kconfig::offset_choice(u64::from(config.saturating_sub(*flash_start))),
+        crate::kconfig::offset_choice(u64::from(bootloader.saturating_sub(*flash_start)))
+    )]
+    AppStartMismatch {
+        device: PathBuf,
+        bootloader: u32,
+        config: u32,
+        flash_start: u32,
+    },
+    #[error(
         "verify mismatch at address {addr:#010x} (block {block:#010x}): the flash does not hold \
          the firmware; the board stays in Katapult, flash it again"
     )]
@@ -202,8 +236,23 @@ impl Error {
                 | Error::NoDictionary
                 | Error::RomLoader { .. }
                 | Error::McuMismatch { .. }
+                | Error::AppStartMismatch { .. }
                 | Error::Cancelled { .. }
         )
+    }
+
+    /// The bootloader offset to choose in menuconfig, when that is what went wrong.
+    pub fn offset_to_choose(&self) -> Option<String> {
+        match self {
+            Error::AppStartMismatch {
+                bootloader,
+                flash_start,
+                ..
+            } => Some(crate::kconfig::offset_choice(u64::from(
+                bootloader.saturating_sub(*flash_start),
+            ))),
+            _ => None,
+        }
     }
 
     /// True for the errors that mean "the device did not answer in time".

@@ -17,20 +17,23 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::discovery::{usb_mode, Discovery, StableId, UsbMode};
+use crate::discovery::{by_id_counterpart, usb_mode, Discovery, StableId, UsbMode};
 use crate::events::{Event, Level, Sink, Stage};
 use crate::process::Cancel;
 
 use super::codec::ConnectInfo;
 use super::image::{image_info, read_image};
 use super::port::{uart_request_bootloader, usb_touch_1200, Port, SerialPort};
-use super::session::{flash_connected, FlashReport, Session, Timing};
-use super::{Error, Step};
+use super::session::{flash_connected, Checks, FlashReport, Session, Timing};
+use super::{AppStart, Error, Step};
 
 /// Default UART baud (flashtool's default, Klipper's usual).
 pub const DEFAULT_BAUD: u32 = 250_000;
 /// How long opening a freshly enumerated tty is retried (udev permissions, links).
 const OPEN_GRACE: Duration = Duration::from_secs(2);
+/// How long a board touched into its bootloader may take to appear when the flash was
+/// abandoned meanwhile (it is then sent back to its application).
+const RELEASE_WAIT: Duration = Duration::from_secs(3);
 
 /// Which board to talk to (for [`status_serial`]; [`SerialFlashOptions`] embeds the same).
 #[derive(Debug, Clone)]
@@ -69,6 +72,8 @@ pub struct SerialFlashOptions {
     pub stable: Option<StableId>,
     pub discovery: Discovery,
     pub timing: Timing,
+    /// Where the config says the application starts (checked before writing).
+    pub app_start: Option<AppStart>,
 }
 
 impl SerialFlashOptions {
@@ -81,6 +86,7 @@ impl SerialFlashOptions {
             stable: None,
             discovery: Discovery::from_env(),
             timing: Timing::default(),
+            app_start: None,
         }
     }
 
@@ -210,7 +216,13 @@ fn enter_bootloader(
         step: Step::EnterBootloader,
         source,
     })?;
-    let mut entered = wait_for_katapult(opts, &stable, &roms_before, cancel, sink)?;
+    let mut entered = match wait_for_katapult(opts, &stable, &roms_before, cancel, sink) {
+        Err(Error::Cancelled { step }) => {
+            release_after_touch(opts, &stable, sink);
+            return Err(Error::Cancelled { step });
+        }
+        other => other?,
+    };
     // The application's product string names the chip too (Klipper reports CONFIG_MCU).
     entered.prime |= product.as_deref().is_some_and(needs_priming);
     Ok(entered)
@@ -225,25 +237,14 @@ fn locate(opts: &SerialStatusOptions) -> Option<(PathBuf, crate::discovery::Seri
     if let Ok(port) = disc.resolve(&device.to_string_lossy()) {
         return Some((device.clone(), port));
     }
-    if let Some(other) = by_id_counterpart(device) {
-        if let Ok(port) = disc.resolve(&other.to_string_lossy()) {
-            return Some((other, port));
+    if let Some(other) = by_id_counterpart(&device.to_string_lossy()) {
+        if let Ok(port) = disc.resolve(&other) {
+            return Some((PathBuf::from(other), port));
         }
     }
     let port = disc.find(opts.stable.as_ref()?)?;
     let path = port.path()?.to_path_buf();
     Some((path, port))
-}
-
-/// `usb-Klipper_<mcu>_<serial>-if00` <-> `usb-katapult_<mcu>_<serial>-if00`, same dir.
-fn by_id_counterpart(device: &Path) -> Option<PathBuf> {
-    let name = device.file_name()?.to_str()?;
-    let other = if let Some(rest) = name.strip_prefix("usb-Klipper_") {
-        format!("usb-katapult_{rest}")
-    } else {
-        format!("usb-Klipper_{}", name.strip_prefix("usb-katapult_")?)
-    };
-    Some(device.with_file_name(other))
 }
 
 /// UART: probe first (a board already in Katapult answers CONNECT at once), else send the
@@ -278,7 +279,14 @@ fn enter_uart(
                 step: Step::EnterBootloader,
                 source,
             })?;
-            sleep_cancellable(opts.timing.uart_reboot, Step::EnterBootloader, cancel)?;
+            if let Err(e) =
+                sleep_cancellable(opts.timing.uart_reboot, Step::EnterBootloader, cancel)
+            {
+                // Requested: it will sit in Katapult with nothing written.
+                std::thread::sleep(opts.timing.uart_reboot);
+                release_untouched(device, Some(baud), &opts.timing, sink);
+                return Err(e);
+            }
         }
     }
     Ok(Entered {
@@ -458,23 +466,103 @@ pub fn flash_serial(
     }
     let target = opts.target();
     let entered = enter_bootloader(&target, cancel, sink)?;
-    let mut port = open_session_port(&entered, opts.baud, cancel)?;
+    let mut port = match open_session_port(&entered, opts.baud, cancel) {
+        Err(Error::Cancelled { step }) => {
+            release_untouched(&entered.path, opts.baud, &opts.timing, sink);
+            return Err(Error::Cancelled { step });
+        }
+        other => other?,
+    };
     let mut session = Session::new(&mut port, &entered.path, &opts.timing, cancel);
-    if entered.prime {
-        session.prime()?;
-    }
-    let info = connect_serial(&mut session, &target, &entered)?;
-    let report = flash_connected(
-        &mut session,
-        &info,
-        &image,
-        dictionary.as_ref(),
-        &entered.path,
-        sink,
-    );
+    let report = (|| {
+        if entered.prime {
+            session.prime()?;
+        }
+        let info = connect_serial(&mut session, &target, &entered)?;
+        flash_connected(
+            &mut session,
+            &info,
+            &image,
+            &Checks {
+                dictionary: dictionary.as_ref(),
+                app_start: opts.app_start,
+            },
+            &entered.path,
+            sink,
+        )
+    })();
+    let untouched = !session.wrote();
     drop(session);
+    if untouched && matches!(report, Err(Error::Cancelled { .. })) {
+        // Abandoned before a block went out: the old application is intact.
+        complete_on(&mut port, &entered.path, &opts.timing, sink);
+    }
     let _ = port.close();
     report
+}
+
+/// Send COMPLETE to a bootloader nothing was written to, so the board returns to its old,
+/// intact application instead of waiting in Katapult. Not cancellable (the caller was just
+/// cancelled); bounded by a short timeout.
+fn complete_on(port: &mut SerialPort, path: &Path, timing: &Timing, sink: &Sink) {
+    let fresh = Cancel::new();
+    let short = Timing {
+        read: timing.read.min(Duration::from_millis(500)),
+        ..timing.clone()
+    };
+    let mut session = Session::new(port, path, &short, &fresh);
+    let label = path.display().to_string();
+    match session.complete() {
+        Ok(()) => sink(&Event::info(
+            Stage::Flash,
+            Some(&label),
+            "nothing was written: sent COMPLETE, the board returns to its application",
+        )),
+        Err(err) => sink(
+            &Event::info(
+                Stage::Flash,
+                Some(&label),
+                format!(
+                    "nothing was written, but COMPLETE failed ({err}): the board waits in Katapult"
+                ),
+            )
+            .with_level(Level::Warning),
+        ),
+    }
+}
+
+/// `complete_on` for a board whose tty was not opened yet.
+fn release_untouched(path: &Path, baud: Option<u32>, timing: &Timing, sink: &Sink) {
+    if let Ok(mut port) = SerialPort::open(path, baud.unwrap_or(DEFAULT_BAUD)) {
+        complete_on(&mut port, path, timing, sink);
+        let _ = port.close();
+    }
+}
+
+/// After the 1200-baud touch the board is on its way into Katapult: when the wait for it
+/// is cancelled, give it a short while to appear and send it back to its application.
+fn release_after_touch(opts: &SerialStatusOptions, stable: &StableId, sink: &Sink) {
+    let deadline = Instant::now() + RELEASE_WAIT.min(opts.timing.reenumerate);
+    while Instant::now() < deadline {
+        if let Some(port) = opts.discovery.find(stable) {
+            if usb_mode(&port) == UsbMode::Katapult {
+                if let Some(path) = port.path() {
+                    let path = path.to_path_buf();
+                    // Give udev a moment, as `open_session_port` does.
+                    let until = Instant::now() + OPEN_GRACE;
+                    while Instant::now() < until {
+                        if SerialPort::open(&path, DEFAULT_BAUD).is_ok() {
+                            break;
+                        }
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    release_untouched(&path, None, &opts.timing, sink);
+                }
+                return;
+            }
+        }
+        std::thread::sleep(opts.timing.poll);
+    }
 }
 
 /// Connect to the board's Katapult (entering it if needed), report what it says, flash

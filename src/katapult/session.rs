@@ -32,7 +32,7 @@ use crate::process::Cancel;
 use super::codec::{code, Ack, Command, ConnectInfo, Decoder, Response};
 use super::image::ImageInfo;
 use super::port::Port;
-use super::{Error, Step};
+use super::{AppStart, Error, Step};
 
 const SLICE: Duration = Duration::from_millis(100);
 
@@ -170,6 +170,8 @@ pub(crate) struct Session<'a> {
     buf: Vec<u8>,
     /// Commands sent again so far (after a NACK, a garbled or a missing reply).
     retries: u32,
+    /// Whether a SEND_BLOCK went out (the flash may be erased from then on).
+    wrote: bool,
 }
 
 impl<'a> Session<'a> {
@@ -188,6 +190,7 @@ impl<'a> Session<'a> {
             discard_first: false,
             buf: vec![0; 4096],
             retries: 0,
+            wrote: false,
         }
     }
 
@@ -396,7 +399,16 @@ impl<'a> Session<'a> {
         Ok(info)
     }
 
+    /// Whether anything was sent that may have changed the flash.
+    pub(crate) fn wrote(&self) -> bool {
+        self.wrote
+    }
+
     fn write_block(&mut self, addr: u32, data: Vec<u8>) -> Result<(), Error> {
+        if self.cancel.is_cancelled() {
+            return Err(Error::Cancelled { step: Step::Write });
+        }
+        self.wrote = true;
         let cmd = Command::SendBlock { addr, data };
         self.transact(
             Step::Write,
@@ -492,16 +504,52 @@ fn blocks(
     })
 }
 
-/// Flash `image` through a connected session: MCU check, write, EOF, verify, COMPLETE.
-/// The transport does not matter: any [`Port`] will do.
+/// The checks before anything is written: the image is for this chip, and Katapult starts
+/// the application where the config builds it for (written elsewhere it would not run,
+/// or would overwrite the bootloader).
+fn check(checks: &Checks<'_>, info: &ConnectInfo, device: &Path) -> Result<(), Error> {
+    if let Some(dict) = checks.dictionary {
+        if dict.mcu != info.mcu {
+            return Err(Error::McuMismatch {
+                device: device.to_owned(),
+                image: dict.mcu.clone(),
+                bootloader: info.mcu.clone(),
+            });
+        }
+    }
+    if let Some(want) = checks.app_start {
+        if want.address != info.app_start {
+            return Err(Error::AppStartMismatch {
+                device: device.to_owned(),
+                bootloader: info.app_start,
+                config: want.address,
+                flash_start: want.flash_start,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// What is checked against CONNECT before anything is written.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Checks<'a> {
+    /// The image's embedded dictionary: its MCU must be the bootloader's.
+    pub dictionary: Option<&'a ImageInfo>,
+    /// Where the config says the application starts: it must be where Katapult starts it.
+    pub app_start: Option<AppStart>,
+}
+
+/// Flash `image` through a connected session: MCU and application start checks, write,
+/// EOF, verify, COMPLETE. The transport does not matter: any [`Port`] will do.
 pub(crate) fn flash_connected(
     session: &mut Session<'_>,
     info: &ConnectInfo,
     image: &[u8],
-    dictionary: Option<&ImageInfo>,
+    checks: &Checks<'_>,
     device: &Path,
     sink: &Sink,
 ) -> Result<FlashReport, Error> {
+    let dictionary = checks.dictionary;
     let started = Instant::now();
     let bs = info.block_size as usize;
     let mut progress = Progress {
@@ -522,15 +570,10 @@ pub(crate) fn flash_connected(
         info.app_start,
         bs
     ));
-    if let Some(dict) = dictionary {
-        if dict.mcu != info.mcu {
-            let _ = session.complete();
-            return Err(Error::McuMismatch {
-                device: device.to_owned(),
-                image: dict.mcu.clone(),
-                bootloader: info.mcu.clone(),
-            });
-        }
+    if let Err(err) = check(checks, info, device) {
+        // Nothing written: the board returns to its old, intact application.
+        let _ = session.complete();
+        return Err(err);
     }
     let result = (|| {
         for (i, (addr, data)) in blocks(image, info.app_start, bs).enumerate() {

@@ -107,6 +107,26 @@ pub fn mcu_versions(
         .collect()
 }
 
+/// `<section>.mcu_constants.MCU` of every section: the chip each MCU reports (`None` when
+/// not reported, e.g. an MCU that never identified).
+pub fn mcu_chips(
+    status: &Map<String, Value>,
+    sections: &[&str],
+) -> HashMap<String, Option<String>> {
+    sections
+        .iter()
+        .map(|s| {
+            let chip = status
+                .get(*s)
+                .and_then(|o| o.get("mcu_constants"))
+                .and_then(|c| c.get("MCU"))
+                .and_then(Value::as_str)
+                .map(str::to_owned);
+            ((*s).to_owned(), chip)
+        })
+        .collect()
+}
+
 /// What `/server/info` says about klippy: `None` when klippy is connected and ready (ask
 /// klippy itself), else klippy's state as Moonraker sees it.
 pub fn server_klippy(info: &Map<String, Value>) -> Result<Option<Klippy>, Unexpected> {

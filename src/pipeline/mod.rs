@@ -18,7 +18,12 @@
 //! - Downtime is the outage the user lives: from the stop until klippy is `ready` again
 //!   (or until kflash stopped waiting, and the report says so), with its parts.
 //! - Cancellation is checked between steps and passed into every command; cancelled inside
-//!   the stop window => restart, report, `Error::Cancelled` carrying the report.
+//!   the stop window => the board being written is finished (a second cancel abandons
+//!   it), the rest skipped, restart, report, `Error::Cancelled` carrying the report.
+//! - Before the stop, the pending record (`pending`) holds each board's image and stable
+//!   identity; a run that did not finish is recovered first by the next one (and by the
+//!   watchdog through `commands::Context::recover`).
+//! - A board that verifies keeps its image as last-known-good (`rollback` writes it back).
 //!
 //! Everything outside is reached through the traits in `Deps` (dependency injection), so
 //! the whole run is unit-testable with recording fakes; `crate::commands::printer` builds
@@ -26,10 +31,13 @@
 //! (`crate::flash_run`): a run is locked and recorded around the pipeline.
 //! Thread-safety: a run blocks its thread; `Deps` members are `Send + Sync`.
 
+mod finish;
 mod flash_order;
+pub mod pending;
 mod plan;
 mod ports;
 pub mod report;
+mod rollback;
 mod run;
 mod stop_window;
 mod verify;
@@ -38,13 +46,15 @@ use crate::events::{Event, Level, Sink, Stage};
 use crate::{firmware, flash, moonraker, registry, service};
 
 pub use crate::flash_run::{LockError, RunLock};
+pub use pending::{recover, Recovered};
 pub use plan::{plan, select, Planned};
 pub use ports::{
-    Built, ConfigError, Deps, DeviceInfo, Firmware, Flash, Inventory, Klippy, Link, Prewarm,
-    Service, Stopped, Target, Watchdog,
+    Bootloader, Built, ConfigError, Deps, DeviceInfo, Firmware, Flash, InterfaceState, Inventory,
+    Klippy, Link, Prewarm, Service, Stopped, Target, Watchdog,
 };
 pub use report::{DeviceReport, Plan, PlanEntry, PrewarmReport, Report, ServiceReport};
-pub use run::{build, flash_all};
+pub use rollback::rollback;
+pub use run::{build, flash_all, recover_first};
 
 /// What to run.
 #[derive(Debug, Clone, Default)]
@@ -120,6 +130,17 @@ pub enum Refusal {
     /// The watchdog that starts klipper again if kflash is killed could not be launched.
     #[error("no watchdog to start klipper again if kflash is killed: {0}")]
     NoWatchdog(service::Error),
+    /// A selected CAN device's interface is missing or down.
+    #[error(
+        "`{device}` is reached through {interface}, which {}; bring it up first (e.g. \
+         `sudo ip link set {interface} up type can bitrate 1000000`, with your bus's bitrate)",
+        if *missing { "does not exist" } else { "is down" }
+    )]
+    CanInterface {
+        device: String,
+        interface: String,
+        missing: bool,
+    },
 }
 
 fn list(items: &[String]) -> String {

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::events::Sink;
 use crate::flash::{self, Endpoint, Method};
@@ -21,7 +21,7 @@ use crate::versions::VersionState;
 use crate::{discovery, firmware, moonraker, prewarm, registry, service};
 
 /// How a device talks to the host: decides the flash order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Link {
     Can,
@@ -52,8 +52,8 @@ pub enum ConfigError {
     #[error("{} builds the linux-process MCU, but the device is a board", config.display())]
     Linux { config: PathBuf },
     #[error(
-        "{} builds {mcu} firmware for USB/serial, but the device is on CAN (enable CAN in \
-         `kflash config KEY`)",
+        "{} builds {mcu} firmware for USB/serial, but the device is on CAN (choose CAN bus as \
+         the communication interface in menuconfig)",
         config.display()
     )]
     NotCan { config: PathBuf, mcu: String },
@@ -62,6 +62,20 @@ pub enum ConfigError {
         config.display()
     )]
     Can { config: PathBuf, mcu: String },
+    /// The board is another chip than the config builds for (nothing is stopped).
+    #[error(
+        "{} builds {builds} firmware, but the board is a {board} ({from}); flashing it would \
+         fail or brick it. Choose {board} as the processor model in menuconfig",
+        config.display()
+    )]
+    WrongMcu {
+        config: PathBuf,
+        builds: String,
+        board: String,
+        /// Where the board's chip was read: `Moonraker's mcu_constants`, `the firmware
+        /// last flashed`.
+        from: &'static str,
+    },
 }
 
 /// What a device's config builds.
@@ -146,12 +160,52 @@ pub struct Built {
     pub cached: bool,
 }
 
+/// A registered board found sitting in a bootloader instead of running its firmware.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Bootloader {
+    /// In Katapult, at this tty path: kflash can flash it there.
+    Katapult { path: String },
+    /// In its chip's ROM loader (STM32 DFU, RP2040 BOOTSEL): it needs the user.
+    RomLoader(discovery::RomBoard),
+}
+
+impl Bootloader {
+    /// `Katapult on <path>` / `STM32 DFU (0483:df11) at <sysfs path>`.
+    pub fn describe(&self) -> String {
+        match self {
+            Bootloader::Katapult { path } => format!("Katapult on {path}"),
+            Bootloader::RomLoader(rom) => rom.describe(),
+        }
+    }
+}
+
+/// The state of a network interface a CAN device is reached through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InterfaceState {
+    Up,
+    Down,
+    Missing,
+}
+
 /// The registry and the device tree.
 pub trait Inventory: Send + Sync {
     /// Every registered device, configs read. Fails on an unreadable registry.
     fn devices(&self) -> Result<Vec<DeviceInfo>, registry::Error>;
     /// Where the device is now.
     fn resolve(&self, dev: &DeviceInfo) -> Result<String, discovery::Error>;
+    /// The bootloader a registered board sits in, found by its stable identity; `None`
+    /// when it runs its firmware, is not found, or is not a serial board.
+    fn bootloader(&self, _dev: &DeviceInfo) -> Option<Bootloader> {
+        None
+    }
+    /// The board's stable identity as seen now (serial boards), to keep for later runs.
+    fn identity(&self, _dev: &DeviceInfo) -> Option<discovery::Identity> {
+        None
+    }
+    /// Whether a network interface (`can0`) exists and is up.
+    fn interface(&self, _name: &str) -> InterfaceState {
+        InterfaceState::Up
+    }
 }
 
 /// Building firmware.
@@ -179,6 +233,10 @@ pub trait Klippy: Send + Sync {
     fn print_state(&self) -> Result<String, moonraker::Error>;
     /// `mcu_version` per section (`mcu`, `mcu EBB36`).
     fn mcu_versions(&self) -> Result<BTreeMap<String, String>, moonraker::Error>;
+    /// The chip each MCU reports (`mcu_constants.MCU`) per section; empty when unknown.
+    fn mcu_chips(&self) -> BTreeMap<String, String> {
+        BTreeMap::new()
+    }
     /// Wait until klippy is `ready`.
     fn wait_ready(&self, timeout: Duration, cancel: &Cancel) -> Result<(), moonraker::Error>;
 }
@@ -220,6 +278,20 @@ pub trait Flash: Send + Sync {
         cancel: &Cancel,
         sink: &Sink,
     ) -> Result<flash::Flashed, flash::Failure>;
+    /// What to tell the user about a board that did not end up running Klipper (in
+    /// `loader` when known).
+    fn hint(
+        &self,
+        _dev: &DeviceInfo,
+        _built: Option<&Built>,
+        _loader: Option<discovery::RomLoader>,
+    ) -> Option<String> {
+        None
+    }
+    /// How long a board being written may take to finish after an interrupt.
+    fn finish_timeout(&self) -> Duration {
+        Duration::from_secs(300)
+    }
 }
 
 /// Pre-warming klippy before the stop (the real one is `crate::prewarm` with the settings
@@ -251,6 +323,8 @@ pub struct Deps {
     pub flash_parallel: bool,
     /// `compare(mcu_version, target_version)`.
     pub compare: fn(&str, &str) -> VersionState,
+    /// The state directory (pending record, identities, last-known-good images).
+    pub state: registry::StateDir,
     /// `<state>/flashed`: the dictionary of the firmware last flashed to each device
     /// (`<key>.dict`), to tell a protocol change from a version-string-only one.
     pub flashed_dir: PathBuf,
@@ -258,4 +332,7 @@ pub struct Deps {
     pub stagger: Duration,
     /// How long to wait for klippy after the restart.
     pub ready_timeout: Duration,
+    /// Setting `auto_rollback`: reflash a board's last-known-good image when its new
+    /// firmware fails verify.
+    pub auto_rollback: bool,
 }

@@ -30,6 +30,14 @@ pub struct PlanEntry {
     /// `flash`, `skip` or `error` (config missing/invalid, device not found).
     pub action: String,
     pub reason: String,
+    /// The bootloader the board sits in (`Katapult on ...`, `STM32 DFU ...`), found by its
+    /// stable identity.
+    pub bootloader: Option<String>,
+    /// The chip the board reports (Moonraker's `mcu_constants.MCU`, else the firmware
+    /// kflash last flashed to it).
+    pub board_mcu: Option<String>,
+    /// What to do about an `error`.
+    pub hint: Option<String>,
 }
 
 /// The plan: per device what would happen and why. Computing it changes nothing.
@@ -137,6 +145,8 @@ pub struct DeviceReport {
     pub verify: String,
     pub error: Option<String>,
     pub hint: Option<String>,
+    /// Set when the automatic rollback ran for this device: what it did.
+    pub rollback: Option<String>,
 }
 
 impl DeviceReport {
@@ -156,6 +166,7 @@ impl DeviceReport {
             verify: "skip".into(),
             error: None,
             hint: None,
+            rollback: None,
         }
     }
 
@@ -191,6 +202,9 @@ pub struct Report {
     pub finished: String,
     /// Where the run record was written.
     pub record: Option<PathBuf>,
+    /// Boards an earlier, unfinished run left behind, found and finished (or not) before
+    /// this run's plan.
+    pub recovered: Vec<super::Recovered>,
 }
 
 impl Report {

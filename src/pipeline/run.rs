@@ -1,5 +1,6 @@
-//! The run: `flash_all` (plan -> pre-flight -> build and pre-warm -> stop window ->
-//! verify -> report) and `build` (build and pre-warm, no stop window).
+//! The run: `flash_all` (recover what an earlier run left -> plan -> pre-flight -> build
+//! and pre-warm -> stop window -> verify (and the automatic rollback) -> report), `build`
+//! (build and pre-warm, no stop window) and, through `run_planned`, `rollback`.
 //!
 //! Nothing is stopped when pre-flight refuses or when every build fails; a cancelled run
 //! is returned as `Error::Cancelled` carrying its report. The caller holds the run lock and
@@ -11,7 +12,8 @@ use super::report::{self, DeviceReport, PrewarmReport, Report, ServiceReport};
 use super::stop_window::{stop_window, tenths};
 use super::verify::{verify, ReadyWait};
 use super::{
-    emit, plan, select, warn, Built, Deps, DeviceInfo, Error, Options, Planned, Prewarm, Refusal,
+    emit, pending, plan, rollback, select, warn, Built, Deps, DeviceInfo, Error, InterfaceState,
+    Options, Planned, Prewarm, Recovered, Refusal,
 };
 use crate::events::{Sink, Stage};
 use crate::moonraker;
@@ -77,6 +79,7 @@ fn check_configs(devices: &[DeviceInfo]) -> Result<(), Error> {
 
 /// The whole run. Returns the report (also when devices failed or the restart failed:
 /// see `commands::ExitStatus`); errors only when nothing was stopped, or when cancelled.
+/// Boards an earlier run left behind (the pending record) are recovered first.
 pub fn flash_all(
     deps: &Deps,
     opts: &Options,
@@ -84,11 +87,60 @@ pub fn flash_all(
     sink: &Sink,
 ) -> Result<Report, Error> {
     let started = report::utc_now();
+    let recovered = recover_first(deps, cancel, sink)?;
+    let planned = plan(deps, opts, sink)?;
+    run_planned(
+        deps,
+        opts,
+        planned,
+        Images::Build,
+        Run { started, recovered },
+        cancel,
+        sink,
+    )
+}
+
+/// Where a run's images come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Images {
+    /// Build every selected device (flash-all).
+    Build,
+    /// Each board's last-known-good image (rollback).
+    LastKnownGood,
+}
+
+/// What a run carries from before its plan.
+pub(super) struct Run {
+    pub started: String,
+    pub recovered: Vec<Recovered>,
+}
+
+/// A pending record means an earlier run left boards behind: finish them before anything
+/// else. The caller holds the run lock: flash-all and rollback (`crate::flash_run::Run`),
+/// or the watchdog after the runner died (`crate::flash_run::watch`).
+pub fn recover_first(deps: &Deps, cancel: &Cancel, sink: &Sink) -> Result<Vec<Recovered>, Error> {
+    if pending::load(&deps.state).is_none() {
+        return Ok(Vec::new());
+    }
+    Ok(pending::recover(deps, cancel, sink))
+}
+
+/// The run after its plan: pre-flight, images, stop window, verify (and the automatic
+/// rollback), report.
+pub(super) fn run_planned(
+    deps: &Deps,
+    opts: &Options,
+    planned: Planned,
+    images: Images,
+    run: Run,
+    cancel: &Cancel,
+    sink: &Sink,
+) -> Result<Report, Error> {
     let Planned {
         plan,
         devices,
         print_state,
-    } = plan(deps, opts, sink)?;
+    } = planned;
     check_configs(&devices)?;
     let mut report = Report {
         ok: false,
@@ -97,15 +149,16 @@ pub fn flash_all(
         devices: plan.devices.iter().map(DeviceReport::from_plan).collect(),
         cancelled: false,
         prewarm: None,
-        started,
+        started: run.started,
         finished: String::new(),
         record: None,
+        recovered: run.recovered,
     };
     for (r, entry) in report.devices.iter_mut().zip(&plan.devices) {
         if entry.action == "error" {
             r.flash = "fail".into();
             r.error = Some(entry.reason.clone());
-            r.hint = Some("is the board plugged in and powered? `kflash devices list` shows the registered path".into());
+            r.hint.clone_from(&entry.hint);
         }
     }
     let selected: Vec<usize> = (0..devices.len())
@@ -122,30 +175,12 @@ pub fn flash_all(
         return Err(Error::Cancelled { report: None });
     }
 
-    // Build everything selected, and pre-warm klippy next to it.
-    let to_build: Vec<DeviceInfo> = selected.iter().map(|&i| devices[i].clone()).collect();
-    let (results, prewarmed) = build_and_prewarm(deps, &to_build, cancel, sink);
-    report.prewarm = prewarmed;
+    let built = match images {
+        Images::Build => build_selected(deps, &devices, &selected, &mut report, cancel, sink),
+        Images::LastKnownGood => rollback::good_images(deps, &devices, &selected, &mut report),
+    };
     if cancel.is_cancelled() {
         return Err(cancelled(report));
-    }
-    let mut built: Vec<(usize, Built)> = Vec::new();
-    for (&i, result) in selected.iter().zip(results) {
-        let r = &mut report.devices[i];
-        match result {
-            Ok(b) => {
-                r.build = if b.cached { "cached" } else { "pass" }.into();
-                r.version_target = Some(b.version.clone());
-                built.push((i, b));
-            }
-            Err(e) => {
-                r.build = "fail".into();
-                r.error = Some(e.to_string());
-                r.hint = Some(
-                    "see the build output above; `kflash build KEY` rebuilds one device".into(),
-                );
-            }
-        }
     }
     report.target_version = built.first().map(|(_, b)| b.version.clone());
     if built.is_empty() {
@@ -153,12 +188,9 @@ pub fn flash_all(
             sink,
             Stage::Build,
             None,
-            "no firmware built: klipper was not stopped",
+            "no firmware to flash: klipper was not stopped",
         );
         return Ok(finish(report));
-    }
-    if cancel.is_cancelled() {
-        return Err(cancelled(report));
     }
 
     // The stop window.
@@ -180,8 +212,49 @@ pub fn flash_all(
             timeout,
         };
         verify(deps, &devices, &built, &mut report, wait, cancel, sink);
+        if deps.auto_rollback && images == Images::Build && !report.cancelled {
+            rollback::auto_rollback(deps, &devices, &built, &mut report, timeout, cancel, sink);
+        }
+        if report.cancelled {
+            return Err(cancelled(report));
+        }
     }
     Ok(finish(report))
+}
+
+/// Build every selected device (klippy pre-warmed next to it); the ones that built, with
+/// their results.
+fn build_selected(
+    deps: &Deps,
+    devices: &[DeviceInfo],
+    selected: &[usize],
+    report: &mut Report,
+    cancel: &Cancel,
+    sink: &Sink,
+) -> Vec<(usize, Built)> {
+    let to_build: Vec<DeviceInfo> = selected.iter().map(|&i| devices[i].clone()).collect();
+    let (results, prewarmed) = build_and_prewarm(deps, &to_build, cancel, sink);
+    report.prewarm = prewarmed;
+    let mut built: Vec<(usize, Built)> = Vec::new();
+    for (&i, result) in selected.iter().zip(results) {
+        let r = &mut report.devices[i];
+        match result {
+            Ok(b) => {
+                r.build = if b.cached { "cached" } else { "pass" }.into();
+                r.version_target = Some(b.version.clone());
+                built.push((i, b));
+            }
+            Err(e) => {
+                r.build = "fail".into();
+                r.error = Some(e.to_string());
+                r.hint = Some(format!(
+                    "See the build output above; to rebuild it alone:\n  kflash build {}",
+                    r.key
+                ));
+            }
+        }
+    }
+    built
 }
 
 /// Build the devices and, at the same time, pre-warm klippy (when the setting is on).
@@ -293,6 +366,7 @@ fn preflight(
         Ok(_) => {}
     }
     deps.service.check().map_err(Refusal::NoServiceControl)?;
+    check_can_interfaces(deps, devices, selected)?;
     let unflashable: Vec<(String, crate::flash::Error)> = selected
         .iter()
         .filter_map(|&i| {
@@ -305,6 +379,29 @@ fn preflight(
     }
     // Last: the most expensive check, and it leaves a process behind.
     deps.watchdog.launch().map_err(Refusal::NoWatchdog)?;
+    Ok(())
+}
+
+/// Every selected CAN device's interface must exist and be up: a node behind a missing
+/// or down interface cannot be flashed, and klippy could not reach it afterwards.
+fn check_can_interfaces(
+    deps: &Deps,
+    devices: &[DeviceInfo],
+    selected: &[usize],
+) -> Result<(), Error> {
+    for &i in selected {
+        if let crate::flash::Endpoint::Can { interface, .. } = &devices[i].endpoint {
+            let state = deps.inventory.interface(interface);
+            if state != InterfaceState::Up {
+                return Err(Refusal::CanInterface {
+                    device: devices[i].key.clone(),
+                    interface: interface.clone(),
+                    missing: state == InterfaceState::Missing,
+                }
+                .into());
+            }
+        }
+    }
     Ok(())
 }
 

@@ -1,5 +1,6 @@
 //! The pipeline with recording fakes: every side effect lands in one shared log.
 
+use super::pending;
 use super::*;
 use crate::commands::ExitStatus;
 use crate::flash::{self, Endpoint, Method};
@@ -17,14 +18,39 @@ fn log_of(log: &Log) -> Vec<String> {
     log.lock().unwrap().clone()
 }
 
+/// Boards sitting in a bootloader, by key (shared by the inventory and the flasher: a
+/// flash takes a board out of Katapult).
+type Boot = Arc<Mutex<BTreeMap<String, Bootloader>>>;
+/// Each interface's coming states (the last one stays).
+type Ifaces = Arc<Mutex<BTreeMap<String, Vec<InterfaceState>>>>;
+
 struct FakeInventory {
     devices: Vec<DeviceInfo>,
     missing: Vec<String>,
+    boot: Boot,
+    ifaces: Ifaces,
 }
 
 impl Inventory for FakeInventory {
     fn devices(&self) -> Result<Vec<DeviceInfo>, crate::registry::Error> {
         Ok(self.devices.clone())
+    }
+    fn bootloader(&self, dev: &DeviceInfo) -> Option<Bootloader> {
+        self.boot.lock().unwrap().get(&dev.key).cloned()
+    }
+    fn identity(&self, dev: &DeviceInfo) -> Option<discovery::Identity> {
+        matches!(dev.endpoint, Endpoint::Serial { .. }).then(|| discovery::Identity {
+            by_path: Some(format!("usb-0:{}", dev.key)),
+            ..discovery::Identity::default()
+        })
+    }
+    fn interface(&self, name: &str) -> InterfaceState {
+        let mut all = self.ifaces.lock().unwrap();
+        match all.get_mut(name) {
+            Some(states) if states.len() > 1 => states.remove(0),
+            Some(states) => states[0],
+            None => InterfaceState::Up,
+        }
     }
     fn resolve(&self, dev: &DeviceInfo) -> Result<String, discovery::Error> {
         if self.missing.contains(&dev.key) {
@@ -53,6 +79,8 @@ fn service_error(reason: &str) -> service::Error {
 }
 
 struct FakeFirmware {
+    /// Where the fake builds put their images.
+    out: PathBuf,
     version: String,
     fail: Vec<String>,
     log: Log,
@@ -89,10 +117,19 @@ impl Firmware for FakeFirmware {
                         },
                     })
                 } else {
+                    let out_dir = self.out.join(&d.key);
+                    std::fs::create_dir_all(&out_dir).unwrap();
+                    let image = out_dir.join("klipper.bin");
+                    std::fs::write(&image, format!("{} image {}", d.key, self.version)).unwrap();
+                    let dict = serde_json::json!({
+                        "version": self.version,
+                        "config": {"MCU": d.target.as_ref().map(|t| t.mcu.clone()).unwrap_or_default()},
+                    });
+                    std::fs::write(out_dir.join("klipper.dict"), dict.to_string()).unwrap();
                     Ok(Built {
                         version: self.version.clone(),
-                        out_dir: PathBuf::from("/out").join(&d.key),
-                        image: PathBuf::from("/out").join(&d.key).join("klipper.bin"),
+                        out_dir,
+                        image,
                         cached: false,
                     })
                 }
@@ -104,6 +141,7 @@ impl Firmware for FakeFirmware {
 struct FakeKlippy {
     /// `Err(())`: Moonraker is unreachable.
     state: Result<String, ()>,
+    chips: BTreeMap<String, String>,
     before: BTreeMap<String, String>,
     after: Mutex<BTreeMap<String, String>>,
     not_ready: Mutex<Option<String>>,
@@ -122,6 +160,9 @@ impl Klippy for FakeKlippy {
         } else {
             self.before.clone()
         })
+    }
+    fn mcu_chips(&self) -> BTreeMap<String, String> {
+        self.chips.clone()
     }
     fn wait_ready(&self, t: Duration, _c: &Cancel) -> Result<(), moonraker::Error> {
         self.log.lock().unwrap().push("wait ready".into());
@@ -227,6 +268,9 @@ struct FakeFlash {
     /// These devices each wait (up to 20 s) until all of them are being flashed.
     meet: Vec<String>,
     met: Arc<(Mutex<usize>, std::sync::Condvar)>,
+    /// While this board is written, interrupt the run once (or twice: abandon).
+    interrupt_on: Option<(String, Cancel, bool)>,
+    boot: Boot,
 }
 
 impl Flash for FakeFlash {
@@ -236,7 +280,7 @@ impl Flash for FakeFlash {
     fn flash(
         &self,
         dev: &DeviceInfo,
-        _b: &Built,
+        b: &Built,
         cancel: &Cancel,
         _s: &Sink,
     ) -> Result<flash::Flashed, flash::Failure> {
@@ -254,6 +298,25 @@ impl Flash for FakeFlash {
                     .lock()
                     .unwrap()
                     .push(format!("{} flashed alone", dev.key));
+            }
+        }
+        self.log
+            .lock()
+            .unwrap()
+            .push(format!("image {} {}", dev.key, b.image.display()));
+        if let Some((key, run, twice)) = &self.interrupt_on {
+            if key == &dev.key {
+                run.cancel();
+                if *twice {
+                    run.abandon();
+                }
+                if cancel.is_cancelled() {
+                    return Err(flash::Failure {
+                        error: flash::Error::Cancelled,
+                        hint: None,
+                        tried: vec![Method::Katapult],
+                    });
+                }
             }
         }
         assert!(
@@ -278,10 +341,14 @@ impl Flash for FakeFlash {
                 tried: vec![Method::Katapult],
             });
         }
+        self.boot.lock().unwrap().remove(&dev.key);
         Ok(flash::Flashed {
             method: Method::Katapult,
             path: None,
         })
+    }
+    fn finish_timeout(&self) -> Duration {
+        Duration::from_secs(5)
     }
 }
 
@@ -321,7 +388,9 @@ struct World {
     log: Log,
     deps: Deps,
     printer: Arc<FakeKlippy>,
-    _dir: tempfile::TempDir,
+    boot: Boot,
+    ifaces: Ifaces,
+    dir: tempfile::TempDir,
 }
 
 #[derive(Default)]
@@ -341,6 +410,8 @@ struct Setup {
     prewarm: Option<Arc<dyn Prewarm>>,
     flash_parallel: bool,
     meet: Vec<String>,
+    chips: Vec<(&'static str, &'static str)>,
+    interrupt_on: Option<(String, Cancel, bool)>,
 }
 
 const V: &str = "v0.13.0-740-gabc";
@@ -352,8 +423,15 @@ fn world(devices: Vec<DeviceInfo>, s: Setup) -> World {
         .iter()
         .map(|d| (d.mcu_section.clone(), V.to_owned()))
         .collect();
+    let boot: Boot = Arc::default();
+    let ifaces: Ifaces = Arc::default();
     let printer = Arc::new(FakeKlippy {
         state: s.state.unwrap_or(Ok("standby".into())),
+        chips: s
+            .chips
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect(),
         before: s
             .before
             .iter()
@@ -367,8 +445,11 @@ fn world(devices: Vec<DeviceInfo>, s: Setup) -> World {
         inventory: Arc::new(FakeInventory {
             devices,
             missing: s.missing,
+            boot: boot.clone(),
+            ifaces: ifaces.clone(),
         }),
         firmware: Arc::new(FakeFirmware {
+            out: dir.path().join("out"),
             version: V.into(),
             fail: s.build_fail,
             log: log.clone(),
@@ -388,6 +469,8 @@ fn world(devices: Vec<DeviceInfo>, s: Setup) -> World {
             panic_on: s.panic_on,
             meet: s.meet,
             met: Arc::default(),
+            interrupt_on: s.interrupt_on,
+            boot: boot.clone(),
         }),
         watchdog: Arc::new(FakeWatchdog {
             log: log.clone(),
@@ -402,15 +485,19 @@ fn world(devices: Vec<DeviceInfo>, s: Setup) -> World {
                 VersionState::Outdated
             }
         },
+        state: crate::registry::StateDir::at(dir.path().join("state")),
         flashed_dir: dir.path().join("flashed"),
         stagger: Duration::ZERO,
         ready_timeout: Duration::from_secs(1),
+        auto_rollback: false,
     };
     World {
         log,
         deps,
         printer,
-        _dir: dir,
+        boot,
+        ifaces,
+        dir,
     }
 }
 
@@ -871,7 +958,8 @@ fn boards_that_flashed_are_not_blamed_when_klippy_waits_for_a_failed_one() {
 #[test]
 fn plan_tells_a_protocol_change_from_a_version_string_change() {
     let old = "v0.12.0-1-g1234567";
-    let flashed = serde_json::json!({"version": old, "commands": {"a": 1}, "config": {"MCU": "x"}});
+    let flashed =
+        serde_json::json!({"version": old, "commands": {"a": 1}, "config": {"MCU": "stm32f446xx"}});
     for (commands, expect) in [
         (serde_json::json!({"a": 1}), "version string only"),
         (serde_json::json!({"a": 1, "b": 2}), "protocol changed"),
@@ -881,7 +969,7 @@ fn plan_tells_a_protocol_change_from_a_version_string_change() {
             Setup {
                 before: vec![("mcu", old)],
                 target_dict: Some(
-                    serde_json::json!({"version": V, "commands": commands, "config": {"MCU": "x"}}),
+                    serde_json::json!({"version": V, "commands": commands, "config": {"MCU": "stm32f446xx"}}),
                 ),
                 ..Setup::default()
             },
@@ -1168,4 +1256,391 @@ fn kflash_build_prewarms_klippy_too_and_stops_nothing() {
     let log = log_of(&w.log);
     assert_eq!(count(&log, "prewarm"), 1, "{log:?}");
     assert_eq!(count(&log, "stop"), 0, "{log:?}");
+}
+
+fn images(log: &[String]) -> Vec<String> {
+    log.iter()
+        .filter_map(|l| l.strip_prefix("image "))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn a_first_interrupt_finishes_the_board_being_written_and_skips_the_rest() {
+    let run_cancel = Cancel::new();
+    let w = world(
+        vec![device("a", Link::Serial), device("b", Link::Serial)],
+        Setup {
+            interrupt_on: Some(("a".into(), run_cancel.clone(), false)),
+            ..Setup::default()
+        },
+    );
+    let err = flash_all(&w.deps, &yes(), &run_cancel, &crate::events::discard()).unwrap_err();
+    let Error::Cancelled {
+        report: Some(report),
+    } = err
+    else {
+        panic!("{err:?}")
+    };
+    let log = log_of(&w.log);
+    assert_eq!(count(&log, "flash "), 1, "{log:?}");
+    assert_eq!(count(&log, "start"), 1);
+    let (a, b) = (&report.devices[0], &report.devices[1]);
+    assert_eq!(a.flash, "pass", "the board being written was finished");
+    assert_eq!(b.flash, "skip");
+    assert_eq!(b.reason, "cancelled before flashing");
+    let hint = b.hint.as_deref().unwrap();
+    assert!(hint.contains("kflash flash b"), "{hint}");
+    assert!(report.service.restarted && report.cancelled);
+    // Nothing was left half-written: no pending record.
+    assert!(!w.deps.state.pending_json().exists());
+}
+
+#[test]
+fn a_second_interrupt_abandons_the_board_and_says_so() {
+    let run_cancel = Cancel::new();
+    let w = world(
+        vec![device("a", Link::Serial)],
+        Setup {
+            interrupt_on: Some(("a".into(), run_cancel.clone(), true)),
+            ..Setup::default()
+        },
+    );
+    let err = flash_all(&w.deps, &yes(), &run_cancel, &crate::events::discard()).unwrap_err();
+    let Error::Cancelled {
+        report: Some(report),
+    } = err
+    else {
+        panic!("{err:?}")
+    };
+    let a = &report.devices[0];
+    assert_eq!(a.flash, "fail");
+    assert!(a.error.as_deref().unwrap().contains("abandoned"), "{a:?}");
+    assert!(
+        a.hint.as_deref().unwrap().contains("kflash flash-all"),
+        "{a:?}"
+    );
+    assert!(report.service.restarted);
+    // The abandoned board stays in the pending record for the next run.
+    let pending = pending::load(&w.deps.state).unwrap();
+    assert_eq!(pending.devices.len(), 1);
+    assert_eq!(pending.devices[0].progress, pending::Progress::Writing);
+}
+
+#[test]
+fn the_pending_record_is_written_before_the_stop_and_keeps_only_unfinished_boards() {
+    let w = world(
+        vec![device("a", Link::Serial), device("b", Link::Serial)],
+        Setup {
+            flash_fail: vec!["b".into()],
+            ..Setup::default()
+        },
+    );
+    run(&w, &yes()).unwrap();
+    let pending = pending::load(&w.deps.state).unwrap();
+    let keys: Vec<&str> = pending.devices.iter().map(|d| d.key.as_str()).collect();
+    assert_eq!(keys, ["b"]);
+    let b = &pending.devices[0];
+    assert!(b.image.starts_with(w.deps.state.pending_image_dir("b")));
+    assert_eq!(
+        std::fs::read(&b.image).unwrap(),
+        format!("b image {V}").as_bytes()
+    );
+    assert_eq!(b.identity.by_path.as_deref(), Some("usb-0:b"));
+    // Identities are kept for every later command.
+    let ids = pending::identities(&w.deps.state);
+    assert!(ids.contains_key("a") && ids.contains_key("b"));
+}
+
+#[test]
+fn a_record_that_cannot_be_written_stops_nothing() {
+    let w = world(vec![device("a", Link::Serial)], Setup::default());
+    // A file where the state directory must be: nothing can be written under it.
+    std::fs::write(w.deps.state.root(), "not a directory").unwrap();
+    let report = run(&w, &yes()).unwrap();
+    let log = log_of(&w.log);
+    assert_eq!(count(&log, "stop"), 0, "{log:?}");
+    assert!(!report.service.stopped);
+    assert!(report.devices[0]
+        .error
+        .as_deref()
+        .unwrap()
+        .contains("pending record"));
+}
+
+/// The same world, with a flasher that no longer fails.
+fn healed(w: &mut World) {
+    w.deps.flasher = Arc::new(FakeFlash {
+        log: w.log.clone(),
+        fail: vec![],
+        cancel_on: None,
+        panic_on: None,
+        interrupt_on: None,
+        boot: w.boot.clone(),
+        meet: vec![],
+        met: Arc::default(),
+    });
+}
+
+#[test]
+fn flash_all_first_finishes_a_board_left_in_katapult() {
+    let mut w = world(
+        vec![device("a", Link::Serial), device("b", Link::Serial)],
+        Setup {
+            flash_fail: vec!["b".into()],
+            ..Setup::default()
+        },
+    );
+    run(&w, &yes()).unwrap();
+    healed(&mut w);
+    // b was left in its bootloader by the failed write.
+    w.boot.lock().unwrap().insert(
+        "b".into(),
+        Bootloader::Katapult {
+            path: "/dev/serial/by-id/usb-katapult_b".into(),
+        },
+    );
+    let p = plan(&w.deps, &Options::default(), &crate::events::discard())
+        .unwrap()
+        .plan;
+    assert!(
+        p.devices[1].reason.contains("b is in its bootloader"),
+        "{:?}",
+        p.devices[1]
+    );
+    assert_eq!(
+        p.devices[1].bootloader.as_deref(),
+        Some("Katapult on /dev/serial/by-id/usb-katapult_b")
+    );
+    // The watchdog's (and flash-all's) recovery writes the recorded image, with no stop.
+    let before = count(&log_of(&w.log), "stop");
+    let done = recover_first(&w.deps, &Cancel::new(), &crate::events::discard()).unwrap();
+    assert_eq!(done.len(), 1);
+    assert_eq!((done[0].key.as_str(), done[0].outcome), ("b", "flashed"));
+    assert_eq!(count(&log_of(&w.log), "stop"), before);
+    let last = images(&log_of(&w.log)).pop().unwrap();
+    assert!(last.starts_with("b ") && last.contains("pending"), "{last}");
+    assert!(pending::load(&w.deps.state).is_none(), "nothing left");
+    assert!(w.boot.lock().unwrap().is_empty());
+}
+
+#[test]
+fn a_board_in_a_rom_loader_is_left_with_a_hint() {
+    let w = world(
+        vec![device("a", Link::Serial)],
+        Setup {
+            flash_fail: vec!["a".into()],
+            ..Setup::default()
+        },
+    );
+    run(&w, &yes()).unwrap();
+    w.boot.lock().unwrap().insert(
+        "a".into(),
+        Bootloader::RomLoader(discovery::RomBoard {
+            loader: discovery::RomLoader::StmDfu,
+            usb_id: "0483:df11".into(),
+            path: "/sys/bus/usb/devices/1-1".into(),
+        }),
+    );
+    let report = run(&w, &yes()).unwrap();
+    assert_eq!(report.recovered.len(), 1);
+    assert_eq!(report.recovered[0].outcome, "left");
+    assert!(report.recovered[0].detail.contains("STM32 DFU"));
+    assert_eq!(report.devices[0].action, "error");
+    assert!(report.devices[0].reason.contains("a is in its bootloader"));
+    assert!(
+        pending::load(&w.deps.state).is_some(),
+        "kept for the next run"
+    );
+}
+
+#[test]
+fn a_config_for_another_chip_is_an_error_before_any_stop() {
+    let w = world(
+        vec![device("main", Link::Serial)],
+        Setup {
+            chips: vec![("mcu", "rp2040")],
+            ..Setup::default()
+        },
+    );
+    let p = plan(&w.deps, &Options::default(), &crate::events::discard())
+        .unwrap()
+        .plan;
+    assert_eq!(p.devices[0].action, "error");
+    assert_eq!(p.devices[0].board_mcu.as_deref(), Some("rp2040"));
+    let err = run(&w, &yes()).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("stm32f446xx") && msg.contains("rp2040") && msg.contains("kflash config main"),
+        "{msg}"
+    );
+    assert_eq!(
+        ExitStatus::of_error(&crate::commands::Error::from(err)),
+        ExitStatus::Usage
+    );
+    assert_eq!(count(&log_of(&w.log), "stop"), 0);
+}
+
+#[test]
+fn a_can_interface_that_is_down_refuses_before_any_stop() {
+    let w = world(vec![device("ebb", Link::Can)], Setup::default());
+    for (state, word) in [
+        (InterfaceState::Down, "is down"),
+        (InterfaceState::Missing, "does not exist"),
+    ] {
+        w.ifaces.lock().unwrap().insert("can0".into(), vec![state]);
+        let err = run(&w, &yes()).unwrap_err();
+        assert!(
+            matches!(err, Error::Refused(Refusal::CanInterface { .. })),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains(word), "{err}");
+    }
+    assert_eq!(count(&log_of(&w.log), "stop"), 0);
+}
+
+#[test]
+fn after_a_bridge_is_flashed_its_can_interface_is_waited_for() {
+    let w = world(
+        vec![
+            device("bridge", Link::UsbCanBridge),
+            device("ebb", Link::Can),
+        ],
+        Setup::default(),
+    );
+    // Up for the pre-flight, then down after the bridge reset, then up again.
+    w.ifaces.lock().unwrap().insert(
+        "can0".into(),
+        vec![
+            InterfaceState::Up,
+            InterfaceState::Missing,
+            InterfaceState::Down,
+            InterfaceState::Up,
+        ],
+    );
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let seen = events.clone();
+    let sink: Sink = Arc::new(move |e: &crate::events::Event| {
+        seen.lock().unwrap().push(e.message.clone());
+    });
+    let report = flash_all(&w.deps, &yes(), &Cancel::new(), &sink).unwrap();
+    assert!(report.ok);
+    let events = events.lock().unwrap();
+    assert!(
+        events.iter().any(|m| m.contains("waiting for can0")),
+        "{events:?}"
+    );
+    assert!(
+        events.iter().any(|m| m == "CAN interfaces are up"),
+        "{events:?}"
+    );
+    // Nothing left to pop: the wait saw every state.
+    assert_eq!(w.ifaces.lock().unwrap()["can0"], [InterfaceState::Up]);
+}
+
+#[test]
+fn rollback_writes_the_image_last_verified_on_the_board() {
+    let w = world(
+        vec![device("a", Link::Serial), device("b", Link::Serial)],
+        Setup::default(),
+    );
+    // Nothing verified yet: no way back (an error when named, skipped otherwise).
+    let named = Options {
+        keys: Some(vec!["a".into()]),
+        ..yes()
+    };
+    let report = rollback(&w.deps, &named, &Cancel::new(), &crate::events::discard()).unwrap();
+    assert_eq!(report.devices[0].action, "error");
+    assert!(report.devices[0].reason.contains("no last-known-good"));
+    assert!(!report.service.stopped);
+    run(&w, &yes()).unwrap();
+    let good = w.deps.state.good_dir("a");
+    assert!(good.join("klipper.bin").is_file(), "kept at verify");
+    let report = rollback(&w.deps, &yes(), &Cancel::new(), &crate::events::discard()).unwrap();
+    assert!(report.ok, "{report:?}");
+    assert!(report.devices.iter().all(|d| d.verify == "pass"));
+    assert!(report.devices[0].reason.starts_with("roll back to"));
+    let written = images(&log_of(&w.log));
+    let last_two = &written[written.len() - 2..];
+    assert!(
+        last_two.iter().all(|l| l.contains("/good/")),
+        "{last_two:?}"
+    );
+}
+
+#[test]
+fn auto_rollback_restores_the_last_known_good_image_when_verify_fails() {
+    let mut w = world(vec![device("main", Link::Serial)], Setup::default());
+    run(&w, &yes()).unwrap();
+    // A new build that klippy will not report after flashing.
+    let firmware = Arc::new(FakeFirmware {
+        out: w.dir.path().join("out2"),
+        version: "v0.14.0-1-gnew".into(),
+        fail: vec![],
+        log: w.log.clone(),
+        cancel_during: None,
+        dict: None,
+    });
+    w.deps.firmware = firmware;
+    w.deps.auto_rollback = true;
+    let report = run(&w, &yes()).unwrap();
+    let main = &report.devices[0];
+    assert_eq!(main.verify, "fail", "{main:?}");
+    let rollback = main.rollback.as_deref().unwrap();
+    assert!(
+        rollback.contains(&format!("rolled back to {V}")),
+        "{rollback}"
+    );
+    assert_eq!(main.version_after.as_deref(), Some(V));
+    let log = log_of(&w.log);
+    // Three stop windows: the first run, the new firmware, the way back.
+    assert_eq!(count(&log, "stop"), 3);
+    assert!(images(&log).last().unwrap().contains("/good/"));
+    assert!(!report.ok);
+}
+
+#[test]
+fn an_interrupt_while_verify_waits_reports_a_cancelled_run_with_klipper_running() {
+    let run_cancel = Cancel::new();
+    let w = world(vec![device("a", Link::Serial)], Setup::default());
+    run_cancel.cancel(); // as if Ctrl+C came while klippy starts: verify gives up at once
+    let mut report = Report {
+        ok: false,
+        target_version: None,
+        service: ServiceReport::default(),
+        devices: vec![DeviceReport::new("a", "katapult", "flash")],
+        cancelled: false,
+        prewarm: None,
+        started: String::new(),
+        finished: String::new(),
+        record: None,
+        recovered: Vec::new(),
+    };
+    report.devices[0].flash = "pass".into();
+    let built = Built {
+        version: V.into(),
+        out_dir: PathBuf::new(),
+        image: PathBuf::new(),
+        cached: false,
+    };
+    verify::verify(
+        &w.deps,
+        &[device("a", Link::Serial)],
+        &[(0, built)],
+        &mut report,
+        verify::ReadyWait {
+            stopped_at: std::time::Instant::now(),
+            start_returned: std::time::Instant::now(),
+            timeout: Duration::from_secs(1),
+        },
+        &run_cancel,
+        &crate::events::discard(),
+    );
+    assert!(report.cancelled);
+    assert_eq!(report.devices[0].verify, "skip");
+    assert!(report.devices[0]
+        .hint
+        .as_deref()
+        .unwrap()
+        .contains("kflash status"));
 }

@@ -1,12 +1,15 @@
 //! Verify: after the restart, wait until klippy is `ready` (the end of the outage: the
 //! report's `downtime_s` and `startup_s`), then each flashed MCU must report the version
-//! that was built.
+//! that was built. A board that verifies gets the image just flashed kept as its
+//! last-known-good (`good/<key>/`): what `rollback` writes back.
 
 use std::time::{Duration, Instant};
 
 use super::stop_window::tenths;
-use super::{emit, warn, Built, Deps, DeviceInfo, Report};
+use super::{emit, report, warn, Built, Deps, DeviceInfo, Report};
 use crate::events::{Sink, Stage};
+use crate::firmware::kept;
+use crate::moonraker;
 use crate::process::Cancel;
 use crate::versions::VersionState;
 
@@ -34,33 +37,21 @@ pub(super) fn verify(
         .iter()
         .filter(|(i, _)| report.devices[*i].flash == "pass")
         .collect();
-    // A board that failed to flash usually keeps klippy from getting ready: do not wait
-    // the full time for it, and do not blame the boards that did flash.
     let another_failed = report.devices.iter().any(|d| d.flash == "fail");
-    let ready_timeout = if another_failed {
-        wait.timeout.min(Duration::from_secs(10))
-    } else {
-        wait.timeout
-    };
-    emit(sink, Stage::Verify, None, "waiting for klippy to be ready");
-    let ready = deps.klippy.wait_ready(ready_timeout, cancel);
-    let svc = &mut report.service;
-    svc.ready = ready.is_ok();
-    svc.startup_s = Some(tenths(wait.start_returned.elapsed()));
-    svc.downtime_s = tenths(wait.stopped_at.elapsed());
-    match &ready {
-        Ok(()) => emit(
-            sink,
-            Stage::Verify,
-            None,
-            format!("klippy is ready, {:.1} s after the stop", svc.downtime_s),
-        ),
-        Err(e) => warn(
-            sink,
-            Stage::Verify,
-            None,
-            format!("klippy is not ready: {e}"),
-        ),
+    let ready = wait_ready(deps, report, &wait, another_failed, cancel, sink);
+    if cancel.is_cancelled() {
+        // Interrupted while waiting: klipper runs; nothing was verified.
+        for (i, _) in flashed {
+            let r = &mut report.devices[*i];
+            r.verify = "skip".into();
+            r.hint = Some(
+                "Not verified: the run was interrupted while klippy started. To see the \
+                 versions:\n  kflash status"
+                    .into(),
+            );
+        }
+        report.cancelled = true;
+        return;
     }
     if flashed.is_empty() {
         return;
@@ -121,6 +112,66 @@ pub(super) fn verify(
             );
         } else {
             emit(sink, Stage::Verify, Some(&r.key), "verified");
+            keep_good(deps, &devices[*i].key, b, sink);
         }
+    }
+}
+
+/// Wait until klippy is `ready`: the end of the outage, recorded in the report.
+fn wait_ready(
+    deps: &Deps,
+    report: &mut Report,
+    wait: &ReadyWait,
+    another_failed: bool,
+    cancel: &Cancel,
+    sink: &Sink,
+) -> Result<(), moonraker::Error> {
+    // A board that failed to flash usually keeps klippy from getting ready: do not wait
+    // the full time for it, and do not blame the boards that did flash.
+    let ready_timeout = if another_failed {
+        wait.timeout.min(Duration::from_secs(10))
+    } else {
+        wait.timeout
+    };
+    emit(sink, Stage::Verify, None, "waiting for klippy to be ready");
+    let ready = deps.klippy.wait_ready(ready_timeout, cancel);
+    let svc = &mut report.service;
+    svc.ready = ready.is_ok();
+    svc.startup_s = Some(tenths(wait.start_returned.elapsed()));
+    svc.downtime_s = tenths(wait.stopped_at.elapsed());
+    match &ready {
+        Ok(()) => emit(
+            sink,
+            Stage::Verify,
+            None,
+            format!("klippy is ready, {:.1} s after the stop", svc.downtime_s),
+        ),
+        Err(e) => warn(
+            sink,
+            Stage::Verify,
+            None,
+            format!("klippy is not ready: {e}"),
+        ),
+    }
+    ready
+}
+
+/// The image just verified on a board becomes its last-known-good (best effort).
+fn keep_good(deps: &Deps, key: &str, built: &Built, sink: &Sink) {
+    let dir = deps.state.good_dir(key);
+    if built.image.starts_with(&dir) {
+        return; // a rollback: it is the last-known-good already
+    }
+    if let Err(e) = kept::keep(&built.image, &dir, &report::utc_now()) {
+        warn(
+            sink,
+            Stage::Verify,
+            Some(key),
+            format!(
+                "could not keep {} as its last-known-good image in {}: {e}",
+                built.image.display(),
+                dir.display()
+            ),
+        );
     }
 }

@@ -19,7 +19,7 @@ use pyo3::prelude::*;
 use serde::Serialize;
 
 use super::worker::{run_detached, Interrupted};
-use crate::commands::{self, Context, NewDevice};
+use crate::commands::{self, Context, NewDevice, RunKind};
 use crate::pipeline::{self, Options, Report};
 
 /// A kflash state directory: devices, settings, configs, builds and runs.
@@ -35,6 +35,14 @@ fn to_py<'py>(py: Python<'py>, value: &impl Serialize) -> PyResult<Bound<'py, Py
     Ok(pythonize::pythonize(py, value)?)
 }
 
+/// Check a device key the one way every front end does (the CLI, `devices import`, the
+/// klippy extra): 1-64 ASCII letters, digits, `_`, `.`, `-`, starting with a letter or a
+/// digit. Raises `RegistryError` saying which rule was broken.
+#[pyfunction]
+pub fn validate_key(key: &str) -> PyResult<()> {
+    Ok(crate::registry::validate_key(key)?)
+}
+
 fn keys_of(keys: Option<Vec<String>>) -> Option<Vec<String>> {
     keys.filter(|k| !k.is_empty())
 }
@@ -45,12 +53,13 @@ impl Engine {
         py: Python<'py>,
         opts: Options,
         on_event: Option<Py<PyAny>>,
+        kind: RunKind,
         run_id: Option<String>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let context = self.context.clone();
         let on_event = on_event.map(|cb| cb.into_bound(py));
         let outcome = run_detached(py, on_event.as_ref(), move |cancel, sink| {
-            context.flash_all(&opts, run_id.as_deref(), cancel, sink)
+            context.run(kind, &opts, run_id.as_deref(), cancel, sink)
         });
         match outcome {
             Ok(Ok(report)) => to_py(py, &report),
@@ -160,6 +169,22 @@ impl Engine {
         Ok(self.context.config_path(key)?.display().to_string())
     }
 
+    /// Attach an existing Klipper `.config` to a device (copied in atomically).
+    fn set_config<'py>(
+        &self,
+        py: Python<'py>,
+        key: &str,
+        path: PathBuf,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        to_py(py, &self.context.set_config(key, &path)?)
+    }
+
+    /// The `make menuconfig` command line for a device's config (run it in the Klipper
+    /// tree); its `OUT=` is the device's own build directory.
+    fn menuconfig_command(&self, key: &str) -> PyResult<Vec<String>> {
+        Ok(self.context.menuconfig_command(key)?)
+    }
+
     /// What flash-all would do, per device, and why. Changes nothing.
     #[pyo3(signature = (keys=None, only_outdated=false))]
     fn plan<'py>(
@@ -211,7 +236,7 @@ impl Engine {
             only_outdated: false,
             yes,
         };
-        self.run_pipeline(py, opts, on_event, None)
+        self.run_pipeline(py, opts, on_event, RunKind::FlashAll, None)
     }
 
     /// Build every selected device, stop klipper once, flash, restart, verify, report.
@@ -231,7 +256,27 @@ impl Engine {
             only_outdated,
             yes,
         };
-        self.run_pipeline(py, opts, on_event, run_id)
+        self.run_pipeline(py, opts, on_event, RunKind::FlashAll, run_id)
+    }
+
+    /// Flash each selected board's last-known-good image (the one last flashed to it and
+    /// verified there) inside one stop window; restart, verify, report. A board without
+    /// one is skipped (an error when it was named). Recorded like `flash_all`.
+    #[pyo3(signature = (keys=None, yes=false, on_event=None, run_id=None))]
+    fn rollback<'py>(
+        &self,
+        py: Python<'py>,
+        keys: Option<Vec<String>>,
+        yes: bool,
+        on_event: Option<Py<PyAny>>,
+        run_id: Option<String>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let opts = Options {
+            keys: keys_of(keys),
+            only_outdated: false,
+            yes,
+        };
+        self.run_pipeline(py, opts, on_event, RunKind::Rollback, run_id)
     }
 
     /// Klippy's state and each device's current vs target version; the last run.

@@ -17,6 +17,7 @@ use pyo3::exceptions::{PyOSError, PyValueError};
 use pyo3::prelude::*;
 use serde_json::Value;
 
+use crate::commands::Context;
 use crate::flash_run::{self, place, record, HelperRequest, Launcher, Record};
 use crate::registry::{self, StateDir};
 
@@ -161,10 +162,11 @@ impl Runs {
         }
     }
 
-    /// Be run `run_id`'s watchdog until the run ends; the exit code (0 stood down or
+    /// Be run `run_id`'s watchdog until the run ends (finishing the boards a dead runner
+    /// left in their bootloader before klipper starts); the exit code (0 stood down or
     /// started klipper, 1 klipper still stopped, 2 nothing to guard).
     fn watch(&self, py: Python<'_>, run_id: String) -> i32 {
-        let state = self.state.clone();
-        py.detach(move || flash_run::watch(&state, &run_id))
+        let context = Context::at(self.state.clone());
+        py.detach(move || context.watch(&run_id))
     }
 }

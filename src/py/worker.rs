@@ -5,7 +5,9 @@
 //! (one dict per event, always on the caller's thread) and to call `py.check_signals()`.
 //! When that raises (Ctrl+C, or a front end's SIGTERM/SIGHUP handler) or the callback
 //! raises, the work's `Cancel` is set, the work unwinds (klipper is restarted by its
-//! guard), and the exception is returned together with what the work returned. A panic
+//! guard), and the exception is returned together with what the work returned. Signals
+//! are still checked while the work unwinds: a second one escalates the `Cancel` to
+//! `abandon` (a board being finished is left as it is). A panic
 //! in the work becomes `RuntimeError` naming it; nothing the work stopped stays stopped
 //! (its guards run while it unwinds).
 //!
@@ -14,7 +16,7 @@
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use pyo3::exceptions::PyRuntimeError;
+use pyo3::exceptions::{PyKeyboardInterrupt, PyRuntimeError};
 use pyo3::prelude::*;
 
 use crate::events::{Event, Sink};
@@ -67,12 +69,12 @@ pub fn run_detached<T: Send + 'static>(
         if finished {
             break;
         }
-        // Signals are checked every tick even while events keep arriving.
-        if interrupted.is_none() && last_check.elapsed() >= TICK {
+        // Signals are checked every tick even while events keep arriving; the first asks
+        // the work to stop (a board being written is finished), the second abandons it.
+        if last_check.elapsed() >= TICK {
             last_check = Instant::now();
             if let Err(e) = py.check_signals() {
-                cancel.cancel_because(&why(py, &e));
-                interrupted = Some(e);
+                interrupt(py, &cancel, &mut interrupted, e);
             }
         }
     }
@@ -142,6 +144,20 @@ fn deliver(
         if interrupted.is_none() {
             cancel.cancel_because(&why(py, &e));
             *interrupted = Some(e);
+        } else if e.is_instance_of::<PyKeyboardInterrupt>(py) {
+            // A second Ctrl+C (or SIGTERM) that landed in the callback.
+            cancel.abandon();
         }
+    }
+}
+
+/// A signal: the first stops the work (keeping the exception to re-raise), any later
+/// one abandons what the work is finishing.
+fn interrupt(py: Python<'_>, cancel: &Cancel, interrupted: &mut Option<PyErr>, error: PyErr) {
+    if interrupted.is_none() {
+        cancel.cancel_because(&why(py, &error));
+        *interrupted = Some(error);
+    } else {
+        cancel.abandon();
     }
 }

@@ -82,26 +82,74 @@ pub fn import_printer_cfg(text: &str) -> Result<Vec<ImportedMcu>, Error> {
 pub fn import_printer_cfg_file(path: &Path) -> Result<Vec<ImportedMcu>, Error> {
     let mut parsed = Parsed::default();
     let mut stack = Vec::new();
-    parse_file(path, &mut parsed, &mut stack)?;
+    parse_file(path, None, &mut parsed, &mut stack)?;
     collect(&parsed)
 }
 
-fn parse_file(path: &Path, parsed: &mut Parsed, stack: &mut Vec<PathBuf>) -> Result<(), Error> {
-    let canonical = fs::canonicalize(path).map_err(|source| Error::Read {
-        path: path.into(),
-        source,
-    })?;
-    if stack.contains(&canonical) {
-        return Err(Error::Import {
+/// The largest config file read (Klipper's own configs are a few hundred KiB at most).
+const MAX_CONFIG_BYTES: u64 = 4 << 20;
+
+/// Read a config file: a regular file only (a FIFO or a device such as /dev/zero would
+/// hang or never end), at most `MAX_CONFIG_BYTES`.
+fn read_config(path: &Path) -> Result<String, String> {
+    use std::io::Read;
+    let meta = fs::metadata(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    if !meta.is_file() {
+        return Err(format!(
+            "{} is not a regular file (a FIFO, device or directory): not read",
+            path.display()
+        ));
+    }
+    let file = fs::File::open(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let mut bytes = Vec::new();
+    file.take(MAX_CONFIG_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    if bytes.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(format!(
+            "{} is larger than {} MiB: not a printer config",
+            path.display(),
+            MAX_CONFIG_BYTES >> 20
+        ));
+    }
+    String::from_utf8(bytes).map_err(|_| format!("{} is not UTF-8 text", path.display()))
+}
+
+/// Parse one file; `from` is the including file and line (`None` for printer.cfg itself),
+/// where errors about this file are reported.
+fn parse_file(
+    path: &Path,
+    from: Option<(&Path, usize)>,
+    parsed: &mut Parsed,
+    stack: &mut Vec<PathBuf>,
+) -> Result<(), Error> {
+    let at = |message: String| match from {
+        Some((file, line)) => Error::Import {
+            path: file.into(),
+            line,
+            message,
+        },
+        None => Error::Import {
             path: path.into(),
             line: 0,
-            message: "include cycle: this file includes itself (directly or indirectly)".into(),
-        });
-    }
-    let text = fs::read_to_string(path).map_err(|source| Error::Read {
-        path: path.into(),
-        source,
+            message,
+        },
+    };
+    let canonical = fs::canonicalize(path).map_err(|source| match from {
+        Some(_) => at(format!("cannot read {}: {source}", path.display())),
+        None => Error::Read {
+            path: path.into(),
+            source,
+        },
     })?;
+    if stack.contains(&canonical) {
+        return Err(at(format!(
+            "include cycle: {} is already being read (it includes itself, directly or \
+             through other includes); remove this [include]",
+            path.display()
+        )));
+    }
+    let text = read_config(path).map_err(at)?;
     stack.push(canonical);
     let result = parse_into(&text, path, parsed, Some(stack));
     stack.pop();
@@ -214,7 +262,7 @@ fn include(
                 message: format!("include file {} does not exist", full.display()),
             });
         }
-        return parse_file(&full, parsed, stack);
+        return parse_file(&full, Some((from, line)), parsed, stack);
     }
     let dir = full.parent().unwrap_or(Path::new("."));
     let mut matches: Vec<PathBuf> = match fs::read_dir(dir) {
@@ -222,13 +270,13 @@ fn include(
             .filter_map(Result::ok)
             .filter(|e| glob_match(&name, &e.file_name().to_string_lossy()))
             .map(|e| e.path())
-            .filter(|p| p.is_file())
+            .filter(|p| !p.is_dir())
             .collect(),
         Err(_) => Vec::new(),
     };
     matches.sort();
     for file in matches {
-        parse_file(&file, parsed, stack)?;
+        parse_file(&file, Some((from, line)), parsed, stack)?;
     }
     Ok(())
 }
@@ -249,7 +297,8 @@ pub fn key_for_section(section: &str) -> String {
         })
         .take(MAX_KEY_LEN)
         .collect();
-    if key.chars().all(|c| c == '_') {
+    // A key starts with a letter or a digit (`validate_key`): `mcu -x` becomes `mcu_-x`.
+    if !key.starts_with(|c: char| c.is_ascii_alphanumeric()) {
         key = "mcu_".to_string() + &key;
         key.truncate(MAX_KEY_LEN);
     }
@@ -391,9 +440,12 @@ serial: /dev/nope
         assert_eq!(key_for_section("mcu"), "mcu");
         assert_eq!(key_for_section("mcu EBB36"), "EBB36");
         assert_eq!(key_for_section("mcu my board"), "my_board");
-        assert_eq!(key_for_section("mcu ../x"), "___x");
-        super::super::validate_key(&key_for_section("mcu ../x")).unwrap();
-        super::super::validate_key(&key_for_section("mcu ..")).unwrap();
+        assert_eq!(key_for_section("mcu ../x"), "mcu____x");
+        assert_eq!(key_for_section("mcu -probe"), "mcu_-probe");
+        assert_eq!(key_for_section("mcu _probe"), "mcu__probe");
+        for section in ["mcu ../x", "mcu ..", "mcu -probe", "mcu _probe"] {
+            super::super::validate_key(&key_for_section(section)).unwrap();
+        }
     }
 
     #[test]
@@ -439,11 +491,12 @@ serial: /dev/nope
         let tmp = tempfile::tempdir().unwrap();
         let root = tmp.path();
         fs::write(root.join("a.cfg"), "[include b.cfg]\n").unwrap();
-        fs::write(root.join("b.cfg"), "[include a.cfg]\n").unwrap();
+        fs::write(root.join("b.cfg"), "# b\n\n[include a.cfg]\n").unwrap();
         let msg = import_printer_cfg_file(&root.join("a.cfg"))
             .unwrap_err()
             .to_string();
-        assert!(msg.contains("cycle"), "{msg}");
+        // Named at the line that closes the cycle.
+        assert!(msg.contains("cycle") && msg.contains("b.cfg:3:"), "{msg}");
         fs::write(root.join("c.cfg"), "[include missing.cfg]\n").unwrap();
         let msg = import_printer_cfg_file(&root.join("c.cfg"))
             .unwrap_err()
@@ -462,5 +515,47 @@ serial: /dev/nope
             import_printer_cfg_file(&root.join("d.cfg")).unwrap().len(),
             1
         );
+    }
+
+    #[test]
+    fn only_regular_files_are_read_and_reads_are_bounded() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        let fifo = root.join("pipe.cfg");
+        rustix::fs::mkfifoat(
+            rustix::fs::CWD,
+            &fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+        )
+        .unwrap();
+        for (target, why) in [
+            ("/dev/zero", "not a regular file"),
+            ("pipe.cfg", "not a regular file"),
+            ("*.cfg", "not a regular file"),
+            ("big.data", "larger than"),
+        ] {
+            fs::write(
+                root.join("printer.cfg"),
+                format!("[mcu]\nserial: /dev/x\n[include {target}]\n"),
+            )
+            .unwrap();
+            let big = fs::File::create(root.join("big.data")).unwrap();
+            big.set_len(MAX_CONFIG_BYTES + 1).unwrap();
+            let started = std::time::Instant::now();
+            let msg = import_printer_cfg_file(&root.join("printer.cfg"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(5),
+                "{target}"
+            );
+            assert!(
+                msg.contains(why) && msg.contains("printer.cfg:3:"),
+                "{target}: {msg}"
+            );
+        }
+        // printer.cfg itself may not be a FIFO either.
+        let msg = import_printer_cfg_file(&fifo).unwrap_err().to_string();
+        assert!(msg.contains("not a regular file"), "{msg}");
     }
 }

@@ -269,8 +269,10 @@ impl Device {
     }
 }
 
-/// Check a device key: non-empty, at most 64 ASCII characters from `[A-Za-z0-9_.-]`, not
-/// `.` or `..`. The error says which rule was broken.
+/// Check a device key — the ONE rule for the CLI, `devices import`, the registry and the
+/// klippy extra: non-empty, at most 64 ASCII characters from `[A-Za-z0-9_.-]`, starting
+/// with a letter or a digit (a key starting with `-` reads as an option on a command line;
+/// `_` and `.` start hidden macros and files). The error says which rule was broken.
 pub fn validate_key(key: &str) -> Result<(), Error> {
     let fail = |reason: &str| {
         Err(Error::InvalidKey {
@@ -300,6 +302,9 @@ pub fn validate_key(key: &str) -> Result<(), Error> {
     }
     if key.len() > MAX_KEY_LEN {
         return fail(&format!("longer than {MAX_KEY_LEN} characters"));
+    }
+    if !key.starts_with(|c: char| c.is_ascii_alphanumeric()) {
+        return fail("a key must start with a letter or a digit");
     }
     Ok(())
 }
@@ -632,7 +637,7 @@ mod tests {
 
     #[test]
     fn keys_are_validated() {
-        for ok in ["mcu", "EBB36", "octopus-pro_1.1", "a"] {
+        for ok in ["mcu", "EBB36", "octopus-pro_1.1", "a", "1st"] {
             validate_key(ok).unwrap();
         }
         let long = "x".repeat(65);
@@ -645,6 +650,9 @@ mod tests {
             ("tête", "ASCII"),
             ("my board", "not allowed"),
             (long.as_str(), "longer than 64"),
+            ("-x", "start with a letter or a digit"),
+            ("_probe", "start with a letter or a digit"),
+            (".hidden", "start with a letter or a digit"),
         ] {
             let msg = validate_key(bad).unwrap_err().to_string();
             assert!(msg.contains(why), "{bad:?}: {msg}");

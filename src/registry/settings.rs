@@ -107,9 +107,17 @@ pub struct Settings {
     /// else `~/klippy-env/bin/python`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub klippy_python: Option<PathBuf>,
+    /// Reflash a board's last-known-good image when its new firmware fails verify.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub auto_rollback: bool,
+    /// The linux-process MCU's service; `None`: whichever of `klipper-mcu` (Klipper's unit)
+    /// and `klipper_mcu` (KIAUH's) exists.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub linux_mcu_service: Option<String>,
 }
 
-#[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if signature
+// serde's skip_serializing_if hands the field by reference.
+#[allow(clippy::trivially_copy_pass_by_ref)]
 fn is_true(value: &bool) -> bool {
     *value
 }
@@ -152,6 +160,8 @@ impl Default for Settings {
             prewarm: true,
             klippy_dir: None,
             klippy_python: None,
+            auto_rollback: false,
+            linux_mcu_service: None,
         }
     }
 }
@@ -172,6 +182,8 @@ const KEYS: &[&str] = &[
     "prewarm",
     "klippy_dir",
     "klippy_python",
+    "auto_rollback",
+    "linux_mcu_service",
 ];
 
 /// A yes/no setting as typed: true/false, on/off, yes/no, 1/0.
@@ -217,6 +229,8 @@ impl Settings {
             "prewarm" => self.prewarm.to_string(),
             "klippy_dir" => optional_path(self.klippy_dir.as_deref()),
             "klippy_python" => optional_path(self.klippy_python.as_deref()),
+            "auto_rollback" => self.auto_rollback.to_string(),
+            "linux_mcu_service" => self.linux_mcu_service.clone().unwrap_or_default(),
             _ => return Err(unknown(key)),
         })
     }
@@ -245,11 +259,7 @@ impl Settings {
                 self.service = trimmed.parse()?;
             }
             "klipper_service" => {
-                if trimmed.is_empty()
-                    || !trimmed
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c))
-                {
+                if trimmed.is_empty() || !is_unit_name(trimmed) {
                     return Err(bad(
                         "a service name is letters, digits and - _ . @ (e.g. klipper)",
                     ));
@@ -279,6 +289,15 @@ impl Settings {
                     self.flash_timeout_s = secs;
                 }
             }
+            "linux_mcu_service" => {
+                if !is_unit_name(trimmed) {
+                    return Err(bad(
+                        "a service name is letters, digits and - _ . @ (e.g. klipper-mcu); \
+                         empty: whichever of klipper-mcu / klipper_mcu exists",
+                    ));
+                }
+                self.linux_mcu_service = (!trimmed.is_empty()).then(|| trimmed.to_string());
+            }
             "katapult_flasher" => {
                 self.katapult_flasher = match trimmed {
                     "native" => KatapultFlasher::Native,
@@ -286,12 +305,12 @@ impl Settings {
                     _ => return Err(bad("expected native or flashtool")),
                 };
             }
-            "flash_parallel" | "prewarm" => {
+            "flash_parallel" | "prewarm" | "auto_rollback" => {
                 let on = parse_bool(trimmed).ok_or_else(|| bad("expected true or false"))?;
-                if key == "flash_parallel" {
-                    self.flash_parallel = on;
-                } else {
-                    self.prewarm = on;
+                match key {
+                    "flash_parallel" => self.flash_parallel = on,
+                    "prewarm" => self.prewarm = on,
+                    _ => self.auto_rollback = on,
                 }
             }
             "klippy_dir" | "klippy_python" => {
@@ -307,6 +326,12 @@ impl Settings {
         }
         Ok(())
     }
+}
+
+/// A systemd unit name as a setting may hold it (letters, digits and `-_.@`).
+fn is_unit_name(name: &str) -> bool {
+    name.chars()
+        .all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c))
 }
 
 fn optional_path(path: Option<&Path>) -> String {
@@ -371,6 +396,12 @@ mod tests {
         assert_eq!(s.get("klippy_dir").unwrap(), "/home/pi/klipper/klippy");
         s.set("klippy_python", " ").unwrap();
         assert_eq!(s.klippy_python, None);
+        s.set("auto_rollback", "true").unwrap();
+        assert!(s.auto_rollback);
+        s.set("linux_mcu_service", "klipper_mcu").unwrap();
+        assert_eq!(s.get("linux_mcu_service").unwrap(), "klipper_mcu");
+        s.set("linux_mcu_service", "").unwrap();
+        assert_eq!(s.linux_mcu_service, None);
     }
 
     #[test]
@@ -402,6 +433,8 @@ mod tests {
             ("klipper_dir", "  "),
             ("flash_parallel", "sometimes"),
             ("prewarm", ""),
+            ("auto_rollback", "sometimes"),
+            ("linux_mcu_service", "klipper-mcu; reboot"),
         ] {
             let err = s.set(key, value).unwrap_err().to_string();
             assert!(err.contains(key), "{err}");

@@ -94,6 +94,34 @@ impl StateDir {
     pub fn lock_path(&self) -> PathBuf {
         self.root.join("lock")
     }
+
+    /// `flashed/`: the dictionary of the firmware last flashed to each device
+    /// (`<key>.dict`).
+    pub fn flashed_dir(&self) -> PathBuf {
+        self.root.join("flashed")
+    }
+
+    /// `pending.json`: the boards a stop window is writing (removed when it ends with
+    /// every board back), for a recovery after a crash.
+    pub fn pending_json(&self) -> PathBuf {
+        self.root.join("pending.json")
+    }
+
+    /// `pending/<key>/`: the image a stop window is writing to that board.
+    pub fn pending_image_dir(&self, key: &str) -> PathBuf {
+        self.root.join("pending").join(key)
+    }
+
+    /// `identities.json`: each serial board's stable identity (by-path, USB serial, USB
+    /// port), learnt while it ran Klipper, to find it again in a bootloader.
+    pub fn identities_json(&self) -> PathBuf {
+        self.root.join("identities.json")
+    }
+
+    /// `good/<key>/`: the last-known-good image of a board (last flashed AND verified).
+    pub fn good_dir(&self, key: &str) -> PathBuf {
+        self.root.join("good").join(key)
+    }
 }
 
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);

@@ -43,6 +43,7 @@ fn opts_for(device: &Path, firmware: &Path, roots: &Discovery) -> SerialFlashOpt
         stable: None,
         discovery: roots.clone(),
         timing: quick_timing(),
+        app_start: None,
     }
 }
 
@@ -243,12 +244,14 @@ fn pty_board_left_in_katapult_is_found_from_its_klipper_link() {
         image
     );
     assert_eq!(
-        by_id_counterpart(Path::new("/dev/serial/by-id/usb-katapult_rp2040_E66-if00")),
-        Some(PathBuf::from(
-            "/dev/serial/by-id/usb-Klipper_rp2040_E66-if00"
-        ))
+        by_id_counterpart("/dev/serial/by-id/usb-katapult_rp2040_E66-if00").as_deref(),
+        Some("/dev/serial/by-id/usb-Klipper_rp2040_E66-if00")
     );
-    assert_eq!(by_id_counterpart(Path::new("/dev/ttyACM0")), None);
+    assert_eq!(
+        by_id_counterpart("usb-Klipper_rp2040_E66-if00").as_deref(),
+        Some("usb-katapult_rp2040_E66-if00")
+    );
+    assert_eq!(by_id_counterpart("/dev/ttyACM0"), None);
 }
 
 #[test]
@@ -419,4 +422,61 @@ fn missing_and_empty_firmware_are_refused_before_touching_the_board() {
     )
     .unwrap_err();
     assert!(err.to_string().contains("is empty"), "{err}");
+}
+
+#[test]
+fn pty_a_bootloader_that_starts_the_application_elsewhere_gets_nothing_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let roots = empty_roots(dir.path());
+    let fw = dir.path().join("klipper.bin");
+    std::fs::write(&fw, image_of(4096)).unwrap();
+    let p = pty::open();
+    // The fake bootloader starts the application at 0x08002000 (an 8 KiB Katapult).
+    let fake = PtyDevice::serve(p.master, FakeBootloader::new(MCU, 64), false, None);
+    let mut opts = opts_for(&p.slave_path, &fw, &roots);
+    opts.app_start = Some(AppStart {
+        address: 0x0800_8000,
+        flash_start: 0x0800_0000,
+    });
+    let err = flash_serial(&opts, &Cancel::new(), &events::discard()).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, Error::AppStartMismatch { .. }), "{msg}");
+    assert!(
+        msg.contains("0x08002000") && msg.contains("0x08008000"),
+        "{msg}"
+    );
+    assert!(msg.contains("\"8KiB bootloader\""), "{msg}");
+    assert_eq!(err.offset_to_choose().as_deref(), Some("8KiB bootloader"));
+    assert!(
+        !err.worth_another_flasher(),
+        "flashtool.py would write at the wrong offset"
+    );
+    let dev = fake.device.lock().unwrap();
+    assert!(dev.flash.is_empty(), "nothing written");
+    assert!(dev.completed, "sent back to its application");
+}
+
+#[test]
+fn pty_an_abandoned_flash_with_nothing_written_sends_complete() {
+    let dir = tempfile::tempdir().unwrap();
+    let roots = empty_roots(dir.path());
+    let fw = dir.path().join("klipper.bin");
+    std::fs::write(&fw, image_of(4096)).unwrap();
+    let p = pty::open();
+    let fake = PtyDevice::serve(p.master, FakeBootloader::new(MCU, 64), false, None);
+    let cancel = Cancel::new();
+    cancel.abandon();
+    let err = flash_serial(
+        &opts_for(&p.slave_path, &fw, &roots),
+        &cancel,
+        &events::discard(),
+    )
+    .unwrap_err();
+    assert!(matches!(err, Error::Cancelled { .. }), "{err}");
+    let dev = fake.device.lock().unwrap();
+    assert!(dev.flash.is_empty());
+    assert!(
+        dev.completed,
+        "a board in Katapult with nothing written gets COMPLETE"
+    );
 }

@@ -24,7 +24,11 @@ fn flash_fake(
             cancel,
         );
         s.connect(5, Duration::from_secs(2)).and_then(|info| {
-            flash_connected(&mut s, &info, image, dict, Path::new("/dev/fake"), sink)
+            let checks = Checks {
+                dictionary: dict,
+                app_start: None,
+            };
+            flash_connected(&mut s, &info, image, &checks, Path::new("/dev/fake"), sink)
         })
     };
     (result, port)
@@ -322,7 +326,7 @@ fn a_board_that_vanishes_mid_write_is_an_io_error_in_write() {
         &mut s,
         &info,
         &image_of(4096),
-        None,
+        &Checks::default(),
         Path::new("/dev/fake"),
         &events::discard(),
     )
