@@ -135,9 +135,10 @@ git branch -q --set-upstream-to=origin/main main
 """)
 
 
-def release_newer(host: Host, new: str, wheel: str) -> None:
+def release_newer(host: Host, new: str, wheel: str, on_index: bool) -> None:
     """The maintainer's release: a commit that bumps the version, tagged, pushed;
-    the release workflow's wheel on the index."""
+    the release workflow's wheel on the GitHub release and (``on_index``) the
+    index."""
     work = f"{ORIGINS}/kflash-work"
     host.pi(f"git clone -q {ORIGINS}/kflash.git {work}")
     release.bump(host.c.path(work), new)
@@ -148,7 +149,7 @@ git commit -qam "kflash {new}"
 git tag -a v{new} -m "kflash {new}"
 git push -q origin main v{new}
 """)
-    release.publish(host.c.path(SITE), new, wheel)
+    release.publish(host.c.path(SITE), new, wheel, index=on_index)
 
 
 def update_status(host: Host, *names: str) -> dict[str, dict]:
@@ -239,7 +240,13 @@ def assert_one_version(host: Host, version: str) -> None:
     assert core == {f"{SITE_PACKAGES}/kflash/_core.abi3.so"}, core
 
 
-def test_a_moonraker_update_moves_every_part_to_the_new_version(host, releases):
+@pytest.mark.parametrize("on_index", [True, False],
+                         ids=["wheel-on-the-index", "pip-finds-no-wheel"])
+def test_a_moonraker_update_keeps_every_part_on_one_version(host, releases, on_index):
+    """On the index: the update moves every part to the new version. Not there
+    (PyPI unreachable, or an update between a tag and its wheels): pip fails,
+    Moonraker restarts klipper on the old wheel, every part stays the old
+    version; install.sh, as the README says, then brings the new one."""
     _, _, newer = releases
     cur, new = release.current_version(), release.next_version()
     kiauh_klipper(host)
@@ -252,9 +259,10 @@ def test_a_moonraker_update_moves_every_part_to_the_new_version(host, releases):
         {k: before[k] for k in ("version", "is_dirty", "pristine", "anomalies")}))
 
     # the README: the release's wheel, no Rust; updates from the index
+    install = (f"cd ~/kflash && scripts/install.sh --release-url {RELEASE_URL} "
+               f"--index-url {INDEX_URL}")
     started = time.monotonic()
-    r = host.pi(f"cd ~/kflash && scripts/install.sh --release-url {RELEASE_URL} "
-                f"--index-url {INDEX_URL}")
+    r = host.pi(install)
     print(f"install.sh: {time.monotonic() - started:.1f} s")
     assert "kflash install: done" in r.out, r.out + r.err
     assert "its sha256 is the one the release's SHA256SUMS lists" in r.out, r.out
@@ -268,7 +276,7 @@ def test_a_moonraker_update_moves_every_part_to_the_new_version(host, releases):
     info = bed.moonraker(host.c, "GET", "/printer/info")[1]["result"]
     assert not info["software_version"].endswith("-dirty"), info
 
-    release_newer(host, new, newer)
+    release_newer(host, new, newer, on_index)
     st = update_status(host, "kflash")["kflash"]
     assert (st["version"], st["remote_version"]) == (f"v{cur}-0", f"v{new}-0"), st
     since = time.time()
@@ -285,7 +293,6 @@ def test_a_moonraker_update_moves_every_part_to_the_new_version(host, releases):
     assert [(t, done) for t, done, _ in jobs] == \
         [("restart", "done"), ("start", "done")], jobs
     assert host.unit("klipper.service", "NRestarts") == "0"
-    assert_one_version(host, new)
     st = update_status(host, "kflash", "klipper")
     print("Moonraker after the update:", json.dumps(
         {n: {k: st[n][k] for k in ("version", "remote_version", "is_dirty", "pristine",
@@ -296,3 +303,13 @@ def test_a_moonraker_update_moves_every_part_to_the_new_version(host, releases):
     assert_clean(st["klipper"], before["anomalies"])
     info = bed.moonraker(host.c, "GET", "/printer/info")[1]["result"]
     assert not info["software_version"].endswith("-dirty"), info
+    if on_index:
+        assert_one_version(host, new)
+        return
+    # pip found nothing: klippy runs the old wheel, its extras and macros
+    assert_one_version(host, cur)
+    r = host.pi(install)
+    assert f"fetching the x86_64 wheel of v{new}" in r.out, r.out + r.err
+    host.c.run(["systemctl", "restart", "klipper"])
+    bed.wait_ready(host.c, 120)
+    assert_one_version(host, new)

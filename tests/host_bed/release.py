@@ -132,16 +132,18 @@ def _sha256(path: str) -> str:
         return hashlib.sha256(f.read()).hexdigest()
 
 
-def publish(site: str, version: str, wheel: str) -> None:
+def publish(site: str, version: str, wheel: str, index: bool = True) -> None:
     """Add ``wheel`` (kflash ``version``) to the release site at ``site``: the GitHub
-    release's files with SHA256SUMS, and the package index's page for kflash-klipper
-    (links with their sha256, as PyPI gives them)."""
+    release's files with SHA256SUMS, and (``index``) the package index's page for
+    kflash-klipper (links with their sha256, as PyPI gives them)."""
     release = os.path.join(site, "github", f"v{version}")
     os.makedirs(release, exist_ok=True)
     name = os.path.basename(wheel)
     shutil.copy(wheel, os.path.join(release, name))
     with open(os.path.join(release, "SHA256SUMS"), "w") as f:
         f.write(f"{_sha256(wheel)}  {name}\n")
+    if not index:
+        return
     files = os.path.join(site, "files")
     os.makedirs(files, exist_ok=True)
     shutil.copy(wheel, os.path.join(files, name))
