@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 import time
 
 import pytest
@@ -313,3 +314,68 @@ def test_a_moonraker_update_keeps_every_part_on_one_version(host, releases, on_i
     host.c.run(["systemctl", "restart", "klipper"])
     bed.wait_ready(host.c, 120)
     assert_one_version(host, new)
+
+
+#: The last commit whose install.sh linked the extras from the checkout, copied
+#: kflash.cfg and wrote an [update_manager kflash] without the wheel's requirements.
+OLD_INSTALLER = "1a1d1c21c3c87d0f227e619e4afbf9295379c15d"
+
+
+def test_an_older_install_refuses_the_drift_and_install_sh_ends_it(host, releases):
+    """The issue's drift, on a host installed by the older install.sh: a Moonraker
+    update pulls the new extras (live through the links into the checkout) and
+    restarts klipper while klippy-env keeps the old wheel. The [kflash] extra
+    refuses to load, naming both versions and the fix; install.sh, run as it says,
+    moves the host onto the wheel's extras and kflash.cfg, and klipper is ready on
+    one version again with Klipper's checkout clean."""
+    _, _, newer = releases
+    cur, new = release.current_version(), release.next_version()
+    kiauh_klipper(host)
+    kflash_origin(host, cur)
+    host.c.run(["systemctl", "restart", "klipper", "moonraker"])
+    bed.wait_ready(host.c, 120)
+    before = update_status(host, "klipper")["klipper"]
+
+    old = subprocess.run(["git", "-C", release.REPO, "show",
+                          f"{OLD_INSTALLER}:scripts/install.sh"],
+                         capture_output=True, text=True)
+    assert old.returncode == 0, f"no older install.sh in this clone: {old.stderr}"
+    script = f"{HOME}/kflash/scripts/install-{OLD_INSTALLER[:8]}.sh"
+    with open(host.c.path(script), "w") as f:
+        f.write(old.stdout)
+    host.c.run(["chown", "pi:pi", script])
+    r = host.pi(f"bash {script} --wheel {host.wheel} && rm {script}")
+    assert "kflash install: done" in r.out, r.out + r.err
+    host.reboot()
+    st = update_status(host, "klipper")["klipper"]
+    assert any("untracked source files" in a for a in st["anomalies"]), st
+
+    release_newer(host, new, newer, on_index=True)
+    since = time.time()
+    update_status(host, "kflash")
+    status, doc = bed.moonraker(host.c, "POST", "/machine/update/upgrade?name=kflash",
+                                timeout=900)
+    assert status == 200, doc
+    jobs = klipper_jobs(host, since)
+    assert [(t, done) for t, done, _ in jobs] == \
+        [("restart", "done"), ("start", "done")], jobs
+
+    def refused() -> str:
+        got = bed.moonraker(host.c, "GET", "/printer/info")
+        result = got[1].get("result", {}) if got[0] == 200 else {}
+        return result.get("state_message", "") if result.get("state") == "error" \
+            else ""
+
+    said = wait_for(refused, 60, "klippy to refuse the new extra on the old wheel")
+    print("klippy said:", said)
+    assert f"kflash {new}" in said and f"kflash {cur}" in said, said
+    assert "scripts/install.sh" in said, said
+
+    r = host.pi(f"cd ~/kflash && scripts/install.sh --release-url {RELEASE_URL} "
+                f"--index-url {INDEX_URL}")
+    assert "kflash install: done" in r.out, r.out + r.err
+    assert "removed the old link" in r.out, r.out
+    host.c.run(["systemctl", "restart", "klipper"])
+    bed.wait_ready(host.c, 120)
+    assert_one_version(host, new)
+    assert_clean(update_status(host, "klipper")["klipper"], before["anomalies"])

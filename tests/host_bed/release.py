@@ -2,15 +2,15 @@
 
 `next_version()` is this checkout's version with the patch number raised.
 `bump(tree, new)` is the commit that bumps the version, applied to a copy of the
-checkout: Cargo.toml, Cargo.lock and scripts/klippy-requirements.txt say ``new``, and
-the description of the ``KFLASH_UPDATE_ALL`` macro in kflash.cfg names it (so a test
-can see which kflash.cfg klippy read). `bumped_wheel()` builds that copy's wheel with
-maturin, cached outside the checkout by the copy's content (its cargo target dir too,
-so a rebuild compiles only kflash). `publish()` lays out a release site, served inside
-the container by ``python3 -m http.server``: ``github/v<version>/`` as GitHub serves a
-release's files (the wheels and SHA256SUMS, what scripts/install.sh downloads) and
-``simple/`` as a PEP 503 package index (what pip, run by Moonraker's update, reads
-instead of PyPI).
+checkout: Cargo.toml, Cargo.lock, scripts/klippy-requirements.txt and the [kflash]
+extra's own ``VERSION`` (when it has one) say ``new``, and the description of the
+``KFLASH_UPDATE_ALL`` macro in kflash.cfg names it (so a test can see which kflash.cfg
+klippy read). `bumped_wheel()` builds that copy's wheel with maturin, cached outside
+the checkout by the copy's content (its cargo target dir too, so a rebuild compiles
+only kflash). `publish()` lays out a release site, served inside the container by
+``python3 -m http.server``: ``github/v<version>/`` as GitHub serves a release's files
+(the wheels and SHA256SUMS, what scripts/install.sh downloads) and ``simple/`` as a
+PEP 503 package index (what pip, run by Moonraker's update, reads instead of PyPI).
 """
 
 from __future__ import annotations
@@ -75,6 +75,11 @@ def bump(tree: str, new: str) -> None:
           rf'^(name = "kflash"\nversion = )"{old}"', rf'\g<1>"{new}"', "the version")
     _edit(os.path.join(tree, "scripts/klippy-requirements.txt"),
           rf"^{DIST}=={old}$", f"{DIST}=={new}", "the pin")
+    extra = os.path.join(tree, "python/kflash/klippy_extras/kflash.py")
+    with open(extra, encoding="utf-8") as f:
+        has_version = re.search(r"^VERSION = ", f.read(), re.M) is not None
+    if has_version:
+        _edit(extra, rf'^VERSION = "{old}"$', f'VERSION = "{new}"', "the version")
     _edit(os.path.join(tree, "python/kflash/klippy_extras/kflash.cfg"),
           r"^(\[gcode_macro KFLASH_UPDATE_ALL\]\ndescription: )kflash:",
           rf"\g<1>kflash {new}:", "the KFLASH_UPDATE_ALL description")
