@@ -217,6 +217,10 @@ class Container:
                 if not self._wait_exit(10):
                     os.killpg(self.nspawn.pid, signal.SIGKILL)
                     self._wait_exit(10)
+                    # A killed nspawn leaves the container's systemd running (seen:
+                    # user@1000.service stuck in final-sigkill for its 90 s stop
+                    # timeout); SIGKILL to the namespace's init ends every process.
+                    self._kill_pid1()
         self._check_gone()
         self.nspawn = None
         self.pid1 = 0
@@ -224,6 +228,19 @@ class Container:
         left = _mounts_under(self.root) if self.overlay else []
         if left:
             raise BedError(f"mounts left behind: {left}")
+
+    def _kill_pid1(self) -> None:
+        if not self.pid1:
+            return
+        try:
+            os.kill(self.pid1, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        try:
+            wait_for(lambda: not os.path.exists(f"/proc/{self.pid1}"), 10,
+                     "the container's PID 1 to go after SIGKILL")
+        except TimeoutError:
+            pass  # _check_gone names it
 
     def _check_gone(self) -> None:
         if self.pid1 and os.path.exists(f"/proc/{self.pid1}"):
