@@ -265,22 +265,4 @@ mod tests {
             .to_string();
         assert!(err.contains("unreachable"), "{err}");
     }
-
-    /// Against a real Moonraker (e.g. under supervisord): set `KFLASH_TEST_MOONRAKER_URL`.
-    #[test]
-    #[ignore = "needs a live Moonraker with service control (KFLASH_TEST_MOONRAKER_URL)"]
-    fn live_moonraker_stop_start() {
-        let Ok(url) = std::env::var("KFLASH_TEST_MOONRAKER_URL") else {
-            return;
-        };
-        let svc = MoonrakerService::new(Client::new(&url, Duration::from_secs(10)).unwrap(), "");
-        svc.check().unwrap();
-        let t = std::time::Instant::now();
-        let svc: Arc<dyn ServiceControl> = Arc::new(svc);
-        let guard = super::super::stop(Arc::clone(&svc)).unwrap();
-        eprintln!("stopped in {:?}", t.elapsed());
-        assert!(!svc.is_active().unwrap());
-        let down = guard.restart().unwrap();
-        eprintln!("downtime {down:?}");
-    }
 }
