@@ -121,6 +121,12 @@ class Board:
         return f"usb-Klipper_{self.mcu}_{self.serial}-if00"
 
 
+def terminal_signals():
+    """In a child before exec: the signal dispositions of a terminal's process."""
+    for sig in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 class SandboxMoonraker(FakeMoonraker):
     """Moonraker for the sandbox: print state and the version each board was last
     flashed with; klippy is disconnected while the sandbox's klipper is stopped."""
@@ -322,12 +328,16 @@ class Sandbox:
         return json.loads(result.stdout)
 
     def spawn(self, *args):
+        """kflash running as from a terminal: SIGINT and SIGHUP at their defaults,
+        whatever the test runner inherited (under nohup SIGHUP is ignored, and
+        kflash keeps a signal ignored at its start ignored)."""
         proc = subprocess.Popen(
             [*KFLASH, *args],
             env=self.env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            preexec_fn=terminal_signals,
         )
         self.procs.append(proc)
         return proc

@@ -10,8 +10,9 @@ one kflash built (the run's target or what it ran before). One printer serves ev
 cell; a cell that leaves it unusable is repaired by the next `kflash flash-all` (which
 recovers a board left in Katapult first) so the other cells still run.
 
-The SIGKILL cells rely on the watchdog: it must write the recorded image onto a board it
-finds in Katapult before it starts klipper (`commands::Context::recover`).
+The SIGKILL cells rely on the watchdog: it writes the recorded image onto a board it
+finds in Katapult before it starts klipper (`commands::Context::watch`). When the
+watchdog is gone too (a power cut), the next run finishes the board first.
 """
 
 import json
@@ -23,6 +24,8 @@ import time
 
 import pytest
 
+from kflash import Runs
+from sandbox import terminal_signals
 from virtual_printer import Printer, tree, wait_for
 from virtual_printer.demo import kflash_command, register
 
@@ -76,8 +79,8 @@ class Run:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            # Ctrl+C reaches kflash as it does in a terminal, whatever pytest inherited.
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+            # Ctrl+C and SIGHUP as in a terminal, whatever pytest inherited.
+            preexec_fn=terminal_signals,
         )
         self.out = []
         self.readers = [
@@ -226,6 +229,9 @@ def test_an_interrupted_run_leaves_the_printer_usable(bench, name, phase):
         if not p.is_ready():
             res = repair(p, env)
             cell["repaired_by_next_run"] = json.loads(res.stdout).get("recovered")
+        # A killed run's watchdog holds the run lock until klipper's start returns.
+        runs = Runs(env["KFLASH_HOME"])
+        wait_for(lambda: runs.busy() is None, 30, "the run's watchdog to end")
         cell["cell_s"] = round(time.monotonic() - cell_started, 1)
 
 
@@ -252,15 +258,34 @@ def run_cell(p, run, name, phase):
         p.clear_faults()
 
 
-def test_the_next_run_flashes_a_board_a_killed_run_left_in_katapult_first(bench):
+def watchdogs(home):
+    """The pids of the watchdogs guarding runs of the kflash state dir ``home``."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"kflash.watchdog" in argv and home.encode() in b" ".join(argv):
+            found.append(int(pid))
+    return found
+
+
+def test_after_a_power_cut_mid_flash_the_next_run_finishes_the_board_first(bench):
     p, env = bench
     p.wait_ready(60)
-    tree.git(p.tree, "commit", "-q", "--allow-empty", "-m", "killed mid-flash")
+    tree.git(p.tree, "commit", "-q", "--allow-empty", "-m", "power cut mid-flash")
     target = tree.describe(p.tree)
     p.set_faults("mainboard", erase_delay=SLOW_ERASE)
     try:
         with Run(env) as run:
             run.wait_line(PHASES["mid_flash"], what="the mainboard's write")
+            # Runner and watchdog die at once, as in a power cut: nobody finishes it.
+            dogs = watchdogs(env["KFLASH_HOME"])
+            assert dogs, "the run has no watchdog"
+            for pid in dogs:
+                os.kill(pid, signal.SIGKILL)
             run.proc.kill()
     finally:
         p.clear_faults()
