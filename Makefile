@@ -47,7 +47,7 @@ test-python: build deps host-bed-tools
 	$(VENV)/bin/ruff check python tests sim benches conformance
 	# The hand-written stub must match the native module.
 	$(PY) -m mypy.stubtest kflash._core
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15
 
 # The host bed (tests/test_host_bed.py, tests/host_bed/) boots a Debian bookworm root
 # with systemd-nspawn. Its host tools come from Debian, installed here when missing and

@@ -356,7 +356,10 @@ def test_an_older_install_refuses_the_drift_and_install_sh_ends_it(host, release
     status, doc = bed.moonraker(host.c, "POST", "/machine/update/upgrade?name=kflash",
                                 timeout=900)
     assert status == 200, doc
-    jobs = klipper_jobs(host, since)
+    # Moonraker answers once it asked for the restart; the start half lands after.
+    deadline = time.monotonic() + 30
+    while len(jobs := klipper_jobs(host, since)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
     assert [(t, done) for t, done, _ in jobs] == \
         [("restart", "done"), ("start", "done")], jobs
 

@@ -289,7 +289,12 @@ class Board:
         shutil.rmtree(self.usb_dir, ignore_errors=True)
 
     def _enumerate(self, mode: str) -> None:
-        self._disconnect()
+        if self.interface != "usb" and self.pty is not None:
+            # UART: the same wire after a reset; the board talks on it again.
+            self.mode = mode
+            self._uart_tail = b""
+            return None
+        self._disconnect(unplug=True)
         self.mode = mode
         self.pty = Pty(keep_slave=False)
         self.hup_until = 0.0
@@ -319,8 +324,13 @@ class Board:
             symlink_atomic(rel, link)
         self.log(f"tty {tty} -> {self.pty.name}")
 
-    def _disconnect(self) -> None:
-        """Unplug: the tty, its links and sysfs entries go away; the pty is closed."""
+    def _disconnect(self, unplug: bool = False) -> None:
+        """The MCU goes away. USB: unplugged, the tty, its links and sysfs entries go
+        away and the pty is closed. UART: the host's port stays (it is the host's
+        own); the board is only silent until it talks again, unless ``unplug``."""
+        if self.interface != "usb" and not unplug:
+            self.mode = "off" if self.mode in ("app", "katapult") else self.mode
+            return
         if self.interface == "usb":
             unlink_quiet(self.by_id(True))
             unlink_quiet(self.by_id(False))
@@ -340,7 +350,7 @@ class Board:
         self.mode = "off" if self.mode in ("app", "katapult") else self.mode
 
     def shutdown(self) -> None:
-        self._disconnect()
+        self._disconnect(unplug=True)
         self._remove_usb_device()
 
     # ------------------------------------------------------------------ I/O
@@ -361,8 +371,8 @@ class Board:
         if data is None:
             self.hup_until = time.monotonic() + HUP_RECHECK
             return
-        if not data:
-            return
+        if not data or self.mode not in ("app", "katapult"):
+            return  # nothing listens on the wire while the board reboots
         if self.app is not None:
             if self.interface != "usb":
                 # The request may arrive split over reads: look across the boundary.
