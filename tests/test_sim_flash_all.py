@@ -13,29 +13,19 @@ import subprocess
 
 import pytest
 
-from virtual_printer import Printer, tree
-from virtual_printer.demo import kflash_command, register
+from virtual_printer import tree
+from virtual_printer.demo import kflash_command, registered
 
 pytestmark = pytest.mark.usefixtures("bench_tools")
 
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
-    p = Printer(
+    with registered(
         str(tmp_path_factory.mktemp("flashall")),
         build_cache=str(tmp_path_factory.getbasetemp() / "sim-build-cache"),
-    )
-    p.up()
-    env = dict(p.env(), KFLASH_HOME=os.path.join(p.dir, "kflash"))
-
-    def run(*args):
-        return subprocess.run(
-            [*kflash_command(), *args], env=env, capture_output=True, text=True
-        ).returncode
-
-    register(p, env, run)
-    yield p, env
-    p.down()
+    ) as bench:
+        yield bench
 
 
 def flash_all(env, **extra):

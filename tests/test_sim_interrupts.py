@@ -26,8 +26,8 @@ import pytest
 
 from kflash import Runs
 from sandbox import terminal_signals
-from virtual_printer import Printer, tree, wait_for
-from virtual_printer.demo import kflash_command, register
+from virtual_printer import tree, wait_for
+from virtual_printer.demo import kflash_command, registered
 
 pytestmark = pytest.mark.usefixtures("bench_tools")
 
@@ -43,28 +43,18 @@ TIMINGS = {}
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
-    p = Printer(
+    with registered(
         str(tmp_path_factory.mktemp("interrupts")),
         build_cache=str(tmp_path_factory.getbasetemp() / "sim-build-cache"),
-    )
-    p.up()
-    env = dict(p.env(), KFLASH_HOME=os.path.join(p.dir, "kflash"))
-
-    def run(*args):
-        return subprocess.run(
-            [*kflash_command(), *args], env=env, capture_output=True, text=True
-        ).returncode
-
-    register(p, env, run)
-    with open(os.path.join(env["KFLASH_HOME"], "configs", "mcu.config"), "a") as f:
-        f.write(f"CONFIG_FIXTURE_SLEEP={BUILD_SLEEP}\n")
-    started = time.monotonic()
-    yield p, env
-    TIMINGS["module_s"] = round(time.monotonic() - started, 1)
-    with open(os.path.join(p.dir, "timings.json"), "w") as f:
-        json.dump(TIMINGS, f, indent=1)
-    print("\ninterrupt matrix timings:", json.dumps(TIMINGS, indent=1))
-    p.down()
+    ) as (p, env):
+        with open(os.path.join(env["KFLASH_HOME"], "configs", "mcu.config"), "a") as f:
+            f.write(f"CONFIG_FIXTURE_SLEEP={BUILD_SLEEP}\n")
+        started = time.monotonic()
+        yield p, env
+        TIMINGS["module_s"] = round(time.monotonic() - started, 1)
+        with open(os.path.join(p.dir, "timings.json"), "w") as f:
+            json.dump(TIMINGS, f, indent=1)
+        print("\ninterrupt matrix timings:", json.dumps(TIMINGS, indent=1))
 
 
 class Run:

@@ -312,17 +312,7 @@ def cmd_config(engine, args):
     path = engine.config_path(args.key)
     if args.from_file:
         dev = engine.set_config(args.key, os.path.expanduser(args.from_file))
-        if args.json:
-            emit_json(dev)
-        elif dev.get("problem"):
-            print(f"{args.key}: {dev['problem']}")
-            return ExitStatus.USAGE
-        else:
-            print(
-                f"{args.key}: builds {dev['mcu']} firmware ({dev['interface']});"
-                f" saved {path}"
-            )
-        return ExitStatus.SUCCESS
+        return config_saved(args, dev, path)
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
         return usage_error(
             args,
@@ -335,14 +325,13 @@ def cmd_config(engine, args):
         )
     klipper_dir = engine.settings()["klipper_dir"]
     if not os.path.isfile(os.path.join(klipper_dir, "Makefile")):
-        exc = UsageError(
-            f"no Klipper source tree at {klipper_dir}; "
-            "set it with `kflash settings set klipper_dir PATH`"
+        return usage_error(
+            args,
+            UsageError(
+                f"no Klipper source tree at {klipper_dir}; "
+                "set it with `kflash settings set klipper_dir PATH`"
+            ),
         )
-        err(f"kflash: {exc}")
-        if args.json:
-            emit_json(error_document(exc, ExitStatus.USAGE))
-        return ExitStatus.USAGE
     command = engine.menuconfig_command(args.key)
     rc = subprocess.call(command, cwd=klipper_dir)
     if rc != 0:
@@ -360,17 +349,21 @@ def cmd_config(engine, args):
             )
         return ExitStatus.FAILURE
     dev = next(d for d in engine.devices() if d["key"] == args.key)
+    return config_saved(args, dev, path)
+
+
+def config_saved(args, dev, path):
+    """The device after its config was saved: what it builds, or its problem."""
     if args.json:
         emit_json(dev)
     elif dev.get("problem"):
         print(f"{args.key}: {dev['problem']}")
-        return ExitStatus.USAGE
     else:
         print(
             f"{args.key}: builds {dev['mcu']} firmware ({dev['interface']});"
             f" saved {path}"
         )
-    return ExitStatus.SUCCESS
+    return ExitStatus.USAGE if dev.get("problem") else ExitStatus.SUCCESS
 
 
 def cmd_plan(engine, args):

@@ -16,7 +16,8 @@ import os
 import shutil
 import subprocess
 import sys
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 from virtual_printer import tree
 from virtual_printer.stack import Printer
@@ -67,6 +68,28 @@ def register(printer: Printer, env: dict[str, str], run: Any) -> None:
         os.makedirs(os.path.dirname(dest), exist_ok=True)
         shutil.copy(printer.sample_config(b), dest)
         print(f"    config for {d['key']}: {tree.SAMPLE_CONFIGS[b.kind]} -> {dest}")
+
+
+@contextmanager
+def registered(
+    directory: str, build_cache: str | None = None
+) -> Iterator[tuple[Printer, dict[str, str]]]:
+    """The bench printer up and registered with kflash in ``<directory>/kflash``
+    (quietly, as the tests use it): ``(printer, env)``; brought down afterwards."""
+    printer = Printer(directory, build_cache=build_cache)
+    printer.up()
+    try:
+        env = dict(printer.env(), KFLASH_HOME=os.path.join(directory, "kflash"))
+
+        def run(*args: str) -> int:
+            return subprocess.run(
+                [*kflash_command(), *args], env=env, capture_output=True, text=True
+            ).returncode
+
+        register(printer, env, run)
+        yield printer, env
+    finally:
+        printer.down()
 
 
 def run_demo(directory: str, keep: bool = False) -> int:
