@@ -204,6 +204,7 @@ class RunOptions(TypedDict):
     keys: Optional[List[str]]
     only_outdated: bool
     yes: bool
+    rollback: bool
 
 
 class ServiceSettings(TypedDict):
@@ -263,6 +264,7 @@ class Pending(TypedDict):
     run_id: str
     only_outdated: bool
     device: Optional[str]
+    rollback: bool
 
 
 class ErrorDetails(TypedDict):
