@@ -150,6 +150,7 @@ class DeviceRow(TypedDict):
     mcu: Optional[str]
     interface: Optional[str]
     problem: Optional[str]
+    last_known_good: Optional[str]
 
 
 class Skipped(TypedDict):
