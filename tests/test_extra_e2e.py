@@ -170,7 +170,7 @@ def test_one_device_from_its_dialog_button(bench):
     assert "all good" in lines[0], console(p)[start:]
     rec = kflash.Runs(state).get(kflash_status(p)["run_id"])
     assert rec["options"] == {"keys": [key], "only_outdated": False,
-                              "yes": True}
+                              "yes": True, "rollback": False}
     assert [d["key"] for d in rec["report"]["devices"]] == [key]
     assert rec["report"]["devices"][0]["flash"] == "pass"
     p.wait_ready(60)

@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from kflash import Runs, render
+from virtual_printer import tree
 
 
 def two_boards(sandbox):
@@ -54,7 +55,7 @@ def test_a_run_leaves_its_record_and_progress(sandbox):
     assert rec["exit_code"] == 0 and rec["interrupted"] is None
     assert rec["pid"] == proc.pid
     assert rec["options"] == {"keys": ["ebb"], "only_outdated": False,
-                              "yes": True}
+                              "yes": True, "rollback": False}
     assert rec["watchdog"] == "disarmed"
     assert rec["service"]["backend"] == "command"
     assert [d["key"] for d in rec["report"]["devices"]] == ["ebb"]
@@ -152,6 +153,32 @@ def test_the_installed_units_pending_request(sandbox):
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 2 and "no pending run" in err
     assert Runs(sandbox.home).latest()["run_id"] == "R-UNIT"
+
+
+def test_the_installed_units_pending_rollback(sandbox):
+    """Moonraker's kflash-run unit: a rollback request puts back the image
+    last verified on the board, not the newer build."""
+    sandbox.add_board("ebb", mcu="rp2040")
+    sandbox.start_moonraker()
+    good = sandbox.json("flash-all")["target_version"]
+    tree.git(str(sandbox.klipper), "commit", "-q", "--allow-empty", "-m",
+             "newer")
+    sandbox.json("flash-all")  # newer, verified: now its last-known-good
+    newer = sandbox.flashed_version(sandbox.boards["ebb"])
+    assert newer != good
+    sandbox.flash_by_hand("ebb", good)  # and back to the old one by hand
+    pending = sandbox.home / "runs" / "pending.json"
+    pending.write_text(json.dumps({"version": 1, "run_id": "R-BACK",
+                                   "only_outdated": False, "device": "ebb",
+                                   "rollback": True}))
+    proc = helper(sandbox, "--pending")
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert sandbox.flashed_version(sandbox.boards["ebb"]) == newer
+    rec = Runs(sandbox.home).get("R-BACK")
+    assert rec["ok"] is True and rec["options"]["rollback"] is True
+    assert rec["report"]["devices"][0]["version_before"] == good
+    assert rec["report"]["devices"][0]["version_after"] == newer
 
 
 def test_a_run_that_cannot_start_still_leaves_its_record(sandbox):

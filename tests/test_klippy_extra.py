@@ -21,6 +21,7 @@ import pytest
 import kflash
 from fake_moonraker import FakeMoonraker
 from klippy_support import BASE_CFG, REPO, Klippy, plugins
+from virtual_printer import tree
 
 HERE = Path(__file__).resolve().parent
 FIRMWARE = REPO / "sim/virtual_printer/firmware"
@@ -152,6 +153,65 @@ def test_validates_device_and_registry(klippy, home):
     assert err and "no devices registered" in err
 
 
+def test_a_key_starting_with_a_dash_is_refused_with_the_cores_reason(
+        klippy, home):
+    with pytest.raises(kflash.RegistryError) as core:
+        kflash.validate_key("-x")
+    for command in ("KFLASH DEVICE=-x", "KFLASH_ROLLBACK DEVICE=-x"):
+        assert klippy.gcode(command) == f"kflash: {core.value}", command
+    assert "start with a letter or a digit" in str(core.value)
+    assert kflash_status(klippy)["state"] == "idle"
+    assert not (home / "runs").exists()
+
+
+def test_rollback_puts_back_the_firmware_last_verified_on_the_board(
+        sandbox, tmp_path):
+    """Real klippy, the real helper and engine on the CLI sandbox's boards:
+    ebb was flashed and verified once (its last-known-good), then someone
+    flashed newer firmware by hand; octopus was never flashed by kflash."""
+    sandbox.add_board("octopus")
+    ebb = sandbox.add_board("ebb", mcu="rp2040")
+    sandbox.start_moonraker()
+    good = sandbox.json("flash-all", "ebb")["target_version"]
+    tree.git(str(sandbox.klipper), "commit", "-q", "--allow-empty", "-m",
+             "newer")
+    newer = sandbox.json("plan", "ebb")["devices"][0]["version_target"]
+    assert newer != good
+    sandbox.flash_by_hand("ebb", newer)
+    rows = {d["key"]: d["last_known_good"]
+            for d in sandbox.json("devices", "list")}
+    assert rows == {"octopus": None, "ebb": good}
+    flashed_before = (sandbox.root / "flashtool.log").read_text()
+    cfg = printer_cfg(tmp_path, sandbox.home)
+    with Klippy(tmp_path / "k", cfg, env=sandbox.env) as k:
+        # no way back for octopus: said at once, nothing started
+        err = k.gcode("KFLASH_ROLLBACK DEVICE=octopus")
+        assert err == ("kflash: octopus has no last-known-good firmware to "
+                       "roll back to: kflash keeps one when a flash is "
+                       "verified on the board")
+        assert kflash_status(k)["state"] == "idle"
+        assert sandbox.service_events() == ["stop", "start"]
+        assert k.gcode("KFLASH_ROLLBACK DEVICE=ebb") is None
+        k.wait_line(lambda s: s.startswith(
+            "// kflash: rolling back device ebb to the firmware last verified"))
+        line = k.wait_line(lambda s: "kflash: rollback " in s, 60)
+        assert line.startswith("// kflash: rollback finished: all good"), line
+        assert f"ebb: {newer} -> {good} (" in line and "verify pass" in line
+        st = wait_for(lambda: (s := kflash_status(k))["state"] == "done"
+                      and s, what="done")
+    assert sandbox.flashed_version(ebb) == good
+    # octopus was left alone; klipper stopped and started once more
+    flashed = (sandbox.root / "flashtool.log").read_text()
+    flashed = flashed[len(flashed_before):].splitlines()
+    assert len(flashed) == 1 and ebb.serial in flashed[0], flashed
+    assert sandbox.service_events() == ["stop", "start", "stop", "start"]
+    rec = kflash.Runs(sandbox.home).get(st["run_id"])
+    assert rec["options"] == {"keys": ["ebb"], "only_outdated": False,
+                              "yes": True, "rollback": True}
+    assert rec["report"]["devices"][0]["reason"].startswith(
+        f"roll back to {good}")
+
+
 def test_plan_dialog_from_the_real_engine(klippy, home, tmp_path):
     """A registry made with the engine, Moonraker unreachable: the dialog
     still lists the device, says why its version is unknown, and closes."""
@@ -266,8 +326,10 @@ def test_macros_of_kflash_cfg_load_and_call_the_commands(tmp_path, home):
                       f"[include {REPO / 'python/kflash/klippy_extras/kflash.cfg'}]\n")
     with Klippy(tmp_path / "k", cfg) as k:
         st = k.query({"gcode_macro KFLASH_UPDATE_ALL": None,
+                      "gcode_macro KFLASH_RESTORE_LAST_GOOD": None,
                       "gcode_macro KFLASH_SHOW_PLAN": None})
         assert set(st) == {"gcode_macro KFLASH_UPDATE_ALL",
+                           "gcode_macro KFLASH_RESTORE_LAST_GOOD",
                            "gcode_macro KFLASH_SHOW_PLAN"}
         assert k.gcode("KFLASH_LAST_RUN") is None
         k.wait_line(lambda s: "no flash run yet" in s)
@@ -275,6 +337,12 @@ def test_macros_of_kflash_cfg_load_and_call_the_commands(tmp_path, home):
         assert err and "needs DEVICE=<key>" in err
         err = k.gcode("KFLASH_UPDATE_DEVICE DEVICE=nope")
         assert err and "unknown device 'nope'" in err
+        err = k.gcode("KFLASH_RESTORE_LAST_GOOD DEVICE=nope")
+        assert err and "unknown device 'nope'" in err
+        err = k.gcode("KFLASH_RESTORE_LAST_GOOD")
+        assert err == ("kflash: no device has last-known-good firmware to "
+                       "roll back to: kflash keeps one when a flash is "
+                       "verified on the board")
         assert k.gcode("TEST_PRINT_STATE STATE=printing") is None
         err = k.gcode("KFLASH_UPDATE_ALL")
         assert err and "printing" in err

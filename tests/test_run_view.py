@@ -2,6 +2,9 @@
 klippy: kflash.run_view (the extra's state machine) and kflash.render (shared
 with the CLI)."""
 
+import pytest
+
+import kflash
 from kflash import render, run_view
 from kflash.run_view import RunView
 
@@ -194,11 +197,47 @@ def test_plan_and_report_tables_for_the_cli():
 
 
 def test_a_request_is_checked_against_the_registry():
-    assert "no devices registered in /s" in run_view.bad_request("/s", [], None)
-    assert run_view.bad_request("/s", ["mcu"], None) is None
-    assert "invalid device key" in run_view.bad_request("/s", ["mcu"], "../x")
-    assert run_view.bad_request("/s", ["mcu", "ebb"], "EBB36") == (
-        "unknown device 'EBB36' (known: mcu, ebb)")
+    bad = run_view.bad_request
+    rows = [{"key": "mcu", "last_known_good": "v0.13.0"},
+            {"key": "ebb", "last_known_good": None}]
+    assert "no devices registered in /s" in bad("/s", [], None)
+    assert bad("/s", rows, None) is None and bad("/s", rows, "ebb") is None
+    for key in ("../x", "-x", ""):
+        with pytest.raises(kflash.RegistryError) as core:
+            kflash.validate_key(key)
+        assert bad("/s", rows, key) == str(core.value)
+        assert str(core.value).startswith("invalid device key")
+    assert bad("/s", rows, "EBB36") == (
+        "unknown device 'EBB36' (known: ebb, mcu)")
+
+
+def test_a_rollback_needs_a_last_known_good_image():
+    bad = run_view.bad_request
+    rows = [{"key": "mcu", "last_known_good": "v0.13.0"},
+            {"key": "ebb", "last_known_good": None}]
+    assert bad("/s", rows, None, rollback=True) is None
+    assert bad("/s", rows, "mcu", rollback=True) is None
+    assert bad("/s", rows, "ebb", rollback=True) == (
+        "ebb has no last-known-good firmware to roll back to: kflash keeps "
+        "one when a flash is verified on the board")
+    assert bad("/s", rows[1:], None, rollback=True).startswith(
+        "no device has last-known-good firmware to roll back to")
+    assert "unknown device" in bad("/s", rows, "nope", rollback=True)
+
+
+def test_a_rollback_says_so_when_it_starts_and_ends():
+    view = RunView("/s")
+    said = view.starting("R1", "ebb", False, rollback=True)
+    assert said[0][1].startswith("kflash: rolling back device ebb to the "
+                                 "firmware last verified on it")
+    assert "every MCU that has one" in RunView("/s").starting(
+        "R1", None, False, rollback=True)[0][1]
+    options = {"keys": ["ebb"], "only_outdated": False, "yes": True,
+               "rollback": True}
+    info, _ = render.summary(record(options=options))
+    assert info[0].startswith("kflash: rollback finished: all good")
+    info, _ = render.summary(record(options=options, ok=False, exit_code=1))
+    assert info[0].startswith("kflash: rollback FAILED (exit 1)")
 
 
 def test_kflash_status_lines():

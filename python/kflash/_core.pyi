@@ -208,6 +208,7 @@ class Runs:
         *,
         only_outdated: bool = False,
         device: Optional[str] = None,
+        rollback: bool = False,
         launcher: str = "auto",
         python: str | os.PathLike[str] | None = None,
         moonraker_url: str = "http://127.0.0.1:7125",

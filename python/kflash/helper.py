@@ -1,13 +1,15 @@
 """The detached flash run that klippy's ``[kflash]`` extra starts.
 
-``python -m kflash.helper --home H --run-id ID [--only-outdated] [--device KEY]``
-(a new session, or ``sudo -n systemd-run``'s ``kflash-helper`` unit), or
-``python -m kflash.helper --home H --pending`` (the ``kflash-run`` unit
-``scripts/install.sh`` installs and Moonraker starts: the options wait in
-``<home>/runs/pending.json``). The core starts it (``kflash.Runs.start_helper``).
+``python -m kflash.helper --home H --run-id ID [--only-outdated | --rollback]
+[--device KEY]`` (a new session, or ``sudo -n systemd-run``'s ``kflash-helper``
+unit), or ``python -m kflash.helper --home H --pending`` (the ``kflash-run``
+unit ``scripts/install.sh`` installs and Moonraker starts: the options wait in
+``<home>/runs/pending.json``). The core starts it
+(``kflash.Runs.start_helper``).
 
-Argument handling only: the run is the core's ``Engine.flash_all``, which
-holds the run lock, writes the run record and its progress
+Argument handling only: the run is the core's ``Engine.flash_all`` (or
+``Engine.rollback`` with ``--rollback``: each board gets its last-known-good
+image), which holds the run lock, writes the run record and its progress
 (``<home>/runs/<run id>.json`` and ``.jsonl``) and launches the watchdog.
 klipper is started again on every path: SIGTERM, SIGHUP and SIGINT raise
 ``Interrupted`` here, so the engine unwinds through its stop guard and the
@@ -35,15 +37,18 @@ def _interrupt(signum, _frame):
     raise Interrupted(f"stopped by {signal.Signals(signum).name}")
 
 
-def run(home, only_outdated=False, device=None, run_id=None):
+def run(home, only_outdated=False, device=None, run_id=None, rollback=False):
     """One run; returns its exit code."""
     for sig in SIGNALS:
         signal.signal(sig, _interrupt)
+    keys = [device] if device else None
     try:
-        report = Engine(home).flash_all(
-            keys=[device] if device else None,
-            only_outdated=bool(only_outdated and not device), yes=True,
-            run_id=run_id)
+        if rollback:
+            report = Engine(home).rollback(keys=keys, yes=True, run_id=run_id)
+        else:
+            report = Engine(home).flash_all(
+                keys=keys, only_outdated=bool(only_outdated and not device),
+                yes=True, run_id=run_id)
         status = ExitStatus.of(report)
     except (Interrupted, KflashError) as e:
         print(f"kflash helper: {e}", file=sys.stderr)
@@ -61,8 +66,11 @@ def main(argv=None):
         prog="python -m kflash.helper",
         description="The detached flash run started by klippy's [kflash].")
     p.add_argument("--home", help="kflash state dir (default: the usual)")
-    p.add_argument("--only-outdated", action="store_true",
-                   help="flash only the devices whose firmware is outdated")
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument("--only-outdated", action="store_true",
+                      help="flash only the devices whose firmware is outdated")
+    kind.add_argument("--rollback", action="store_true",
+                      help="flash each device's last-known-good firmware")
     p.add_argument("--device", metavar="KEY", help="flash this device only")
     p.add_argument("--run-id", help="the run's id (the extra's)")
     p.add_argument("--pending", action="store_true",
@@ -77,8 +85,9 @@ def main(argv=None):
                   file=sys.stderr)
             return int(ExitStatus.USAGE)
         a.only_outdated, a.device = req["only_outdated"], req["device"]
-        a.run_id = req["run_id"]
-    return run(runs.state_dir, a.only_outdated, a.device, a.run_id)
+        a.run_id, a.rollback = req["run_id"], req["rollback"]
+    return run(runs.state_dir, a.only_outdated, a.device, a.run_id,
+               a.rollback)
 
 
 if __name__ == "__main__":

@@ -227,12 +227,14 @@ def summary(record):
     report = record.get("report") or {}
     svc = report.get("service") or {}
     devices = [d for d in report.get("devices") or [] if isinstance(d, dict)]
+    run = ("rollback" if (record.get("options") or {}).get("rollback")
+           else "flash run")
     if record.get("interrupted"):
-        head = "kflash: the last flash run was INTERRUPTED"
+        head = f"kflash: the last {run} was INTERRUPTED"
     elif record.get("ok"):
-        head = "kflash: flash run finished: all good"
+        head = f"kflash: {run} finished: all good"
     else:
-        head = f"kflash: flash run FAILED (exit {record.get('exit_code')})"
+        head = f"kflash: {run} FAILED (exit {record.get('exit_code')})"
     said = outage(report)
     if said:
         head += f"; {said}"

@@ -150,6 +150,7 @@ class DeviceRow(TypedDict):
     mcu: Optional[str]
     interface: Optional[str]
     problem: Optional[str]
+    last_known_good: Optional[str]
 
 
 class Skipped(TypedDict):
@@ -204,6 +205,7 @@ class RunOptions(TypedDict):
     keys: Optional[List[str]]
     only_outdated: bool
     yes: bool
+    rollback: bool
 
 
 class ServiceSettings(TypedDict):
@@ -263,6 +265,7 @@ class Pending(TypedDict):
     run_id: str
     only_outdated: bool
     device: Optional[str]
+    rollback: bool
 
 
 class ErrorDetails(TypedDict):

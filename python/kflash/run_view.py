@@ -11,7 +11,7 @@ console lines the extra posts (``Say``: ``(kind, text)`` where kind is
 
 import re
 
-from kflash import render
+from kflash import RegistryError, render, validate_key
 
 __all__ = ["ACTIVE", "RunView", "STAGES", "bad_request", "say"]
 
@@ -37,7 +37,6 @@ STAGES = {
 MAKE_LINE = re.compile(
     r"^\s*(Compiling|Linking|Building|Preprocessing|Creating|Generating"
     r"|Assembling|Copying|Version:)\b")
-KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 def say(gcode, lines):
@@ -51,17 +50,27 @@ def say(gcode, lines):
             gcode.respond_info(text, log=kind == "info")
 
 
-def bad_request(home, keys, device):
-    """Why a run of ``device`` (None: every device) cannot start with these
-    registered ``keys``, or None."""
+def bad_request(home, devices, device, rollback=False):
+    """Why a run (``rollback``: of the last-known-good images) of ``device``
+    (None: every device) cannot start with these registered ``devices``
+    (``Engine.devices()``), or None. Keys follow the core's one rule."""
+    keys = sorted(d["key"] for d in devices)
     if not keys:
         return (f"no devices registered in {home}: add them with `kflash "
                 "devices import ~/printer_data/config/printer.cfg` or "
                 "`kflash devices add`")
-    if device is not None and not KEY.match(device):
-        return f"invalid device key {device!r}"
-    if device is not None and device not in keys:
-        return f"unknown device {device!r} (known: {', '.join(keys)})"
+    if device is not None:
+        try:
+            validate_key(device)
+        except RegistryError as e:
+            return str(e)
+        if device not in keys:
+            return f"unknown device {device!r} (known: {', '.join(keys)})"
+    if rollback and not any(d.get("last_known_good") for d in devices
+                            if device in (None, d["key"])):
+        who = f"{device} has no" if device else "no device has"
+        return (f"{who} last-known-good firmware to roll back to: kflash "
+                "keeps one when a flash is verified on the board")
     return None
 
 
@@ -92,13 +101,20 @@ class RunView:
         }
 
     # -- a run klippy starts ------------------------------------------------
-    def starting(self, run_id, device, only_outdated):
-        """KFLASH_ALL was accepted: the helper is being started."""
+    def starting(self, run_id, device, only_outdated, rollback=False):
+        """KFLASH_ALL (or KFLASH, KFLASH_ROLLBACK) was accepted: the helper is
+        being started."""
         self.run_id, self.device = run_id, device
         self.state, self.stage, self.progress = BUILDING, None, 0.0
         self.message = "starting the helper"
         self._relayed = None
         self.publish()
+        if rollback:
+            what = f"device {device}" if device else "every MCU that has one"
+            return [("info", f"kflash: rolling back {what} to the firmware "
+                     "last verified on it: klipper stops, the boards are "
+                     "flashed and klipper starts again. Progress follows "
+                     "here; the summary is posted when klipper is back.")]
         what = (f"device {device}" if device else
                 "every outdated MCU" if only_outdated else "every MCU")
         return [("info", f"kflash: flashing {what}. Firmware builds while "

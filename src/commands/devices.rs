@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use super::{Context, Error};
+use crate::firmware::kept;
 use crate::pipeline::{DeviceInfo, Target};
 use crate::registry::{self, Device, Endpoint, FlashMethod, Registry};
 
@@ -47,6 +48,9 @@ pub struct DeviceRow {
     pub interface: Option<&'static str>,
     /// Why the config cannot build this device's firmware.
     pub problem: Option<String>,
+    /// The version of its last-known-good image (the one last flashed to it and verified
+    /// there: what a rollback writes), or `None` when kflash keeps none.
+    pub last_known_good: Option<String>,
 }
 
 /// A printer.cfg MCU that `devices import` left out, and why.
@@ -86,6 +90,7 @@ impl Context {
             mcu: target.as_ref().ok().map(|t| t.mcu.clone()),
             interface: target.as_ref().ok().map(|t| t.link.as_str()),
             problem: target.err().map(|e| e.to_string()),
+            last_known_good: kept::kept(&self.state.good_dir(&d.key)).map(|good| good.version),
         }
     }
 
@@ -285,6 +290,34 @@ mod tests {
             assert!(context.add_device(&bad).is_err(), "{bad:?}");
         }
         assert_eq!(std::fs::read(context.state.devices_json()).unwrap(), before);
+    }
+
+    #[test]
+    fn a_row_names_the_last_known_good_version_kept_for_the_board() {
+        let (dir, context) = context();
+        let row = context
+            .add_device(&NewDevice {
+                key: "ebb".into(),
+                serial: Some("/dev/serial/by-id/usb-Klipper_rp2040_1-if00".into()),
+                ..NewDevice::default()
+            })
+            .unwrap();
+        assert_eq!(row.last_known_good, None);
+        let out = dir.path().join("out");
+        std::fs::create_dir_all(&out).unwrap();
+        std::fs::write(out.join("klipper.uf2"), b"image").unwrap();
+        std::fs::write(
+            out.join("klipper.dict"),
+            br#"{"version": "v0.13.0-7-gabc"}"#,
+        )
+        .unwrap();
+        let good = context.state.good_dir("ebb");
+        kept::keep(&out.join("klipper.uf2"), &good, "2026-01-01T00:00:00Z").unwrap();
+        let rows = context.devices().unwrap();
+        assert_eq!(rows[0].last_known_good.as_deref(), Some("v0.13.0-7-gabc"));
+        // an image that no longer matches what was kept is no way back
+        std::fs::write(good.join("klipper.uf2"), b"changed").unwrap();
+        assert_eq!(context.devices().unwrap()[0].last_known_good, None);
     }
 
     #[test]

@@ -196,6 +196,7 @@ impl Context {
             keys: opts.keys.clone(),
             only_outdated: opts.only_outdated,
             yes: opts.yes,
+            rollback: kind == RunKind::Rollback,
         };
         let run = Arc::new(Run::begin(&self.state, run_id, options, None)?);
         let sink = run.sink(sink.clone());

@@ -30,7 +30,7 @@ use super::record::{self, valid_run_id};
 use super::watchdog::{reap_later, tail_of};
 use crate::moonraker::{Client, ServiceAction};
 use crate::process::Cmd;
-use crate::registry::{write_atomic, StateDir};
+use crate::registry::{self, write_atomic, StateDir};
 
 /// How long a started helper may take to begin the run (a cold Python start on a Pi).
 const START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -50,6 +50,9 @@ pub struct HelperRequest {
     pub run_id: String,
     pub only_outdated: bool,
     pub device: Option<String>,
+    /// Flash each board's last-known-good image instead of a new build (`--rollback`;
+    /// `only_outdated` does not apply).
+    pub rollback: bool,
     pub launcher: Launcher,
     /// The helper's interpreter.
     pub python: PathBuf,
@@ -72,6 +75,9 @@ pub struct HelperStarted {
 pub enum StartError {
     #[error(transparent)]
     Refused(#[from] Refusal),
+    /// The device key breaks the one key rule (`registry::validate_key`).
+    #[error(transparent)]
+    Key(#[from] registry::Error),
     /// Started, but it never began the run.
     #[error("kflash's helper ({method}) {reason}. Nothing was stopped.")]
     Failed {
@@ -87,6 +93,8 @@ pub struct Pending {
     pub run_id: String,
     pub only_outdated: bool,
     pub device: Option<String>,
+    #[serde(default)]
+    pub rollback: bool,
 }
 
 fn pending_path(state: &StateDir) -> PathBuf {
@@ -110,28 +118,16 @@ pub fn start_helper(state: &StateDir, req: &HelperRequest) -> Result<HelperStart
             format!("cannot take the run id `{}`", req.run_id),
         ));
     }
+    if let Some(device) = &req.device {
+        registry::validate_key(device)?;
+    }
     let place = Place::detect();
     let routes = detach::routes(&place, req.launcher, Purpose::Helper)?;
     let root = state.root().to_path_buf();
     let runs = state.runs_dir();
     let log = runs.join(format!("{}.log", req.run_id));
-    let mut argv: Vec<OsString> = vec![
-        req.python.clone().into_os_string(),
-        "-m".into(),
-        "kflash.helper".into(),
-        "--home".into(),
-        root.clone().into_os_string(),
-        "--run-id".into(),
-        req.run_id.clone().into(),
-    ];
-    if req.only_outdated {
-        argv.push("--only-outdated".into());
-    }
-    if let Some(device) = &req.device {
-        argv.extend(["--device".into(), device.into()]);
-    }
     let job = Job {
-        argv,
+        argv: helper_argv(&root, req),
         unit: HELPER_UNIT,
         cwd: root.clone(),
         log: log.clone(),
@@ -161,6 +157,29 @@ pub fn start_helper(state: &StateDir, req: &HelperRequest) -> Result<HelperStart
         }
     }
     Err(Refusal::after(&place, Purpose::Helper, tried).into())
+}
+
+/// `python -m kflash.helper --home <state> --run-id <id> [--rollback | --only-outdated]
+/// [--device <key>]`.
+fn helper_argv(root: &Path, req: &HelperRequest) -> Vec<OsString> {
+    let mut argv: Vec<OsString> = vec![
+        req.python.clone().into_os_string(),
+        "-m".into(),
+        "kflash.helper".into(),
+        "--home".into(),
+        root.as_os_str().to_owned(),
+        "--run-id".into(),
+        req.run_id.clone().into(),
+    ];
+    if req.rollback {
+        argv.push("--rollback".into());
+    } else if req.only_outdated {
+        argv.push("--only-outdated".into());
+    }
+    if let Some(device) = &req.device {
+        argv.extend(["--device".into(), device.into()]);
+    }
+    argv
 }
 
 /// Start `kflash-run.service` through Moonraker with the run's options pending.
@@ -207,8 +226,9 @@ fn through_moonraker(state: &StateDir, req: &HelperRequest) -> Result<Started, T
     let pending = Pending {
         version: 1,
         run_id: req.run_id.clone(),
-        only_outdated: req.only_outdated,
+        only_outdated: req.only_outdated && !req.rollback,
         device: req.device.clone(),
+        rollback: req.rollback,
     };
     let path = pending_path(state);
     let written = fs::create_dir_all(state.runs_dir()).and_then(|()| {
@@ -343,9 +363,74 @@ mod tests {
             run_id: "R1".into(),
             only_outdated: true,
             device: Some("EBB36".into()),
+            rollback: false,
         };
         fs::write(pending_path(&state), serde_json::to_vec(&pending).unwrap()).unwrap();
         assert_eq!(take_pending(&state), Some(pending));
         assert_eq!(take_pending(&state), None);
+        // a request written before rollbacks existed is a flash run
+        fs::write(
+            pending_path(&state),
+            r#"{"version": 1, "run_id": "R2", "only_outdated": false, "device": null}"#,
+        )
+        .unwrap();
+        assert!(!take_pending(&state).unwrap().rollback);
+    }
+
+    fn request(rollback: bool, device: Option<&str>) -> HelperRequest {
+        HelperRequest {
+            run_id: "R1".into(),
+            only_outdated: true,
+            device: device.map(Into::into),
+            rollback,
+            launcher: Launcher::Only(super::Route::Session),
+            python: "/usr/bin/python3".into(),
+            moonraker_url: "http://127.0.0.1:7125".into(),
+        }
+    }
+
+    fn argv_of(req: &HelperRequest) -> Vec<String> {
+        helper_argv(Path::new("/state"), req)
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn the_helper_is_told_a_rollback_and_its_device() {
+        let head = [
+            "/usr/bin/python3",
+            "-m",
+            "kflash.helper",
+            "--home",
+            "/state",
+            "--run-id",
+            "R1",
+        ];
+        assert_eq!(
+            argv_of(&request(true, Some("EBB36"))),
+            [&head[..], &["--rollback", "--device", "EBB36"]].concat()
+        );
+        assert_eq!(
+            argv_of(&request(true, None)),
+            [&head[..], &["--rollback"]].concat()
+        );
+        assert_eq!(
+            argv_of(&request(false, None)),
+            [&head[..], &["--only-outdated"]].concat()
+        );
+    }
+
+    #[test]
+    fn a_key_breaking_the_key_rule_starts_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::at(dir.path());
+        let err = start_helper(&state, &request(true, Some("-x"))).unwrap_err();
+        assert!(matches!(err, StartError::Key(_)), "{err}");
+        assert!(
+            err.to_string().contains("start with a letter or a digit"),
+            "{err}"
+        );
+        assert!(!state.runs_dir().exists());
     }
 }

@@ -69,6 +69,9 @@ pub struct RunOptions {
     pub keys: Option<Vec<String>>,
     pub only_outdated: bool,
     pub yes: bool,
+    /// A rollback: each board gets its last-known-good image, nothing is built.
+    #[serde(default)]
+    pub rollback: bool,
 }
 
 /// The run record (`<run id>.json`).

@@ -497,9 +497,12 @@ impl From<moonraker::Error> for PyErr {
 }
 
 /// The helper could not be started out of klipper's reach: refused before anything was
-/// stopped.
+/// stopped (a device key breaking the key rule stays a `RegistryError`).
 impl From<flash_run::StartError> for PyErr {
     fn from(err: flash_run::StartError) -> PyErr {
+        if let flash_run::StartError::Key(err) = err {
+            return err.into();
+        }
         Python::attach(|py| {
             let pyerr = exception(
                 py,

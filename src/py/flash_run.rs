@@ -119,11 +119,12 @@ impl Runs {
             .map_err(|e| PyOSError::new_err(format!("cannot note run {run_id} as posted: {e}")))
     }
 
-    /// Start the detached helper for run `run_id` out of klipper's reach; returns
+    /// Start the detached helper for run `run_id` out of klipper's reach (`rollback`:
+    /// it flashes the last-known-good images, as `Engine.rollback`); returns
     /// `{"run_id", "method", "pid", "unit"}` once it has begun the run. Raises
-    /// PreflightRefused (nothing stopped) saying what is missing, ValueError for an
-    /// unknown launcher.
-    #[pyo3(signature = (run_id, *, only_outdated=false, device=None, launcher="auto", python=None, moonraker_url="http://127.0.0.1:7125"))]
+    /// PreflightRefused (nothing stopped) saying what is missing, RegistryError for a
+    /// device key that breaks the key rule, ValueError for an unknown launcher.
+    #[pyo3(signature = (run_id, *, only_outdated=false, device=None, rollback=false, launcher="auto", python=None, moonraker_url="http://127.0.0.1:7125"))]
     #[allow(clippy::too_many_arguments)]
     fn start_helper<'py>(
         &self,
@@ -131,6 +132,7 @@ impl Runs {
         run_id: String,
         only_outdated: bool,
         device: Option<String>,
+        rollback: bool,
         launcher: &str,
         python: Option<PathBuf>,
         moonraker_url: &str,
@@ -144,6 +146,7 @@ impl Runs {
             run_id,
             only_outdated,
             device,
+            rollback,
             launcher,
             python,
             moonraker_url: moonraker_url.to_owned(),

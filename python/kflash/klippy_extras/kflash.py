@@ -1,13 +1,16 @@
-# [kflash]: KFLASH_ALL, KFLASH DEVICE=<key>, KFLASH_PLAN, KFLASH_STATUS.
+# [kflash]: KFLASH_ALL, KFLASH DEVICE=<key>, KFLASH_ROLLBACK [DEVICE=<key>],
+# KFLASH_PLAN, KFLASH_STATUS.
 #
 # klippy cannot flash its own MCUs (it holds their ttys; stopping klipper
-# kills klippy): KFLASH_ALL validates, answers at once and has the core start
-# the detached helper out of klipper's reach, which builds, stops klipper,
-# flashes, starts it again and verifies. Progress is relayed while klippy is
-# up; the summary is posted when it is back. The run's state machine and text
-# are kflash.run_view and kflash.render; this is klippy's side. Python 3,
-# stdlib and kflash only; slow work runs on a thread that reports back
-# through reactor.register_async_callback.
+# kills klippy): KFLASH_ALL (KFLASH, KFLASH_ROLLBACK alike) validates,
+# answers at once and has the core start the detached helper out of
+# klipper's reach, which builds (a rollback takes each board's last-known-good
+# image instead), stops klipper, flashes, starts it again and verifies.
+# Progress is relayed while klippy is up; the summary is posted when it is
+# back. Device keys follow the core's one rule (kflash.validate_key). The
+# run's state machine and text are kflash.run_view and kflash.render; this is
+# klippy's side. Python 3, stdlib and kflash only; slow work runs on a thread
+# that reports back through reactor.register_async_callback.
 #
 # This file is part of kflash. GPL-3.0-or-later.
 import logging
@@ -61,7 +64,8 @@ class KflashExtra:
             logging.exception("kflash: reading the last run failed")
         self.reactor.register_timer(self._check_startup,
                                     self.reactor.monotonic() + 1.0)
-        for name in ("KFLASH_ALL", "KFLASH", "KFLASH_PLAN", "KFLASH_STATUS"):
+        for name in ("KFLASH_ALL", "KFLASH", "KFLASH_ROLLBACK", "KFLASH_PLAN",
+                     "KFLASH_STATUS"):
             self.gcode.register_command(
                 name, getattr(self, "cmd_" + name),
                 desc=getattr(self, f"cmd_{name}_help"))
@@ -176,32 +180,31 @@ class KflashExtra:
                     f"({self.view.state})")
         return self.runs.busy()
 
-    def _start_run(self, gcmd, only_outdated, device):
+    def _start_run(self, gcmd, only_outdated, device, rollback=False):
         why = self._refusal(self.reactor.monotonic())
         if why:
             raise gcmd.error("kflash: refused: " + why)
         try:
-            keys = sorted(d["key"] for d in
-                          kflash.Engine(home=self.home).devices())
+            devices = kflash.Engine(home=self.home).devices()
         except kflash.KflashError as e:
             raise gcmd.error(f"kflash: {e}") from e
-        why = self.run_view.bad_request(self.home, keys, device)
+        why = self.run_view.bad_request(self.home, devices, device, rollback)
         if why:
             raise gcmd.error("kflash: " + why)
         if os.path.exists(self.prompt_file):
             self._prompt_end()
         run_id, self.launching, self.offset = kflash.Runs.new_id(), True, 0
-        self._say(self.view.starting(run_id, device, only_outdated))
+        self._say(self.view.starting(run_id, device, only_outdated, rollback))
         threading.Thread(target=self._launch, name="kflash-launch",
-                         args=(run_id, only_outdated, device),
+                         args=(run_id, only_outdated, device, rollback),
                          daemon=True).start()
 
-    def _launch(self, run_id, only_outdated, device):
+    def _launch(self, run_id, only_outdated, device, rollback):
         try:
             got = (self.runs.start_helper(
                 run_id, only_outdated=only_outdated, device=device,
-                launcher=self.launcher, python=self.python,
-                moonraker_url=self.moonraker_url), None)
+                rollback=rollback, launcher=self.launcher,
+                python=self.python, moonraker_url=self.moonraker_url), None)
         except Exception as e:
             got = (None, e)
         self.reactor.register_async_callback(lambda et: self._launched(*got))
@@ -230,6 +233,14 @@ class KflashExtra:
             raise gcmd.error("kflash: KFLASH needs DEVICE=<key> (KFLASH_PLAN "
                              "lists the keys)")
         self._start_run(gcmd, False, device)
+
+    cmd_KFLASH_ROLLBACK_help = ("Flash the firmware last verified on each MCU "
+                                "back (klipper restarts); DEVICE=<key> for "
+                                "one MCU")
+
+    def cmd_KFLASH_ROLLBACK(self, gcmd):
+        device = gcmd.get("DEVICE", None)
+        self._start_run(gcmd, False, device and device.strip(), rollback=True)
 
     cmd_KFLASH_STATUS_help = "Show the current or last kflash run"
 
