@@ -269,3 +269,16 @@ def test_say_posts_each_kind_as_klippy_expects():
                      ("info", "summary"), ("note", "progress")])
     assert g.said == [("raw", "!! kflash: x"), ("raw", "// action:prompt_end"),
                       ("info", "summary"), ("note", "progress")]
+
+
+def test_the_dialog_mark_is_kept_and_an_unwritable_state_dir_is_only_logged(
+        tmp_path, caplog):
+    path = tmp_path / "state" / "prompt_open"
+    run_view.mark_prompt(str(path), True)
+    assert path.exists()
+    run_view.mark_prompt(str(path), False)
+    assert not path.exists()
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    run_view.mark_prompt(str(blocker / "prompt_open"), True)
+    assert "cannot record the dialog state" in caplog.text

@@ -9,11 +9,13 @@ console lines the extra posts (``Say``: ``(kind, text)`` where kind is
 ``status`` dict: klippy's webhooks compare status objects with ``!=``.
 """
 
+import logging
+import os
 import re
 
 from kflash import RegistryError, render, validate_key
 
-__all__ = ["ACTIVE", "RunView", "STAGES", "bad_request", "say"]
+__all__ = ["ACTIVE", "RunView", "STAGES", "bad_request", "mark_prompt", "say"]
 
 IDLE, BUILDING, STOPPING, FLASHING = "idle", "building", "stopping", "flashing"
 RESTARTING, VERIFYING, DONE, FAILED = ("restarting", "verifying", "done",
@@ -48,6 +50,19 @@ def say(gcode, lines):
             gcode.respond_raw("// action:" + text)
         else:
             gcode.respond_info(text, log=kind == "info")
+
+
+def mark_prompt(path, is_open):
+    """Note whether the plan dialog is open (a file at ``path``), so a dialog
+    left open when klippy went down is closed when it is back."""
+    try:
+        if is_open:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            open(path, "w").close()
+        elif os.path.exists(path):
+            os.unlink(path)
+    except OSError:
+        logging.exception("kflash: cannot record the dialog state")
 
 
 def bad_request(home, devices, device, rollback=False):

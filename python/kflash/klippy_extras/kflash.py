@@ -1,16 +1,10 @@
-# [kflash]: KFLASH_ALL, KFLASH DEVICE=<key>, KFLASH_ROLLBACK [DEVICE=<key>],
-# KFLASH_PLAN, KFLASH_STATUS.
-#
-# klippy cannot flash its own MCUs (it holds their ttys; stopping klipper
-# kills klippy): KFLASH_ALL (KFLASH, KFLASH_ROLLBACK alike) validates,
-# answers at once and has the core start the detached helper out of
-# klipper's reach, which builds (a rollback takes each board's last-known-good
-# image instead), stops klipper, flashes, starts it again and verifies.
-# Progress is relayed while klippy is up; the summary is posted when it is
-# back. Device keys follow the core's one rule (kflash.validate_key). The
-# run's state machine and text are kflash.run_view and kflash.render; this is
-# klippy's side. Python 3, stdlib and kflash only; slow work runs on a thread
-# that reports back through reactor.register_async_callback.
+# [kflash]: KFLASH_ALL, KFLASH DEVICE=, KFLASH_ROLLBACK [DEVICE=], KFLASH_PLAN,
+# KFLASH_STATUS. klippy cannot flash its own MCUs (stopping klipper kills it):
+# a run is validated, answered at once and handed to the core's detached
+# helper, outside klipper's reach; its progress is relayed while klippy is up,
+# its summary posted when klippy is back. The state machine and the text are
+# kflash.run_view and kflash.render; slow work runs on a thread that reports
+# back through reactor.register_async_callback.
 #
 # This file is part of kflash. GPL-3.0-or-later.
 import logging
@@ -274,22 +268,12 @@ class KflashExtra:
             self._say([("error", "kflash: the plan failed: "
                         + self.render.text(err))])
             return
-        self._mark_prompt(True)
+        self.run_view.mark_prompt(self.prompt_file, True)
         self._say(("action", line) for line in self.render.plan_prompt(plan))
-
-    def _mark_prompt(self, is_open):
-        try:
-            if is_open:
-                os.makedirs(self.home, exist_ok=True)
-                open(self.prompt_file, "w").close()
-            elif os.path.exists(self.prompt_file):
-                os.unlink(self.prompt_file)
-        except OSError:
-            logging.exception("kflash: cannot record the dialog state")
 
     def _prompt_end(self):
         self.gcode.respond_raw("// action:prompt_end")
-        self._mark_prompt(False)
+        self.run_view.mark_prompt(self.prompt_file, False)
 
 
 def load_config(config):
