@@ -177,6 +177,13 @@ def test_plan_dialog_lines():
     empty = render.plan_prompt({"moonraker": True, "devices": []})
     assert "prompt_text No devices registered: run `kflash devices import` " \
         "on the host." in empty
+    stuck = dict(plan["devices"][0], bootloader="katapult",
+                 reason="mcu is in its bootloader (Katapult on /dev/ttyACM1); "
+                        "flash-all flashes it first")
+    lines = render.plan_prompt({"moonraker": True, "devices": [stuck]})
+    assert ("prompt_text mcu (stm32f446xx): ? -> v2: unknown (mcu is in its "
+            "bootloader (Katapult on /dev/ttyACM1); flash-all flashes it "
+            "first)") in lines
 
 
 def test_plan_and_report_tables_for_the_cli():

@@ -109,7 +109,7 @@ def plan_table(plan):
 
 def plan_devices(plan):
     """The plan's devices as the dialog shows them: key, mcu, current,
-    target, state, action, reason."""
+    target, state, action, reason, bootloader (where a board sits in one)."""
     out = []
     for d in (plan or {}).get("devices") or []:
         if not isinstance(d, dict) or not d.get("key"):
@@ -118,7 +118,8 @@ def plan_devices(plan):
                     "current": d.get("version_before"),
                     "target": d.get("version_target"),
                     "state": d.get("state") or "unknown",
-                    "action": d.get("action"), "reason": d.get("reason")})
+                    "action": d.get("action"), "reason": d.get("reason"),
+                    "bootloader": d.get("bootloader")})
     return out
 
 
@@ -139,7 +140,8 @@ def plan_prompt(plan):
     for d in devices:
         mcu = f" ({d['mcu']})" if d.get("mcu") else ""
         why = ""
-        if d.get("reason") and d.get("action") not in (None, "flash"):
+        if d.get("reason") and (d.get("bootloader")
+                                or d.get("action") not in (None, "flash")):
             why = f" ({text(d['reason'])})"
         lines.append(f"prompt_text {d['key']}{mcu}: {text(d['current'])} -> "
                      f"{text(d['target'])}: {d['state']}{why}")
