@@ -169,6 +169,16 @@ def update_status(host: Host, *names: str) -> dict[str, dict]:
     return {n: doc["result"]["version_info"][n] for n in names}
 
 
+def printer_on(host: Host, version: str) -> dict:
+    """A KIAUH printer with kflash ``version``'s checkout as Moonraker's origin,
+    klippy ready; Moonraker's view of the Klipper repo before anything else."""
+    kiauh_klipper(host)
+    kflash_origin(host, version)
+    host.c.run(["systemctl", "restart", "klipper", "moonraker"])
+    bed.wait_ready(host.c, 120)
+    return update_status(host, "klipper")["klipper"]
+
+
 def klipper_jobs(host: Host, since: float) -> list[tuple[str, str, str]]:
     """klipper.service's finished jobs since ``since``: (type, result, message).
     One restart is ("restart", "done", "Stopped ...") then ("start", "done",
@@ -250,11 +260,7 @@ def test_a_moonraker_update_keeps_every_part_on_one_version(host, releases, on_i
     version; install.sh, as the README says, then brings the new one."""
     _, _, newer = releases
     cur, new = release.current_version(), release.next_version()
-    kiauh_klipper(host)
-    kflash_origin(host, cur)
-    host.c.run(["systemctl", "restart", "klipper", "moonraker"])
-    bed.wait_ready(host.c, 120)
-    before = update_status(host, "klipper")["klipper"]
+    before = printer_on(host, cur)
     assert_clean(before, before["anomalies"])
     print("Moonraker, Klipper before the install:", json.dumps(
         {k: before[k] for k in ("version", "is_dirty", "pristine", "anomalies")}))
@@ -330,11 +336,7 @@ def test_an_older_install_refuses_the_drift_and_install_sh_ends_it(host, release
     one version again with Klipper's checkout clean."""
     _, _, newer = releases
     cur, new = release.current_version(), release.next_version()
-    kiauh_klipper(host)
-    kflash_origin(host, cur)
-    host.c.run(["systemctl", "restart", "klipper", "moonraker"])
-    bed.wait_ready(host.c, 120)
-    before = update_status(host, "klipper")["klipper"]
+    before = printer_on(host, cur)
 
     old = subprocess.run(["git", "-C", release.REPO, "show",
                           f"{OLD_INSTALLER}:scripts/install.sh"],

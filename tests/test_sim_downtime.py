@@ -8,14 +8,13 @@ disturbing the running klippy, and its report counts the outage until klippy is
 ready again.
 """
 
-import json
 import os
 import subprocess
 
 import pytest
 
 from virtual_printer import tree
-from virtual_printer.demo import kflash_command, registered
+from virtual_printer.demo import kflash_command, kflash_json, registered
 
 pytestmark = pytest.mark.usefixtures("bench_tools")
 
@@ -29,17 +28,6 @@ def bench(tmp_path_factory):
         build_cache=str(tmp_path_factory.getbasetemp() / "sim-build-cache"),
     ) as bench:
         yield bench
-
-
-def kflash(env, *args):
-    res = subprocess.run(
-        [*kflash_command(), *args, "--json"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    return res.returncode, json.loads(res.stdout), res
 
 
 class KlippyLog:
@@ -84,7 +72,7 @@ def test_build_prewarms_klippy_without_disturbing_the_running_one(bench):
     pid = klippy_pid(p)
     old_inode = os.stat(p.c_helper()).st_ino
     log = KlippyLog(p)
-    rc, _devices, res = kflash(env, "build")
+    rc, _devices, res = kflash_json(env, "build")
     assert rc == 0, res.stderr
     assert "klippy pre-warmed: c_helper.so built" in res.stderr, res.stderr
     # The same klippy runs on, ready, with the old library still mapped: the new one
@@ -95,7 +83,7 @@ def test_build_prewarms_klippy_without_disturbing_the_running_one(bench):
     assert "Traceback" not in log.new()
     # flash-all then finds klippy warm, and klippy starts without building.
     log = KlippyLog(p)
-    rc, report, res = kflash(env, "flash-all", "--yes")
+    rc, report, res = kflash_json(env, "flash-all", "--yes")
     assert rc == 0, res.stdout + res.stderr
     assert report["prewarm"]["state"] == "current", report["prewarm"]
     assert BUILDING not in log.new()
@@ -105,7 +93,7 @@ def test_flash_all_prewarms_and_counts_the_outage_until_klippy_is_ready(bench):
     p, env = bench
     tree.add_commit(p.tree, "another update", day=22, host_code=True)
     log = KlippyLog(p)
-    rc, report, res = kflash(env, "flash-all", "--yes")
+    rc, report, res = kflash_json(env, "flash-all", "--yes")
     assert rc == 0, res.stdout + res.stderr
     pre = report["prewarm"]
     assert pre["state"] == "warmed" and pre["klippy"] == p.klippy_dir, pre
@@ -131,7 +119,7 @@ def test_without_prewarm_klippy_builds_at_its_start_and_the_outage_holds_it(benc
     try:
         tree.add_commit(p.tree, "update, no pre-warm", day=23, host_code=True)
         log = KlippyLog(p)
-        rc, report, res = kflash(env, "flash-all", "--yes")
+        rc, report, res = kflash_json(env, "flash-all", "--yes")
     finally:
         subprocess.run(
             [*kflash_command(), "settings", "set", "prewarm", "true"], env=env
@@ -153,7 +141,7 @@ def test_flash_parallel_flashes_the_boards_at_once(bench):
     try:
         tree.add_commit(p.tree, "update for parallel", day=24)
         target = tree.describe(p.tree)
-        rc, report, res = kflash(env, "flash-all", "--yes")
+        rc, report, res = kflash_json(env, "flash-all", "--yes")
     finally:
         subprocess.run(
             [*kflash_command(), "settings", "set", "flash_parallel", "false"],

@@ -7,14 +7,11 @@ modes of the mainboard must leave klipper restarted and the report saying what
 happened and what to do.
 """
 
-import json
-import os
-import subprocess
 
 import pytest
 
 from virtual_printer import tree
-from virtual_printer.demo import kflash_command, registered
+from virtual_printer.demo import flash_all, registered
 
 pytestmark = pytest.mark.usefixtures("bench_tools")
 
@@ -28,32 +25,16 @@ def bench(tmp_path_factory):
         yield bench
 
 
-def flash_all(env, **extra):
-    res = subprocess.run(
-        [*kflash_command(), "flash-all", "--yes", "--json"],
-        env=dict(env, **extra),
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    return res.returncode, json.loads(res.stdout), res
-
-
-def klipper_spawns(p):
-    with open(os.path.join(p.dir, "logs", "supervisord.log")) as f:
-        return f.read().count("spawned: 'klipper'")
-
-
 def test_flash_all_updates_every_mcu_with_one_stop(bench):
     p, env = bench
     target = tree.describe(p.tree)
-    spawns = klipper_spawns(p)
+    spawns = p.klipper_spawns()
     rc, report, res = flash_all(env)
     assert rc == 0, res.stdout + res.stderr
     assert (
         report["ok"] and report["service"]["stopped"] and report["service"]["restarted"]
     )
-    assert klipper_spawns(p) == spawns + 1  # stopped once, started once
+    assert p.klipper_spawns() == spawns + 1  # stopped once, started once
     for d in report["devices"]:
         assert (d["build"], d["flash"], d["verify"]) == ("pass", "pass", "pass"), d
         assert d["version_after"] == target

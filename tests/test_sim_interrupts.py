@@ -27,7 +27,7 @@ import pytest
 from kflash import Runs
 from sandbox import terminal_signals
 from virtual_printer import tree, wait_for
-from virtual_printer.demo import kflash_command, registered
+from virtual_printer.demo import flash_all, kflash_command, kflash_json, registered
 
 pytestmark = pytest.mark.usefixtures("bench_tools")
 
@@ -166,13 +166,7 @@ def ready_within(p, seconds):
 
 def repair(p, env):
     """What a user does next: run flash-all again (it recovers boards left behind)."""
-    res = subprocess.run(
-        [*kflash_command(), "flash-all", "--yes", "--json"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    _, _, res = flash_all(env)
     p.wait_ready(60)
     return res
 
@@ -184,7 +178,7 @@ def test_an_interrupted_run_leaves_the_printer_usable(bench, name, phase):
     cell_started = time.monotonic()
     p.wait_ready(60)
     before = {b.name: p.installed_version(b) for b in p.boards}
-    spawns = klipper_spawns(p)
+    spawns = p.klipper_spawns()
     tree.git(p.tree, "commit", "-q", "--allow-empty", "-m", f"{name} {phase}")
     target = tree.describe(p.tree)
     if phase == "mid_flash":
@@ -208,7 +202,7 @@ def test_an_interrupted_run_leaves_the_printer_usable(bench, name, phase):
             assert versions[b.section] == on_it, (b.name, versions, on_it)
             assert on_it in (before[b.name], target), (b.name, on_it, before, target)
         if phase == "build":
-            assert klipper_spawns(p) == spawns, "klipper was stopped during the build"
+            assert p.klipper_spawns() == spawns, "klipper was stopped during the build"
         if name != "KILL":
             doc = run.report()
             assert doc is not None and doc["cancelled"] is True, run.out
@@ -284,15 +278,8 @@ def test_after_a_power_cut_mid_flash_the_next_run_finishes_the_board_first(bench
     wait_for(
         lambda: os.path.exists(p.by_id(main, katapult=True)), 10, "Katapult's by-id"
     )
-    plan = json.loads(
-        subprocess.run(
-            [*kflash_command(), "plan", "--json"],
-            env=env,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-    )
+    rc, plan, res = kflash_json(env, "plan")
+    assert rc == 0, res.stderr
     mcu = plan["devices"][0]
     assert "mcu is in its bootloader" in mcu["reason"], mcu
     res = repair(p, env)
@@ -302,22 +289,6 @@ def test_after_a_power_cut_mid_flash_the_next_run_finishes_the_board_first(bench
     assert report["ok"], res.stderr[-3000:]
     assert set(p.wait_ready(30).values()) == {target}
     assert not os.path.exists(os.path.join(env["KFLASH_HOME"], "pending.json"))
-
-
-def flash_all(env):
-    res = subprocess.run(
-        [*kflash_command(), "flash-all", "--yes", "--json"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    return res.returncode, json.loads(res.stdout), res
-
-
-def klipper_spawns(p):
-    with open(os.path.join(p.dir, "logs", "supervisord.log")) as f:
-        return f.read().count("spawned: 'klipper'")
 
 
 def edit_config(env, key, old, new):
@@ -335,7 +306,7 @@ def test_a_config_for_another_chip_stops_nothing(bench):
     path, saved = edit_config(
         env, "mcu", 'CONFIG_MCU="stm32f446xx"', 'CONFIG_MCU="stm32f407xx"'
     )
-    spawns = klipper_spawns(p)
+    spawns = p.klipper_spawns()
     try:
         rc, doc, res = flash_all(env)
     finally:
@@ -344,7 +315,7 @@ def test_a_config_for_another_chip_stops_nothing(bench):
     assert rc == 2, res.stderr
     assert "stm32f407xx" in doc["error"] and "stm32f446xx" in doc["error"], doc
     assert "kflash config mcu" in doc["error"]
-    assert klipper_spawns(p) == spawns
+    assert p.klipper_spawns() == spawns
     assert p.program_state("klipper") == "RUNNING"
 
 
@@ -398,15 +369,8 @@ def test_rollback_puts_back_what_was_verified_on_the_board(bench):
     p.wait_app(p.board("mainboard"), 10)
     p.stop_klipper()
     assert p.start_klipper()["mcu"] == second["target_version"] != good
-    res = subprocess.run(
-        [*kflash_command(), "rollback", "mcu", "--yes", "--json"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    report = json.loads(res.stdout)
+    rc, report, res = kflash_json(env, "rollback", "mcu", "--yes")
+    assert rc == 0, res.stderr[-3000:]
     assert [d["key"] for d in report["devices"]] == ["mcu"]
     assert report["devices"][0]["version_after"] == good
     versions = p.wait_ready(30)

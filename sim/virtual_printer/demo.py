@@ -35,6 +35,27 @@ def kflash_command() -> list[str]:
     ]
 
 
+def kflash_json(
+    env: dict[str, str], *args: str, timeout: float = 300
+) -> tuple[int, Any, subprocess.CompletedProcess[str]]:
+    """``kflash ARGS --json``, quietly: exit code, JSON document, the process."""
+    res = subprocess.run(
+        [*kflash_command(), *args, "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    return res.returncode, json.loads(res.stdout), res
+
+
+def flash_all(
+    env: dict[str, str], **extra: str
+) -> tuple[int, Any, subprocess.CompletedProcess[str]]:
+    """``kflash flash-all --yes --json`` with ``extra`` added to the environment."""
+    return kflash_json(dict(env, **extra), "flash-all", "--yes")
+
+
 def say(msg: str) -> None:
     print(f"\n==> {msg}", flush=True)
 

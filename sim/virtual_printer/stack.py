@@ -723,6 +723,11 @@ dev_mode: True
         parts = self.supervisorctl("status", name, check=False).split()
         return parts[1] if len(parts) > 1 else "UNKNOWN"
 
+    def klipper_spawns(self) -> int:
+        """How often supervisord has started klippy so far."""
+        with open(os.path.join(self.dir, "logs", "supervisord.log")) as f:
+            return f.read().count("spawned: 'klipper'")
+
     def start_klipper(self, timeout: float = 60.0) -> dict[str, Optional[str]]:
         self.api("POST", "/machine/services/start?service=klipper")
         return self.wait_ready(timeout)

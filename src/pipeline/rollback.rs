@@ -11,8 +11,8 @@
 
 use std::time::{Duration, Instant};
 
-use super::report::{self, Report, ServiceReport};
-use super::run::{recover_first, run_planned, Images, Run};
+use super::report::{Report, ServiceReport};
+use super::run::{run_planned, Images, Run};
 use super::stop_window::stop_window;
 use super::verify::{verify, ReadyWait};
 use super::{plan, warn, Built, Deps, DeviceInfo, Error, Options};
@@ -45,8 +45,7 @@ pub fn rollback(
     cancel: &Cancel,
     sink: &Sink,
 ) -> Result<Report, Error> {
-    let started = report::utc_now();
-    let recovered = recover_first(deps, cancel, sink)?;
+    let run = Run::begin(deps, cancel, sink)?;
     let opts = Options {
         only_outdated: false,
         ..opts.clone()
@@ -81,7 +80,7 @@ pub fn rollback(
         &opts,
         planned,
         Images::LastKnownGood,
-        Run { started, recovered },
+        run,
         cancel,
         sink,
     )

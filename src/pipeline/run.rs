@@ -86,18 +86,9 @@ pub fn flash_all(
     cancel: &Cancel,
     sink: &Sink,
 ) -> Result<Report, Error> {
-    let started = report::utc_now();
-    let recovered = recover_first(deps, cancel, sink)?;
+    let run = Run::begin(deps, cancel, sink)?;
     let planned = plan(deps, opts, sink)?;
-    run_planned(
-        deps,
-        opts,
-        planned,
-        Images::Build,
-        Run { started, recovered },
-        cancel,
-        sink,
-    )
+    run_planned(deps, opts, planned, Images::Build, run, cancel, sink)
 }
 
 /// Where a run's images come from.
@@ -113,6 +104,15 @@ pub(super) enum Images {
 pub(super) struct Run {
     pub started: String,
     pub recovered: Vec<Recovered>,
+}
+
+impl Run {
+    /// A run starts: when, and the boards an earlier run left behind, finished first.
+    pub(super) fn begin(deps: &Deps, cancel: &Cancel, sink: &Sink) -> Result<Run, Error> {
+        let started = report::utc_now();
+        let recovered = recover_first(deps, cancel, sink)?;
+        Ok(Run { started, recovered })
+    }
 }
 
 /// A pending record means an earlier run left boards behind: finish them before anything
